@@ -1,0 +1,315 @@
+"""The `bench` command line: each command parses, validates and calls one library function.
+
+Heavy imports (torch, mlflow) happen inside the commands so that `bench --help` is instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="bench",
+    help="Train, evaluate and compare consistency models and diffusion baselines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a config key: --set train.lr=3e-4 (repeatable; TOML values).")]
+TrackingOption = Annotated[str | None, typer.Option(
+    "--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db).")]
+NfeOption = Annotated[str | None, typer.Option(
+    "--nfe", help="Comma-separated NFEs to evaluate, e.g. 1,2,4.")]
+
+
+def parse_nfe(text: str | None) -> list[int] | None:
+    """'1,2,4' -> [1, 2, 4]; anything else is a usage error."""
+    from bench.errors import UsageError
+
+    if text is None:
+        return None
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise UsageError(f"--nfe expects positive integers separated by commas, got {text!r}")
+        values.append(int(part))
+    return values
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _report(message: str) -> None:
+    _console(stderr=True).print(f"[dim]{message}[/dim]")
+
+
+def _tracker(flag: str | None, sets: list[str] | None = None) -> Any:
+    """The tracker for the store named by the flag, the environment or bench.toml."""
+    from bench.config import default_bench_files, resolve
+    from bench.tracking import Tracker, resolve_tracking_uri
+
+    resolved = resolve(bench_files=default_bench_files(Path.cwd()), sets=sets or [])
+    runs_dir = Path(resolved.config.tracking.runs_dir)
+    uri = resolve_tracking_uri(flag, resolved.config.tracking.uri, runs_dir)
+    return Tracker(uri, runs_dir)
+
+
+class _Progress:
+    """A rich progress bar fed by the training loop's log steps."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4g}"), TextColumn("{task.fields[rate]} it/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=_console(stderr=True),
+            transient=False)
+        self.task: Any = None
+        self.last: tuple[float, int] | None = None
+
+    def __enter__(self) -> _Progress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        import time
+
+        now = time.perf_counter()
+        rate = "-"
+        if self.last is not None and step > self.last[1]:
+            rate = f"{(step - self.last[1]) / max(now - self.last[0], 1e-9):.0f}"
+        self.last = (now, step)
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=total, loss=loss, rate=rate)
+        self.progress.update(self.task, completed=step, loss=loss, rate=rate)
+
+
+def _print_outcome(outcome: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{outcome.method} on {outcome.dataset}")
+    metrics = list(dict.fromkeys(k for r in outcome.results for k in r.metrics))
+    table.add_column("NFE", justify="right")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    table.add_column("s/sample", justify="right")
+    for r in outcome.results:
+        cells = [f"{r.metrics[m]:.4f}" if m in r.metrics else "-" for m in metrics]
+        table.add_row(str(r.nfe_measured), *cells, f"{r.seconds_per_sample:.2e}")
+    console = _console()
+    console.print(table)
+    console.print(f"run id: {outcome.run_id}  ({outcome.seconds:.1f} s)")
+
+
+@app.command()
+def run(
+    method: Annotated[str | None, typer.Option(help="Method (see `bench methods`).")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset (see `bench datasets`) or folder:PATH.")] = None,
+    teacher: Annotated[str | None, typer.Option(
+        help="Teacher: MLflow run id, checkpoint path, analytic or auto.")] = None,
+    nfe: NfeOption = None,
+    steps: Annotated[int | None, typer.Option(help="Training iterations.", min=0)] = None,
+    seed: Annotated[int | None, typer.Option(help="Training seed.", min=0)] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="A config.toml (e.g. one saved by an earlier run).")] = None,
+    set_: SetOption = None,
+    tracking_uri: TrackingOption = None,
+    resume: Annotated[str | None, typer.Option(
+        help="Continue a killed or failed run (its id) from its last checkpoint.")] = None,
+) -> None:
+    """Train (if the method trains) and evaluate one method on one dataset."""
+    from bench import runner
+    from bench.config import default_bench_files, resolve
+
+    if resume:
+        tracker = _tracker(tracking_uri)
+        with _Progress() as progress:
+            outcome = runner.resume(tracker, resume, _report, progress)
+        _print_outcome(outcome)
+        return
+    flags = {"method": method, "dataset": dataset, "teacher": teacher,
+             "eval.nfe": parse_nfe(nfe), "train.steps": steps, "seed": seed, "device": device}
+    resolved = resolve(bench_files=default_bench_files(Path.cwd()), config_file=config,
+                       flags=flags, sets=set_ or [])
+    announce = None
+    if resolved.preset:
+        announce = f"preset: {resolved.preset}" + (
+            f" ({resolved.preset_description})" if resolved.preset_description else "")
+    tracker = _tracker(tracking_uri, set_)
+    with _Progress() as progress:
+        outcome = runner.start(resolved.config, tracker, _report, progress, announce=announce)
+    _print_outcome(outcome)
+
+
+@app.command("eval")
+def eval_(
+    run_id: Annotated[str, typer.Option("--run", help="MLflow run id.")],
+    nfe: NfeOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Evaluate a tracked run again (at other NFEs, say), logging into the same run."""
+    from bench import runner
+
+    nfes = parse_nfe(nfe)
+    outcome = runner.evaluate_run(_tracker(tracking_uri), run_id, nfes, _report)
+    _print_outcome(outcome)
+
+
+@app.command()
+def sample(
+    run_id: Annotated[str, typer.Option("--run", help="MLflow run id.")],
+    nfe: Annotated[int, typer.Option(help="Network calls per sample.", min=1)],
+    n: Annotated[int, typer.Option("--n", help="Number of samples.", min=1)],
+    out: Annotated[Path, typer.Option(help="Output .npz file (array x).")],
+    seed: Annotated[int, typer.Option(help="Sampling seed: sample i uses (seed, i).",
+                                      min=0)] = 0,
+    batch_size: Annotated[int, typer.Option(help="Samples per batch.", min=1)] = 500,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Write samples of a tracked run to an .npz file; the same seed gives the same file."""
+    from bench import runner
+
+    path = runner.sample_run(_tracker(tracking_uri), run_id, nfe, n, seed, batch_size, out,
+                             _report)
+    _console().print(f"wrote {path}  (run id: {run_id})")
+
+
+@app.command()
+def datasets() -> None:
+    """List the datasets: name, shape, size, sigma_data and availability here."""
+    from rich.table import Table
+
+    from bench.config import default_bench_files
+    from bench.datasets import list_datasets
+
+    paths: dict[str, str] = {}
+    for f in default_bench_files(Path.cwd()):
+        for name, table in f.data_tables.items():
+            if table.get("path"):
+                paths[name] = str(table["path"])
+    table = Table(title="datasets")
+    for col in ("name", "kind", "shape", "size", "sigma_data", "available"):
+        table.add_column(col)
+    for info in list_datasets(paths):
+        available = "yes" if info.available else f"no: {info.note}"
+        table.add_row(info.name, info.kind, "x".join(map(str, info.shape)),
+                      "-" if info.size is None else str(info.size), f"{info.sigma_data:g}",
+                      available)
+    _console().print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods."""
+    from rich.table import Table
+
+    from methods import get_method, method_names
+
+    table = Table(title="methods")
+    for col in ("name", "trains", "teacher", "summary"):
+        table.add_column(col)
+    for name in method_names():
+        cls = get_method(name)
+        table.add_row(name, "yes" if cls.trains else "no",
+                      "needed" if cls.needs_teacher else "-", cls.summary)
+    _console().print(table)
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="Interface to bind (default loopback only).")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 5000,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Open the MLflow UI on the same store."""
+    import subprocess
+
+    tracker = _tracker(tracking_uri)
+    artifacts = (tracker.runs_dir / "mlartifacts").resolve()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracker.uri,
+           "--default-artifact-root", artifacts.as_uri(), "--host", host, "--port", str(port)]
+    _report(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def perf(
+    out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON.")] = None,
+    iters: Annotated[int, typer.Option(help="Timed iterations per figure.", min=5)] = 30,
+) -> None:
+    """Measure bench's overhead over bare PyTorch loops (training and sampling)."""
+    from bench.perf import print_rows, run_perf, write_json
+
+    rows = run_perf(iters, _report)
+    print_rows(rows, _console())
+    if out is not None:
+        write_json(rows, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors (exit 2 usage, 1 otherwise); --debug shows tracebacks."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("BENCH_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="bench", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("bench: aborted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as exc:
+        if debug:
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `bench` alone: the help text
+            print(exc.format_message())
+            sys.exit(0)
+        print(f"bench: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        from bench.errors import BenchError
+
+        if debug:
+            raise
+        if isinstance(exc, BenchError):
+            print(f"bench: error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"bench: internal error: {type(exc).__name__}: {first} "
+              f"(run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""Typed run configuration and its layered resolution.
+
+Precedence, lowest first: the dataclass defaults below < the shipped bench.toml < ./bench.toml
+< the bench.toml presets for the dataset and for the (method, dataset) pair < --config FILE
+< command-line flags < repeatable --set key=value (values parsed as TOML literals).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.errors import UsageError
+
+PACKAGE_DEFAULTS = Path(__file__).parent / "_defaults" / "bench.toml"
+SOURCE_DEFAULTS = Path(__file__).resolve().parent.parent / "bench.toml"
+ALL_METHODS = "*"  # preset table that applies to every method on a dataset
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # local folder or file of a path dataset ("" = unset)
+
+
+@dataclass
+class NetConfig:
+    kind: str = "auto"  # "mlp" (2-D data), "unet" (images) or "auto" (by dataset kind)
+    width: int = 128  # MLP hidden width
+    depth: int = 3  # MLP residual blocks
+    emb_dim: int = 0  # noise-embedding width; 0 = 128 (MLP) or 4 * model_channels (UNet)
+    model_channels: int = 64  # UNet base channels
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # UNet per-level widths
+    num_res_blocks: int = 2  # UNet residual blocks per level
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # UNet attention levels
+    dropout: float = 0.0  # dropout probability inside blocks
+    num_heads: int = 1  # attention heads
+    class_conditional: bool = False  # condition on labels when the dataset has them
+
+
+@dataclass
+class DiffusionConfig:
+    sigma_min: float = 0.002  # smallest noise level (Karras et al. 2022)
+    sigma_max: float = 80.0  # largest noise level
+    rho: float = 7.0  # Karras grid curvature
+    sigma_data: float = 0.0  # data std for preconditioning; 0 = the dataset's own value
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4000  # optimizer iterations
+    batch_size: int = 512  # samples per iteration
+    optimizer: str = "adam"  # "adam" or "radam"
+    lr: float = 1e-3  # peak learning rate
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.999  # Adam beta2
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW style when > 0)
+    warmup_steps: int = 100  # linear learning-rate warm-up
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    ema_rate: float = 0.999  # evaluation EMA of the student per iteration; 0 disables
+    checkpoint_every: int = 1000  # iterations between checkpoints (0 = only at the end)
+    log_every: int = 50  # iterations between logged training metrics
+    eval_every: int = 0  # iterations between intermediate evaluations (0 = only at the end)
+    nonfinite: str = "stop"  # on a non-finite loss: "stop" the run or "skip" the step
+
+
+@dataclass
+class EvalConfig:
+    nfe: list[int] = field(default_factory=lambda: [1, 2, 4])  # NFEs to evaluate
+    num_samples: int = 2000  # generated samples per NFE
+    batch_size: int = 1000  # samples per generation batch
+    metrics: list[str] = field(default_factory=list)  # [] = the dataset's default metrics
+    seed: int = 0  # sampling seed: sample i uses (seed, i), identical across methods
+    reference_seed: int = 1  # seed of the reference draw of the data
+    inception_weights: str = ""  # local Inception-v3 weights for FID ("" = torch hub cache)
+
+
+@dataclass
+class SampleConfig:
+    sigmas: list[float] = field(default_factory=list)  # explicit consistency-sampling levels
+
+
+@dataclass
+class EDMConfig:
+    p_mean: float = -1.2  # mean of ln(sigma) during teacher training
+    p_std: float = 1.2  # std of ln(sigma) during teacher training
+
+
+@dataclass
+class TrackingConfig:
+    runs_dir: str = "runs"  # everything a run writes goes here
+    uri: str = ""  # MLflow tracking URI; "" = sqlite:///<runs_dir>/mlflow.db
+
+
+@dataclass
+class RunConfig:
+    method: str = ""  # registered method name (bench methods)
+    dataset: str = ""  # registered dataset name or folder:PATH (bench datasets)
+    seed: int = 0  # training seed
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    teacher: str = "auto"  # run id, checkpoint path, "analytic" or "auto"
+    sampler: str = ""  # "euler" or "heun" for diffusion models; "" = the method's default
+    data: DataConfig = field(default_factory=DataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        """Check value ranges and choices; raise UsageError naming the key."""
+        checks: list[tuple[bool, str]] = [
+            (self.seed >= 0, "seed must be >= 0"),
+            (self.sampler in ("", "euler", "heun"), "sampler must be 'euler' or 'heun'"),
+            (self.net.kind in ("auto", "mlp", "unet"), "net.kind must be auto, mlp or unet"),
+            (0.0 <= self.net.dropout < 1.0, "net.dropout must be in [0, 1)"),
+            (self.train.steps >= 0, "train.steps must be >= 0"),
+            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.optimizer in ("adam", "radam"), "train.optimizer must be adam or radam"),
+            (0.0 <= self.train.ema_rate < 1.0, "train.ema_rate must be in [0, 1)"),
+            (self.train.grad_clip >= 0, "train.grad_clip must be >= 0"),
+            (self.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+            (self.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
+            (self.train.log_every >= 1, "train.log_every must be >= 1"),
+            (self.train.eval_every >= 0, "train.eval_every must be >= 0"),
+            (self.train.nonfinite in ("stop", "skip"), "train.nonfinite must be stop or skip"),
+            (len(self.eval.nfe) > 0, "eval.nfe must not be empty"),
+            (all(n >= 1 for n in self.eval.nfe), "eval.nfe values must be >= 1"),
+            (self.eval.num_samples >= 2, "eval.num_samples must be >= 2"),
+            (self.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+            (self.eval.seed >= 0 and self.eval.reference_seed >= 0, "eval seeds must be >= 0"),
+            (all(s > 0 for s in self.sample.sigmas), "sample.sigmas must be > 0"),
+            (
+                0 < self.diffusion.sigma_min < self.diffusion.sigma_max,
+                "diffusion.sigma_min must be in (0, sigma_max)",
+            ),
+            (self.diffusion.sigma_data >= 0, "diffusion.sigma_data must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        sigmas = self.sample.sigmas
+        if any(a <= b for a, b in zip(sigmas, sigmas[1:], strict=False)):
+            raise UsageError("sample.sigmas must be strictly decreasing")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass, with one-line errors naming the key
+
+
+def defaults_dict() -> dict[str, Any]:
+    """The built-in defaults as a nested dict."""
+    return dataclasses.asdict(RunConfig())
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as a nested dict of TOML-serialisable values."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"train.steps": 4000, ...}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check value against the annotated type tp; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UsageError(f"config key '{key}' expects a list of {_type_name(inner)}, "
+                             f"got {value!r}")
+        return [_coerce(key, v, inner) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type for {key}")
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise UsageError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise UsageError(_unknown_key_message(f"{prefix}{key}", prefix, sorted(names)))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise UsageError(f"config key '{prefix}{key}' is a table, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(key: str, prefix: str, valid: list[str]) -> str:
+    where = f"[{prefix[:-1]}]" if prefix else "the top level"
+    return f"unknown config key '{key}' (valid in {where}: {', '.join(valid)})"
+
+
+def from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a nested dict (unknown keys and wrong types fail)."""
+    cfg = _build(RunConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def merge(base: dict[str, Any], layer: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    """Deep-merge layer into base in place; keys must already exist in base."""
+    for key, value in layer.items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            valid = sorted(base)
+            raise UsageError(f"{source}: " + _unknown_key_message(name, prefix, valid))
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise UsageError(f"{source}: config key '{name}' is a table, got {value!r}")
+            merge(base[key], value, source, f"{name}.")
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """Parse one `key=value` override; the value is a TOML literal or else a bare string."""
+    if "=" not in item:
+        raise UsageError(f"--set expects key=value, got {item!r}")
+    key, raw = (part.strip() for part in item.split("=", 1))
+    if not key or any(not part for part in key.split(".")):
+        raise UsageError(f"--set expects key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def nest(path: list[str], value: Any) -> dict[str, Any]:
+    """["train", "steps"], 5 -> {"train": {"steps": 5}}."""
+    out: dict[str, Any] = {path[-1]: value}
+    for part in reversed(path[:-1]):
+        out = {part: out}
+    return out
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """Read a TOML file; a missing or malformed file is a one-line error."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"{what} not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{what} {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.toml: sections that mirror RunConfig, per-dataset data tables and presets
+
+
+@dataclass
+class BenchFile:
+    """One bench.toml, split into its plain settings, dataset paths and presets."""
+
+    source: str
+    settings: dict[str, Any]
+    data_tables: dict[str, dict[str, Any]]  # [data.<dataset>] tables
+    presets: dict[str, dict[str, dict[str, Any]]]  # [preset.<method>.<dataset>] tables
+
+
+def load_bench_file(path: Path) -> BenchFile:
+    """Parse a bench.toml into settings, per-dataset data tables and presets."""
+    raw = read_toml(path, "bench.toml")
+    settings = {k: v for k, v in raw.items() if k != "preset"}
+    data = dict(settings.get("data", {}))
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    data_tables = {k: v for k, v in data.items() if k not in known and isinstance(v, dict)}
+    settings["data"] = {k: v for k, v in data.items() if k not in data_tables}
+    presets = raw.get("preset", {})
+    if not isinstance(presets, dict) or not all(isinstance(v, dict) for v in presets.values()):
+        raise UsageError(f"{path}: [preset] must hold [preset.<method>.<dataset>] tables")
+    # check every table against the schema early, so a typo fails before any work starts
+    merge(defaults_dict(), settings, str(path))
+    for name, table in data_tables.items():
+        merge(defaults_dict()["data"], table, str(path), f"data.{name}.")
+    for method, per_dataset in presets.items():
+        for dataset, table in per_dataset.items():
+            if not isinstance(table, dict):
+                raise UsageError(f"{path}: preset.{method}.{dataset} must be a table")
+            body = {k: v for k, v in table.items() if k != "description"}
+            merge(defaults_dict(), body, f"{path} [preset.{method}.{dataset}]")
+    return BenchFile(str(path), settings, data_tables, presets)
+
+
+def default_bench_files(cwd: Path) -> list[BenchFile]:
+    """The shipped bench.toml, then ./bench.toml if it is a different file."""
+    files: list[Path] = []
+    for candidate in (PACKAGE_DEFAULTS, SOURCE_DEFAULTS):
+        if candidate.is_file():
+            files.append(candidate)
+            break
+    local = cwd / "bench.toml"
+    if local.is_file() and not any(local.resolve() == f.resolve() for f in files):
+        files.append(local)
+    return [load_bench_file(f) for f in files]
+
+
+@dataclass
+class Resolved:
+    """A resolved config and where its layers came from."""
+
+    config: RunConfig
+    sources: list[str]
+    preset: str | None
+    preset_description: str | None
+
+
+def resolve(
+    *,
+    bench_files: Iterable[BenchFile],
+    config_file: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    sets: Iterable[str] = (),
+) -> Resolved:
+    """Resolve the layers into a validated RunConfig."""
+    files = list(bench_files)
+    file_layer = read_toml(config_file, "config file") if config_file else {}
+    flag_layer: dict[str, Any] = {}
+    for key, value in (flags or {}).items():
+        if value is not None:
+            merge_free(flag_layer, nest(key.split("."), value))
+    set_layer: dict[str, Any] = {}
+    for item in sets:
+        path, value = parse_set(item)
+        merge_free(set_layer, nest(path, value))
+
+    def pick(key: str) -> str:
+        for layer in (set_layer, flag_layer, file_layer, *(f.settings for f in reversed(files))):
+            if isinstance(layer.get(key), str) and layer[key]:
+                return str(layer[key])
+        return ""
+
+    method, dataset = pick("method"), pick("dataset")
+    data = defaults_dict()
+    sources = ["defaults"]
+    for f in files:
+        merge(data, f.settings, f.source)
+        sources.append(f.source)
+    dataset_key = dataset.split(":", 1)[0] if dataset.startswith("folder:") else dataset
+    for f in files:
+        if dataset_key in f.data_tables:
+            merge(data["data"], f.data_tables[dataset_key], f.source, "data.")
+    preset_name, description = None, None
+    for method_key in (ALL_METHODS, method):
+        for f in files:
+            table = f.presets.get(method_key, {}).get(dataset_key)
+            if table is None:
+                continue
+            body = {k: v for k, v in table.items() if k != "description"}
+            merge(data, body, f"{f.source} [preset.{method_key}.{dataset_key}]")
+            if method_key != ALL_METHODS:
+                preset_name = f"{method}.{dataset_key}"
+                description = table.get("description")
+    for layer, name in ((file_layer, str(config_file)), (flag_layer, "flags"),
+                        (set_layer, "--set")):
+        if layer:
+            merge(data, layer, name)
+            sources.append(name)
+    cfg = from_dict(data)
+    return Resolved(cfg, sources, preset_name, description)
+
+
+def merge_free(base: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """Deep-merge without schema checks (for building override layers)."""
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge_free(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value) if isinstance(value, Mapping | list) else value
+
+
+def dumps(cfg: RunConfig) -> str:
+    """The config as TOML text that `--config` accepts back."""
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(cfg))

@@ -1,0 +1,20 @@
+"""User-facing errors: each ends the command with one line and a non-zero exit code."""
+
+from __future__ import annotations
+
+
+class BenchError(Exception):
+    """An error the user can fix (missing path, unknown run id, ...): exit code 1, one line."""
+
+    exit_code = 1
+
+
+class UsageError(BenchError):
+    """A bad flag, option value or config key: exit code 2, one line."""
+
+    exit_code = 2
+
+
+def unknown_name(kind: str, name: str, valid: list[str]) -> UsageError:
+    """Build the error for an unknown registry name, listing the valid ones."""
+    return UsageError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(valid))}")

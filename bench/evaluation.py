@@ -1,0 +1,192 @@
+"""Evaluation: for each NFE, generate with per-sample seeds, stream the samples into the
+metrics, count the network calls and time the sampling."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.config import RunConfig
+from bench.datasets import Dataset, Digits, GaussianMixture
+from bench.errors import UsageError
+from bench.metrics import (
+    POINT_METRICS,
+    FeatureFrechet,
+    MetricAccumulator,
+    PointMetrics,
+    feature_stats,
+    load_or_train_digits_classifier,
+)
+from bench.rng import StackedGenerator, sample_seed
+from bench.samplers import CallCounter
+from methods.base import Method
+
+PREVIEW_POINTS = 2000  # points kept for the scatter plot
+PREVIEW_IMAGES = 64  # images kept for the sample grid
+
+LOWER_IS_BETTER = {"w2": True, "fd": True, "swd": True, "nll": True, "mode_recall": False,
+                   "hq_fraction": False, "fcd": True, "fid": True}
+
+
+def default_metrics(dataset: Dataset) -> list[str]:
+    """The metrics a dataset is scored with unless eval.metrics says otherwise."""
+    if dataset.kind == "points":
+        extra = ["nll", "mode_recall"] if isinstance(dataset, GaussianMixture) else []
+        return ["w2", "fd", "swd", *extra]
+    if isinstance(dataset, Digits):
+        return ["fcd"]
+    return ["fid"]
+
+
+@dataclass
+class MetricSuite:
+    """Builds fresh accumulators for each NFE; the expensive reference work is done once."""
+
+    names: list[str]
+    new: Callable[[], list[MetricAccumulator]]
+    notes: dict[str, str] = field(default_factory=dict)  # e.g. classifier accuracy
+
+
+def prepare_metrics(dataset: Dataset, cfg: RunConfig, cache_dir: Path) -> MetricSuite:
+    """Validate the requested metrics and precompute reference statistics."""
+    names = list(cfg.eval.metrics) or default_metrics(dataset)
+    valid = default_metrics(dataset)
+    if dataset.kind == "points":
+        valid = [m for m in POINT_METRICS
+                 if isinstance(dataset, GaussianMixture) or m not in ("nll", "mode_recall",
+                                                                      "hq_fraction")]
+    unknown = [m for m in names if m not in valid]
+    if unknown:
+        raise UsageError(f"metric(s) {', '.join(unknown)} not available for {dataset.name}; "
+                         f"valid: {', '.join(valid)}")
+    if dataset.kind == "points":
+        reference = dataset.reference(cfg.eval.num_samples, cfg.eval.reference_seed)
+        gmm = dataset if isinstance(dataset, GaussianMixture) else None
+
+        def new_points() -> list[MetricAccumulator]:
+            return [PointMetrics(
+                reference,
+                gmm.log_prob if gmm is not None else None,
+                gmm.modes if gmm is not None else None,
+                gmm.std if gmm is not None else None,
+                names,
+            )]
+
+        return MetricSuite(names, new_points)
+    if isinstance(dataset, Digits):
+        classifier, accuracy = load_or_train_digits_classifier(
+            cache_dir, dataset.train(), dataset.train_labels(), dataset.test(),
+            dataset.test_labels())
+        reference = dataset.reference(cfg.eval.num_samples, cfg.eval.reference_seed)
+        stats = feature_stats(classifier.features, reference)
+
+        def new_fcd() -> list[MetricAccumulator]:
+            return [FeatureFrechet(classifier.features, stats, name="fcd")]
+
+        return MetricSuite(names, new_fcd, {"fcd_classifier_test_accuracy": f"{accuracy:.4f}"})
+    from bench.fid import prepare_fid
+
+    return prepare_fid(dataset, cfg, cache_dir)
+
+
+@dataclass
+class EvalResult:
+    """One NFE's numbers."""
+
+    nfe: int  # requested
+    nfe_measured: int  # network calls per sample, counted
+    metrics: dict[str, float]
+    seconds_per_sample: float
+    sigmas: list[float]
+    preview: torch.Tensor  # a few samples on the CPU, for pictures
+
+
+def sample_labels(seed: int, indices: range, num_classes: int) -> torch.Tensor:
+    """Per-sample class labels: label i depends on (seed, i) only."""
+    return torch.tensor([sample_seed(seed + 1, i) % num_classes for i in indices],
+                        dtype=torch.long)
+
+
+def generate(
+    method: Method,
+    model: nn.Module,
+    dataset: Dataset,
+    nfe: int,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    conditional: bool,
+    consume: Callable[[torch.Tensor], None],
+) -> tuple[int, float]:
+    """Generate num_samples in batches into `consume`; return (calls per sample, seconds)."""
+    calls = 0
+    batches = 0
+    seconds = 0.0
+    model.eval()
+    for start in range(0, num_samples, batch_size):
+        indices = range(start, min(start + batch_size, num_samples))
+        rng = StackedGenerator(seed, indices, device)
+        noise = rng.randn(dataset.shape)
+        labels = (sample_labels(seed, indices, dataset.num_classes).to(device)
+                  if conditional else None)
+        counter = CallCounter(lambda x, s, labels=labels: model(x, s, labels))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = method.sample(counter, noise, nfe, rng)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        calls += counter.calls
+        batches += 1
+        consume(x)
+    if calls % batches:
+        raise RuntimeError(f"uneven network calls across batches: {calls} over {batches}")
+    return calls // batches, seconds
+
+
+def evaluate(
+    method: Method,
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: RunConfig,
+    nfes: list[int],
+    suite: MetricSuite,
+    device: torch.device,
+    on_result: Callable[[EvalResult], None] | None = None,
+) -> list[EvalResult]:
+    """Evaluate model at every NFE; call on_result as each finishes."""
+    results = []
+    conditional = cfg.net.class_conditional and dataset.num_classes > 0
+    keep = PREVIEW_POINTS if dataset.kind == "points" else PREVIEW_IMAGES
+    for nfe in nfes:
+        accumulators = suite.new()
+        preview: list[torch.Tensor] = []
+
+        def consume(x: torch.Tensor, accumulators: list[MetricAccumulator] = accumulators,
+                    preview: list[torch.Tensor] = preview) -> None:
+            for acc in accumulators:
+                acc.update(x)
+            have = sum(p.shape[0] for p in preview)
+            if have < keep:
+                preview.append(x[: keep - have].detach().cpu())
+
+        measured, seconds = generate(method, model, dataset, nfe, cfg.eval.num_samples,
+                                     cfg.eval.batch_size, cfg.eval.seed, device, conditional,
+                                     consume)
+        metrics: dict[str, float] = {}
+        for acc in accumulators:
+            metrics.update(acc.compute())
+        result = EvalResult(nfe, measured, metrics, seconds / cfg.eval.num_samples,
+                            method.sample_sigmas(nfe), torch.cat(preview))
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results

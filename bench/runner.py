@@ -1,0 +1,431 @@
+"""One `bench run`: resolve, train, evaluate, track. Also reloads a tracked run for
+`bench eval`, `bench sample` and `--resume`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.artifacts import (
+    save_grid,
+    save_metric_vs_nfe,
+    save_results_csv,
+    save_scatter,
+    tidy_rows,
+)
+from bench.checkpoint import load_checkpoint, save_checkpoint
+from bench.config import RunConfig, dumps, flatten, from_dict, read_toml, to_dict
+from bench.datasets import Dataset, get_dataset
+from bench.errors import BenchError, UsageError
+from bench.evaluation import EvalResult, MetricSuite, evaluate, prepare_metrics
+from bench.models import model_spec, new_raw_net, sigma_data_of
+from bench.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
+from bench.tracking import Tracker, git_commit, package_versions
+from bench.training import (
+    BatchStream,
+    LoopHooks,
+    LoopState,
+    load_loop_state,
+    loop_state_dict,
+    new_loop_state,
+    train_loop,
+)
+from methods import Method, MethodContext, get_method
+
+Reporter = Callable[[str], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; an unavailable device is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)"
+                         ) from None
+
+
+@dataclass
+class Prepared:
+    """A run's parts, built and validated before any training starts."""
+
+    config: RunConfig
+    dataset: Dataset
+    device: torch.device
+    method: Method
+    suite: MetricSuite
+    teacher_kind: str
+    spec: dict[str, Any]
+
+
+def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
+    """Build dataset, teacher, method and metrics; every user error surfaces here."""
+    if not cfg.method:
+        raise UsageError("no method: pass --method (see `bench methods`)")
+    if not cfg.dataset:
+        raise UsageError("no dataset: pass --dataset (see `bench datasets`)")
+    method_cls = get_method(cfg.method)
+    dataset = get_dataset(cfg.dataset, cfg.data.path or None)
+    reason = dataset.unavailable_reason()
+    if reason:
+        raise BenchError(reason)
+    device = resolve_device(cfg.device)
+    teacher_model: nn.Module | None = None
+    teacher_source, teacher_kind = "none", "none"
+    if method_cls.needs_teacher:
+        teacher = resolve_teacher(cfg.teacher, dataset, tracker, device)
+        teacher_model, teacher_source, teacher_kind = teacher.model, teacher.source, teacher.kind
+        report(f"teacher: {teacher_source}")
+    cfg = dataclasses.replace(cfg, teacher=teacher_source)
+    spec = model_spec(cfg, dataset, method_cls.precond)
+    ctx = MethodContext(
+        config=cfg,
+        dataset=dataset,
+        device=device,
+        sigma_data=sigma_data_of(cfg, dataset),
+        teacher=teacher_model,
+        teacher_source=teacher_source,
+        new_net=lambda: new_raw_net(spec, cfg.seed),
+    )
+    method = method_cls(ctx)
+    for nfe in cfg.eval.nfe:
+        method.check_nfe(nfe)
+    suite = prepare_metrics(dataset, cfg, tracker.runs_dir / "cache")
+    return Prepared(cfg, dataset, device, method, suite, teacher_kind, spec)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def checkpoint_path(tracker: Tracker, run_id: str) -> Path:
+    """Where the run's checkpoint is written: in its artifact folder when that is local."""
+    local = tracker.get_run(run_id).local_artifact_dir
+    if local is not None:
+        return local / CHECKPOINT_ARTIFACT
+    return tracker.runs_dir / "checkpoints" / run_id / "last.pt"
+
+
+def checkpoint_state(p: Prepared, state: LoopState) -> dict[str, Any]:
+    """Everything needed to resume or to sample: networks, loop, method state, RNG."""
+    method = p.method
+    modules: dict[str, Any] = {}
+    if method.student is not None:
+        modules["student"] = method.student.state_dict()
+    if state.ema is not None:
+        modules["ema"] = state.ema.state_dict()
+    for name, module in method.extra_modules().items():
+        modules[name] = module.state_dict()
+    return {
+        "model": p.spec,
+        "modules": modules,
+        "eval_module": "ema" if state.ema is not None else "student",
+        "loop": loop_state_dict(state),
+        "method_state": method.state_dict(),
+        "config": to_dict(p.config),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def restore(p: Prepared, state: LoopState, saved: dict[str, Any]) -> None:
+    """Load a checkpoint into the method and the loop state."""
+    modules = saved.get("modules", {})
+    try:
+        if p.method.student is not None:
+            p.method.student.load_state_dict(modules["student"])
+        for name, module in p.method.extra_modules().items():
+            module.load_state_dict(modules[name])
+        load_loop_state(state, saved["loop"])
+    except (KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise BenchError(f"checkpoint does not match this run's architecture: {first}"
+                         ) from None
+    p.method.load_state_dict(saved.get("method_state", {}))
+    if "torch_rng" in saved:
+        torch.set_rng_state(saved["torch_rng"].cpu())
+
+
+# --- signals ---------------------------------------------------------------------------------
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived."""
+
+
+@contextmanager
+def interrupts_as_exceptions() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so both end a run the same way."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOutcome:
+    """What `bench run` prints at the end."""
+
+    run_id: str
+    method: str
+    dataset: str
+    results: list[EvalResult]
+    primary_metric: str
+    seconds: float
+
+
+def run_tags(p: Prepared) -> dict[str, str]:
+    """The tracking contract's tags."""
+    cfg = p.config
+    return {
+        "method": cfg.method,
+        "dataset": p.dataset.name,
+        "teacher": cfg.teacher,
+        "teacher_kind": p.teacher_kind,
+        "metric_tool": "bench" if p.dataset.kind == "points" else "torch-fidelity",
+        "metric_mode": "exact" if p.dataset.kind == "points" else "default",
+        "metrics": ",".join(p.suite.names),
+        "device": str(p.device),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        **p.suite.notes,
+    }
+
+
+def execute(
+    p: Prepared,
+    tracker: Tracker,
+    run_id: str,
+    state: LoopState,
+    progress: Callable[[int, int, float], None] | None,
+    report: Reporter,
+) -> RunOutcome:
+    """Train from state, evaluate and log; mark the run FINISHED, FAILED or KILLED."""
+    t0 = time.perf_counter()
+    cfg = p.config
+    ckpt_path = checkpoint_path(tracker, run_id)
+    remote = tracker.get_run(run_id).local_artifact_dir is None
+
+    def write_checkpoint(s: LoopState) -> None:
+        save_checkpoint(checkpoint_state(p, s), ckpt_path)
+        if remote:
+            tracker.log_artifact(run_id, ckpt_path, "checkpoints")
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        tracker.log_metrics(run_id, metrics, step)
+
+    def intermediate_eval(s: LoopState) -> None:
+        model = p.method.evaluation_model(s.ema)
+        for r in evaluate(p.method, model, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device):
+            tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
+                                s.step)
+
+    labels = p.dataset.train_labels() if p.spec["num_classes"] else None
+    size = len(p.dataset)
+    stream = BatchStream(p.dataset.train_batch, size, labels, cfg.train.batch_size, cfg.seed,
+                         p.device)
+    hooks = LoopHooks(log=log, checkpoint=write_checkpoint, evaluate=intermediate_eval,
+                      progress=progress)
+    try:
+        with interrupts_as_exceptions():
+            train_loop(p.method, cfg.train, stream, state, hooks)
+            if p.method.trains:
+                write_checkpoint(state)
+            model = p.method.evaluation_model(state.ema)
+            results = evaluate(p.method, model, p.dataset, cfg, cfg.eval.nfe, p.suite,
+                               p.device, on_result=lambda r: log_result(tracker, run_id, r))
+            log_eval_artifacts(tracker, run_id, p, results)
+    except KeyboardInterrupt as exc:
+        if p.method.trains and state.step > 0:
+            write_checkpoint(state)
+        tracker.set_tags(run_id, {"error": f"interrupted ({exc or 'SIGINT'}) at iteration "
+                                           f"{state.step}"})
+        tracker.end_run(run_id, "KILLED")
+        raise BenchError(f"interrupted at iteration {state.step}; checkpoint kept; resume with "
+                         f"`bench run --resume {run_id}`") from None
+    except BaseException as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}",
+                                  "failed_at_iteration": state.step})
+        tracker.end_run(run_id, "FAILED")
+        if isinstance(exc, BenchError) and ckpt_path.is_file():
+            raise BenchError(f"{message} (last good checkpoint: {ckpt_path})") from exc
+        raise
+    tracker.end_run(run_id, "FINISHED")
+    return RunOutcome(run_id, cfg.method, p.dataset.name, results, p.dataset.primary_metric,
+                      time.perf_counter() - t0)
+
+
+def log_result(tracker: Tracker, run_id: str, r: EvalResult) -> None:
+    """Evaluation metrics against the measured NFE as the step."""
+    metrics = dict(r.metrics)
+    metrics["seconds_per_sample"] = r.seconds_per_sample
+    metrics["nfe_measured"] = r.nfe_measured
+    tracker.log_metrics(run_id, metrics, r.nfe_measured)
+    tracker.set_tags(run_id, {f"sigmas_nfe{r.nfe_measured}":
+                              json.dumps([round(s, 6) for s in r.sigmas])})
+
+
+def log_eval_artifacts(tracker: Tracker, run_id: str, p: Prepared,
+                       results: list[EvalResult]) -> None:
+    """Sample pictures per NFE, results.csv and the primary metric against NFE."""
+    cfg = p.config
+    primary = p.dataset.primary_metric
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "samples").mkdir()
+        reference = (p.dataset.reference(len(results[0].preview), cfg.eval.reference_seed)
+                     if p.dataset.kind == "points" and results else None)
+        for r in results:
+            name = out / "samples" / f"nfe{r.nfe_measured:03d}.png"
+            title = f"{cfg.method} on {p.dataset.name}, NFE {r.nfe_measured}"
+            if primary in r.metrics:
+                title += f": {primary} {r.metrics[primary]:.4g}"
+            if p.dataset.kind == "points":
+                save_scatter(r.preview, reference, title, name)
+            else:
+                save_grid(r.preview, name, p.dataset.clamp or (-1.0, 1.0))
+        save_results_csv(tidy_rows(cfg.method, p.dataset.name, results), out / "results.csv")
+        if any(primary in r.metrics for r in results):
+            save_metric_vs_nfe(results, primary, cfg.method, out / f"{primary}_vs_nfe.png")
+        (out / "sampling_sigmas.json").write_text(json.dumps(
+            {str(r.nfe_measured): r.sigmas for r in results}, indent=1))
+        for item in sorted(out.iterdir()):
+            tracker.log_artifact(run_id, item, "samples" if item.is_dir() else None)
+
+
+def start(
+    cfg: RunConfig,
+    tracker: Tracker,
+    report: Reporter,
+    progress: Callable[[int, int, float], None] | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    announce: str | None = None,
+) -> RunOutcome:
+    """A new tracked run from a resolved config; `announce` is reported once it validated."""
+    torch.manual_seed(cfg.seed)
+    p = prepare(cfg, tracker, report)
+    if announce:
+        report(announce)
+    run_id = tracker.start_run(experiment=p.dataset.name,
+                               run_name=run_name or f"{cfg.method}-{p.dataset.name}",
+                               tags=run_tags(p), parent_run_id=parent_run_id)
+    report(f"run {run_id} in experiment {p.dataset.name!r}")
+    try:
+        tracker.log_params(run_id, flatten(to_dict(p.config)))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.toml"
+            path.write_text(dumps(p.config))
+            tracker.log_artifact(run_id, path)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    state = new_loop_state(p.method, p.config.train, p.config.seed, p.device)
+    return execute(p, tracker, run_id, state, progress, report)
+
+
+def run_config(tracker: Tracker, run_id: str) -> RunConfig:
+    """The resolved config a tracked run was started with."""
+    record = tracker.get_run(run_id)
+    local = record.local_artifact_dir
+    path = local / "config.toml" if local is not None else None
+    if path is None or not path.is_file():
+        path = tracker.download_artifact(run_id, "config.toml", tracker.runs_dir / "downloads"
+                                         / run_id)
+    return from_dict(read_toml(path, "run config"))
+
+
+def load_run(tracker: Tracker, run_id: str, report: Reporter, nfe: list[int] | None = None,
+             device: str | None = None) -> tuple[Prepared, LoopState]:
+    """Rebuild a tracked run's method with its last checkpoint loaded."""
+    cfg = run_config(tracker, run_id)
+    changes: dict[str, Any] = {}
+    if device:
+        changes["device"] = device
+    cfg = dataclasses.replace(cfg, **changes)
+    if nfe:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, nfe=nfe))
+    p = prepare(cfg, tracker, report)
+    state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
+    if p.method.trains:
+        saved = load_checkpoint(run_checkpoint(tracker, run_id), map_location=p.device)
+        restore(p, state, saved)
+    return p, state
+
+
+def resume(tracker: Tracker, run_id: str, report: Reporter,
+           progress: Callable[[int, int, float], None] | None = None) -> RunOutcome:
+    """Continue a killed or failed run from its last checkpoint, under the same run id."""
+    record = tracker.get_run(run_id)
+    if record.status == "FINISHED":
+        raise UsageError(f"run {run_id} already finished; nothing to resume")
+    if record.status == "RUNNING":
+        report(f"run {run_id} is marked RUNNING (its process died?); resuming it")
+    cfg = run_config(tracker, run_id)
+    p = prepare(cfg, tracker, report)
+    state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
+    ckpt = checkpoint_path(tracker, run_id)
+    if p.method.trains and ckpt.is_file():
+        restore(p, state, load_checkpoint(ckpt, map_location=p.device))
+        report(f"resuming run {run_id} at iteration {state.step}")
+    else:
+        torch.manual_seed(cfg.seed)
+        report(f"run {run_id} has no checkpoint; restarting it from iteration 0")
+    tracker.reopen(run_id)
+    return execute(p, tracker, run_id, state, progress, report)
+
+
+def evaluate_run(tracker: Tracker, run_id: str, nfe: list[int] | None, report: Reporter,
+                 ) -> RunOutcome:
+    """Re-evaluate a tracked run (at other NFEs, say) and log into the same run."""
+    t0 = time.perf_counter()
+    p, state = load_run(tracker, run_id, report, nfe)
+    model = p.method.evaluation_model(state.ema)
+    results = evaluate(p.method, model, p.dataset, p.config, p.config.eval.nfe, p.suite,
+                       p.device, on_result=lambda r: log_result(tracker, run_id, r))
+    log_eval_artifacts(tracker, run_id, p, results)
+    return RunOutcome(run_id, p.config.method, p.dataset.name, results,
+                      p.dataset.primary_metric, time.perf_counter() - t0)
+
+
+def sample_run(tracker: Tracker, run_id: str, nfe: int, count: int, seed: int,
+               batch_size: int, out: Path, report: Reporter) -> Path:
+    """Generate `count` samples at `nfe` with per-sample seeds into an .npz file (array x)."""
+    import numpy as np
+
+    from bench.evaluation import generate
+
+    p, state = load_run(tracker, run_id, report, [nfe])
+    model = p.method.evaluation_model(state.ema)
+    chunks: list[torch.Tensor] = []
+    conditional = bool(p.spec["num_classes"])
+    measured, seconds = generate(p.method, model, p.dataset, nfe, count, batch_size, seed,
+                                 p.device, conditional, lambda x: chunks.append(x.cpu()))
+    x = torch.cat(chunks).to(torch.float32).numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as fh:
+        np.savez(fh, x=x, nfe=np.int64(measured), seed=np.int64(seed))
+    report(f"{count} samples at NFE {measured} in {seconds:.2f} s")
+    return out

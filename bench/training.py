@@ -1,0 +1,230 @@
+"""The method-agnostic training loop: optimizer, LR warm-up, gradient clipping, eval EMA,
+periodic atomic checkpoints, exact resume and a progress bar. It never branches on a method."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.config import TrainConfig
+from bench.errors import BenchError
+from bench.rng import sample_seed
+from methods.base import Method
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or RAdam with the configured betas and decoupled weight decay."""
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "radam":
+        return torch.optim.RAdam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
+                                 decoupled_weight_decay=cfg.weight_decay > 0)
+    if cfg.weight_decay > 0:
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=betas)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at iteration step: linear warm-up to cfg.lr, then constant."""
+    if cfg.warmup_steps <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+
+
+class BatchStream:
+    """Batch k is a pure function of (seed, k): epoch-wise permutations, so resume is exact."""
+
+    def __init__(
+        self,
+        fetch: Callable[[torch.Tensor], torch.Tensor],
+        size: int,
+        labels: torch.Tensor | None,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.fetch = fetch  # dataset indices -> float32 samples
+        self.size = size
+        self.labels = labels
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
+            self._perm = torch.randperm(self.size, generator=g)
+            self._epoch = epoch
+        return self._perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Dataset indices of batch `step`."""
+        n = self.size
+        start = step * self.batch_size
+        parts = []
+        while sum(p.numel() for p in parts) < self.batch_size:
+            epoch, offset = divmod(start, n)
+            take = min(self.batch_size - sum(p.numel() for p in parts), n - offset)
+            parts.append(self._permutation(epoch)[offset:offset + take])
+            start += take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x0, labels) of batch `step` on the device."""
+        idx = self.indices(step)
+        x = self.fetch(idx).to(self.device, non_blocking=True)
+        y = None if self.labels is None else self.labels[idx].to(self.device)
+        return x, y
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
+    """ema <- rate * ema + (1 - rate) * model (parameters); buffers are copied."""
+    ema_params = [p for p in ema.parameters()]
+    model_params = [p.detach() for p in model.parameters()]
+    if ema_params:
+        torch._foreach_lerp_(ema_params, model_params, 1.0 - rate)
+    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+class NonFiniteLoss(BenchError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class LoopState:
+    """Everything the loop mutates; what a checkpoint stores."""
+
+    step: int
+    optimizer: torch.optim.Optimizer | None
+    ema: nn.Module | None
+    generator: torch.Generator
+
+
+def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.device,
+                   ) -> LoopState:
+    """Fresh optimizer, EMA copy of the student and training generator."""
+    student = method.student
+    optimizer = None
+    ema = None
+    if student is not None and method.trains:
+        optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg)
+        if cfg.ema_rate > 0:
+            ema = copy.deepcopy(student).eval().requires_grad_(False)
+    generator = torch.Generator(device=device).manual_seed(sample_seed(seed, 2**31))
+    return LoopState(0, optimizer, ema, generator)
+
+
+def loop_state_dict(state: LoopState) -> dict[str, Any]:
+    """The loop's part of a checkpoint."""
+    return {
+        "step": state.step,
+        "optimizer": state.optimizer.state_dict() if state.optimizer is not None else {},
+        "ema": state.ema.state_dict() if state.ema is not None else {},
+        "generator": state.generator.get_state(),
+    }
+
+
+def load_loop_state(state: LoopState, saved: dict[str, Any]) -> None:
+    """Restore what loop_state_dict saved."""
+    state.step = int(saved["step"])
+    if state.optimizer is not None and saved.get("optimizer"):
+        state.optimizer.load_state_dict(saved["optimizer"])
+    if state.ema is not None and saved.get("ema"):
+        state.ema.load_state_dict(saved["ema"])
+    state.generator.set_state(saved["generator"].cpu() if state.generator.device.type == "cpu"
+                              else saved["generator"])
+
+
+@dataclass
+class LoopHooks:
+    """Callbacks the loop calls; all optional."""
+
+    log: Callable[[dict[str, float], int], None] | None = None  # metrics, step
+    checkpoint: Callable[[LoopState], None] | None = None  # write a checkpoint
+    evaluate: Callable[[LoopState], None] | None = None  # intermediate evaluation
+    progress: Callable[[int, int, float], None] | None = None  # step, total, loss
+
+
+def train_loop(
+    method: Method,
+    cfg: TrainConfig,
+    stream: BatchStream,
+    state: LoopState,
+    hooks: LoopHooks,
+) -> LoopState:
+    """Run optimizer iterations from state.step to method.total_steps()."""
+    student = method.student
+    total = method.total_steps()
+    if student is None or state.optimizer is None or state.step >= total:
+        return state
+    optimizer = state.optimizer
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    student.train()
+    loss_sum = torch.zeros((), device=stream.device)
+    loss_count = 0
+    window_start = time.perf_counter()
+    window_steps = 0
+    while state.step < total:
+        step = state.step
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x0, labels = stream.batch(step)
+        loss = method.loss(x0, labels, step, state.generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+            finite = torch.isfinite(grad_norm)
+        else:
+            finite = torch.isfinite(loss.detach())
+        if not bool(finite):
+            if cfg.nonfinite == "stop":
+                raise NonFiniteLoss(f"non-finite loss at iteration {step}")
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            if state.ema is not None:
+                ema_update(state.ema, student, cfg.ema_rate)
+            method.after_step(step)
+            loss_sum += loss.detach()
+            loss_count += 1
+        state.step = step + 1
+        window_steps += 1
+        if state.step % cfg.log_every == 0 or state.step == total:
+            mean_loss = float(loss_sum) / max(loss_count, 1)
+            elapsed = time.perf_counter() - window_start
+            metrics = {"loss": mean_loss, "lr": lr,
+                       "iters_per_second": window_steps / max(elapsed, 1e-9)}
+            metrics.update(method.schedule_values(step))
+            if hooks.log is not None:
+                hooks.log(metrics, state.step)
+            if hooks.progress is not None:
+                hooks.progress(state.step, total, mean_loss)
+            loss_sum.zero_()
+            loss_count = 0
+            window_start = time.perf_counter()
+            window_steps = 0
+            if not math.isfinite(mean_loss) and cfg.nonfinite == "stop":
+                raise NonFiniteLoss(f"non-finite loss at iteration {step}")
+        if hooks.checkpoint is not None and _due(state.step, cfg.checkpoint_every, total):
+            hooks.checkpoint(state)
+        if hooks.evaluate is not None and _due(state.step, cfg.eval_every, total):
+            hooks.evaluate(state)
+            student.train()
+    return state
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    """True on every `every`-th iteration before the last (0 = never)."""
+    return every > 0 and step % every == 0 and step < total

@@ -1,0 +1,10 @@
+"""Algorithms behind one protocol; each registered explicitly here."""
+
+from methods.base import Method, MethodContext, get_method, method_names, register
+from methods.ddim import DDIM
+from methods.edm import EDM
+
+register(EDM)
+register(DDIM)
+
+__all__ = ["Method", "MethodContext", "get_method", "method_names", "register"]

@@ -1,0 +1,17 @@
+"""The code base stays ruff clean (the rules are in pyproject.toml)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_ruff_clean() -> None:
+    ruff = shutil.which("ruff") or shutil.which("ruff", path=str(REPO / ".venv" / "bin"))
+    cmd = [ruff] if ruff else [sys.executable, "-m", "ruff"]
+    result = subprocess.run([*cmd, "check", "bench", "methods", "sweeps", "reports", "tests"],
+                            cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
