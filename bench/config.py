@@ -22,6 +22,7 @@ from bench.errors import UsageError
 PACKAGE_DEFAULTS = Path(__file__).parent / "_defaults" / "bench.toml"
 SOURCE_DEFAULTS = Path(__file__).resolve().parent.parent / "bench.toml"
 ALL_METHODS = "*"  # preset table that applies to every method on a dataset
+DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")  # consistency-loss distances
 
 
 @dataclass
@@ -62,7 +63,7 @@ class TrainConfig:
     beta2: float = 0.999  # Adam beta2
     weight_decay: float = 0.0  # decoupled weight decay (AdamW style when > 0)
     warmup_steps: int = 100  # linear learning-rate warm-up
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
     ema_rate: float = 0.999  # evaluation EMA of the student per iteration; 0 disables
     checkpoint_every: int = 1000  # iterations between checkpoints (0 = only at the end)
     log_every: int = 50  # iterations between logged training metrics
@@ -79,6 +80,11 @@ class EvalConfig:
     seed: int = 0  # sampling seed: sample i uses (seed, i), identical across methods
     reference_seed: int = 1  # seed of the reference draw of the data
     inception_weights: str = ""  # local Inception-v3 weights for FID ("" = torch hub cache)
+    metric_tool: str = "torch-fidelity"  # image metrics: "torch-fidelity" or "clean-fid"
+    clean_fid_mode: str = "clean"  # clean-fid: "clean", "legacy_tensorflow", "legacy_pytorch"
+    reference_split: str = "train"  # image metrics: split the reference statistics come from
+    image_metrics: list[str] = field(default_factory=lambda: ["fid"])  # of fid, is, kid, prc
+    save_png: bool = False  # also write every evaluated image as a PNG (image datasets)
 
 
 @dataclass
@@ -90,6 +96,41 @@ class SampleConfig:
 class EDMConfig:
     p_mean: float = -1.2  # mean of ln(sigma) during teacher training
     p_std: float = 1.2  # std of ln(sigma) during teacher training
+
+
+@dataclass
+class CDConfig:
+    n_scales: int = 18  # N: levels of the Karras discretisation
+    solver: str = "heun"  # teacher ODE solver for one step: "heun" (2 calls) or "euler" (1)
+    distance: str = "l2"  # "l2", "l1", "pseudo_huber" or "lpips"
+    target_mu: float = 0.0  # target EMA rate mu (0 = the target is the student, stop-grad)
+    huber_c: float = 0.0  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
+
+
+@dataclass
+class CTConfig:
+    s0: int = 2  # initial discretisation steps of the N(k) curriculum
+    s1: int = 150  # final discretisation steps
+    mu0: float = 0.9  # target EMA rate at the start
+    distance: str = "l2"  # "l2", "l1", "pseudo_huber" or "lpips"
+    mu_official: bool = False  # mu(k) with N(k) - 1 in the denominator, as the official code
+    huber_c: float = 0.0  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
+
+
+@dataclass
+class ICTConfig:
+    s0: int = 10  # initial discretisation steps of the doubling curriculum
+    s1: int = 1280  # final discretisation steps
+    p_mean: float = -1.1  # lognormal noise-index distribution: mean of ln(sigma)
+    p_std: float = 2.0  # lognormal noise-index distribution: std of ln(sigma)
+    huber_c: float = 0.0  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
+
+
+@dataclass
+class PDConfig:
+    initial_steps: int = 64  # teacher Euler steps at the first stage (a power of two)
+    iters_per_stage: int = 500  # optimizer iterations per halving stage
+    last_stage_factor: float = 2.0  # the final (1-step) stage trains this many times longer
 
 
 @dataclass
@@ -113,6 +154,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
+    cd: CDConfig = field(default_factory=CDConfig)
+    ct: CTConfig = field(default_factory=CTConfig)
+    ict: ICTConfig = field(default_factory=ICTConfig)
+    pd: PDConfig = field(default_factory=PDConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
@@ -144,6 +189,27 @@ class RunConfig:
                 "diffusion.sigma_min must be in (0, sigma_max)",
             ),
             (self.diffusion.sigma_data >= 0, "diffusion.sigma_data must be >= 0"),
+            (self.pd.initial_steps >= 2 and self.pd.initial_steps.bit_count() == 1,
+             "pd.initial_steps must be a power of two >= 2"),
+            (self.pd.iters_per_stage >= 1, "pd.iters_per_stage must be >= 1"),
+            (self.pd.last_stage_factor > 0, "pd.last_stage_factor must be > 0"),
+            (self.eval.metric_tool in ("torch-fidelity", "clean-fid"),
+             "eval.metric_tool must be torch-fidelity or clean-fid"),
+            (self.eval.clean_fid_mode in ("clean", "legacy_tensorflow", "legacy_pytorch"),
+             "eval.clean_fid_mode must be clean, legacy_tensorflow or legacy_pytorch"),
+            (self.cd.n_scales >= 2, "cd.n_scales must be >= 2"),
+            (self.cd.solver in ("heun", "euler"), "cd.solver must be heun or euler"),
+            (self.cd.distance in DISTANCES, f"cd.distance must be one of {', '.join(DISTANCES)}"),
+            (self.ct.distance in DISTANCES, f"ct.distance must be one of {', '.join(DISTANCES)}"),
+            (0.0 <= self.cd.target_mu < 1.0, "cd.target_mu must be in [0, 1)"),
+            (0.0 < self.ct.mu0 < 1.0, "ct.mu0 must be in (0, 1)"),
+            (1 <= self.ct.s0 <= self.ct.s1, "ct.s0 and ct.s1 must satisfy 1 <= s0 <= s1"),
+            (1 <= self.ict.s0 <= self.ict.s1, "ict.s0 and ict.s1 must satisfy 1 <= s0 <= s1"),
+            (self.ict.p_std > 0, "ict.p_std must be > 0"),
+            (min(self.cd.huber_c, self.ct.huber_c, self.ict.huber_c) >= 0,
+             "huber_c must be >= 0"),
+            (set(self.eval.image_metrics) <= {"fid", "is", "kid", "prc"},
+             "eval.image_metrics must be a subset of fid, is, kid, prc"),
         ]
         for ok, message in checks:
             if not ok:

@@ -154,7 +154,7 @@ def generate(
 
 def evaluate(
     method: Method,
-    model: nn.Module,
+    ema: nn.Module | None,
     dataset: Dataset,
     cfg: RunConfig,
     nfes: list[int],
@@ -162,7 +162,7 @@ def evaluate(
     device: torch.device,
     on_result: Callable[[EvalResult], None] | None = None,
 ) -> list[EvalResult]:
-    """Evaluate model at every NFE; call on_result as each finishes."""
+    """Evaluate the method's model (built from the EMA) at every NFE; on_result per NFE."""
     results = []
     conditional = cfg.net.class_conditional and dataset.num_classes > 0
     keep = PREVIEW_POINTS if dataset.kind == "points" else PREVIEW_IMAGES
@@ -178,6 +178,7 @@ def evaluate(
             if have < keep:
                 preview.append(x[: keep - have].detach().cpu())
 
+        model = method.evaluation_model(ema, nfe)
         measured, seconds = generate(method, model, dataset, nfe, cfg.eval.num_samples,
                                      cfg.eval.batch_size, cfg.eval.seed, device, conditional,
                                      consume)

@@ -236,8 +236,7 @@ def execute(
         tracker.log_metrics(run_id, metrics, step)
 
     def intermediate_eval(s: LoopState) -> None:
-        model = p.method.evaluation_model(s.ema)
-        for r in evaluate(p.method, model, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device):
+        for r in evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device):
             tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
                                 s.step)
 
@@ -252,8 +251,7 @@ def execute(
             train_loop(p.method, cfg.train, stream, state, hooks)
             if p.method.trains:
                 write_checkpoint(state)
-            model = p.method.evaluation_model(state.ema)
-            results = evaluate(p.method, model, p.dataset, cfg, cfg.eval.nfe, p.suite,
+            results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
                                p.device, on_result=lambda r: log_result(tracker, run_id, r))
             log_eval_artifacts(tracker, run_id, p, results)
     except KeyboardInterrupt as exc:
@@ -402,8 +400,7 @@ def evaluate_run(tracker: Tracker, run_id: str, nfe: list[int] | None, report: R
     """Re-evaluate a tracked run (at other NFEs, say) and log into the same run."""
     t0 = time.perf_counter()
     p, state = load_run(tracker, run_id, report, nfe)
-    model = p.method.evaluation_model(state.ema)
-    results = evaluate(p.method, model, p.dataset, p.config, p.config.eval.nfe, p.suite,
+    results = evaluate(p.method, state.ema, p.dataset, p.config, p.config.eval.nfe, p.suite,
                        p.device, on_result=lambda r: log_result(tracker, run_id, r))
     log_eval_artifacts(tracker, run_id, p, results)
     return RunOutcome(run_id, p.config.method, p.dataset.name, results,
@@ -418,7 +415,7 @@ def sample_run(tracker: Tracker, run_id: str, nfe: int, count: int, seed: int,
     from bench.evaluation import generate
 
     p, state = load_run(tracker, run_id, report, [nfe])
-    model = p.method.evaluation_model(state.ema)
+    model = p.method.evaluation_model(state.ema, nfe)
     chunks: list[torch.Tensor] = []
     conditional = bool(p.spec["num_classes"])
     measured, seconds = generate(p.method, model, p.dataset, nfe, count, batch_size, seed,

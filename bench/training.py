@@ -24,10 +24,11 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "radam":
         return torch.optim.RAdam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
-                                 decoupled_weight_decay=cfg.weight_decay > 0)
+                                 decoupled_weight_decay=cfg.weight_decay > 0, foreach=True)
     if cfg.weight_decay > 0:
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, betas=betas)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
+                                 foreach=True)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=betas, foreach=True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -161,11 +162,13 @@ def train_loop(
     stream: BatchStream,
     state: LoopState,
     hooks: LoopHooks,
+    until: int | None = None,
 ) -> LoopState:
-    """Run optimizer iterations from state.step to method.total_steps()."""
+    """Run optimizer iterations from state.step to method.total_steps() (or `until`)."""
     student = method.student
     total = method.total_steps()
-    if student is None or state.optimizer is None or state.step >= total:
+    stop = total if until is None else min(until, total)
+    if student is None or state.optimizer is None or state.step >= stop:
         return state
     optimizer = state.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -174,7 +177,7 @@ def train_loop(
     loss_count = 0
     window_start = time.perf_counter()
     window_steps = 0
-    while state.step < total:
+    while state.step < stop:
         step = state.step
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -196,7 +199,7 @@ def train_loop(
             optimizer.step()
             if state.ema is not None:
                 ema_update(state.ema, student, cfg.ema_rate)
-            method.after_step(step)
+            method.after_step(step, state.ema)
             loss_sum += loss.detach()
             loss_count += 1
         state.step = step + 1

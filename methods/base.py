@@ -66,8 +66,8 @@ class Method(ABC):
         """Per-sample training loss, shape (B,)."""
         raise NotImplementedError(f"{self.name} does not train")
 
-    def after_step(self, step: int) -> None:
-        """Called after each optimizer step (target updates, stage changes)."""
+    def after_step(self, step: int, ema: nn.Module | None) -> None:
+        """Called after each optimizer step and EMA update (target updates, stage changes)."""
 
     def schedule_values(self, step: int) -> dict[str, float]:
         """Schedule values (N, mu, ...) to log against the iteration."""
@@ -86,8 +86,8 @@ class Method(ABC):
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def evaluation_model(self, ema: nn.Module | None) -> nn.Module:
-        """The model sampled from at evaluation: the EMA student by default."""
+    def evaluation_model(self, ema: nn.Module | None, nfe: int) -> nn.Module:
+        """The model sampled from at evaluation with nfe calls: the EMA student by default."""
         model = ema if ema is not None else self.student
         if model is None:
             raise RuntimeError(f"{self.name} has no model to evaluate")

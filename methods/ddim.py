@@ -31,7 +31,7 @@ class DDIM(Method):
         """DDIM has nothing to train."""
         return None
 
-    def evaluation_model(self, ema: nn.Module | None) -> nn.Module:
+    def evaluation_model(self, ema: nn.Module | None, nfe: int) -> nn.Module:
         """The teacher itself."""
         return self.teacher
 

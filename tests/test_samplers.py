@@ -112,3 +112,15 @@ def test_analytic_denoiser_wraps_exact_posterior_mean() -> None:
     out = model(x, torch.tensor(1.5))
     assert out.dtype == torch.float32
     assert torch.allclose(out, S**2 / (S**2 + 2.25) * x, atol=1e-6)
+
+
+def test_per_sample_noise_is_standard_normal_and_independent() -> None:
+    from scipy import stats
+
+    rng = StackedGenerator(0, range(20000))
+    z = rng.randn((8,)).double()
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert stats.kstest(z.flatten().numpy(), "norm").pvalue > 1e-3
+    again = rng.randn((8,)).double()
+    for a, b in ((z[:, 0], z[:, 1]), (z[:-1, 0], z[1:, 0]), (z[:, 0], again[:, 0])):
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.03

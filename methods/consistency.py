@@ -1,0 +1,241 @@
+"""What consistency distillation and consistency training share (Song et al. 2023): the
+consistency parameterisation, the distance d, the target network, the shared dropout RNG and
+multistep sampling. CD and CT differ only in how x_hat (the point one step closer to the data)
+is made, in the noise-index distribution and in their schedules."""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import abstractmethod
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.denoiser import Denoiser
+from bench.errors import BenchError, UsageError
+from bench.rng import StackedGenerator
+from bench.samplers import Model, sample_consistency
+from bench.schedules import karras_sigmas
+from methods.base import Method, MethodContext
+
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pseudo_huber(c: float) -> Distance:
+    """d(x, y) = sqrt(|x - y|^2 + c^2) - c over the whole sample (Song & Dhariwal 2023)."""
+
+    def distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((x - y).square().flatten(1).sum(1) + c * c).sqrt() - c
+
+    return distance
+
+
+def l2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference per sample (the official code's "l2")."""
+    return (x - y).square().flatten(1).mean(1)
+
+
+def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference per sample."""
+    return (x - y).abs().flatten(1).mean(1)
+
+
+def huber_c_for(dim: int, configured: float) -> float:
+    """c = 0.00054 sqrt(dim) unless configured (> 0)."""
+    return configured if configured > 0 else 0.00054 * math.sqrt(dim)
+
+
+def make_distance(name: str, shape: tuple[int, ...], huber_c: float, device: torch.device,
+                  ) -> Distance:
+    """The distance d by name; LPIPS fails at start, with one line, when it cannot run here."""
+    dim = math.prod(shape)
+    if name == "l2":
+        return l2
+    if name == "l1":
+        return l1
+    if name == "pseudo_huber":
+        return pseudo_huber(huber_c_for(dim, huber_c))
+    if name == "lpips":
+        from methods.lpips_distance import lpips_distance
+
+        return lpips_distance(shape, device)
+    raise UsageError(f"unknown distance {name!r}")
+
+
+class ConsistencyMethod(Method):
+    """Shared machinery of CD, CT and iCT."""
+
+    precond = "cm"
+
+    def __init__(self, ctx: MethodContext, *, target_mu: float | None) -> None:
+        super().__init__(ctx)
+        d = self.config.diffusion
+        self.sigma_min, self.sigma_max, self.rho = d.sigma_min, d.sigma_max, d.rho
+        self._student = self.initial_student().to(ctx.device)
+        # target_mu None: a scheduled mu; 0: no separate target (stop-gradient student)
+        self.separate_target = target_mu is None or target_mu > 0
+        self.target: nn.Module | None = None
+        if self.separate_target:
+            self.target = copy.deepcopy(self._student).requires_grad_(False)
+        self._grids: dict[int, torch.Tensor] = {}
+
+    def initial_student(self) -> Denoiser:
+        """A fresh network (CT); CD overrides this to start from the teacher."""
+        return Denoiser(self.ctx.new_net(), sigma_data=self.ctx.sigma_data, precond="cm",
+                        sigma_min=self.config.diffusion.sigma_min)
+
+    @property
+    def student(self) -> nn.Module:
+        """The consistency function f_theta being trained."""
+        return self._student
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """The target network theta^-, when it is separate from the student."""
+        return {"target": self.target} if self.target is not None else {}
+
+    # --- schedules ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def n_scales(self, step: int) -> int:
+        """N at iteration step."""
+
+    @abstractmethod
+    def target_mu(self, step: int) -> float:
+        """Target EMA rate at iteration step."""
+
+    def grid(self, n: int) -> torch.Tensor:
+        """Ascending Karras grid of n levels on the device (cached)."""
+        if n not in self._grids:
+            self._grids[n] = karras_sigmas(n, self.sigma_min, self.sigma_max, self.rho).to(
+                self.ctx.device, torch.float32)
+        return self._grids[n]
+
+    def draw_indices(self, n_scales: int, batch: int, generator: torch.Generator,
+                     ) -> torch.Tensor:
+        """n ~ U{0, ..., N-2} (Song et al. 2023); iCT overrides."""
+        return torch.randint(0, n_scales - 1, (batch,), generator=generator,
+                             device=self.ctx.device)
+
+    def weight(self, sigma_next: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
+        """lambda(t_n); None = uniform (the paper's choice for CD and CT)."""
+        return None
+
+    @abstractmethod
+    def x_hat(self, x0: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
+              sigma_next: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
+              ) -> torch.Tensor:
+        """The point at level sigma that x (at sigma_next) should agree with."""
+
+    @property
+    @abstractmethod
+    def distance(self) -> Distance:
+        """d(f(x, sigma_next), f^-(x_hat, sigma))."""
+
+    # --- training -----------------------------------------------------------------------------
+
+    def loss(
+        self,
+        x0: torch.Tensor,
+        labels: torch.Tensor | None,
+        step: int,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """lambda d(f_theta(x, sigma_{n+1}), stopgrad f_target(x_hat, sigma_n)) per sample."""
+        grid = self.grid(self.n_scales(step))
+        n = self.draw_indices(grid.numel(), x0.shape[0], generator)
+        sigma_next, sigma = grid[n + 1], grid[n]
+        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x = x0 + sigma_next.reshape(-1, *([1] * (x0.ndim - 1))) * z
+        dropout = self.config.net.dropout > 0
+        rng_state = _rng_state(x0.device) if dropout else None
+        online = self._student(x, sigma_next, labels)
+        with torch.no_grad():
+            x_hat = self.x_hat(x0, x, z, sigma_next, sigma, labels)
+            target = self.target if self.target is not None else self._student
+            with _replayed(rng_state, x0.device) if dropout else nullcontext():
+                wanted = target(x_hat, sigma, labels)
+        per_sample = self.distance(online, wanted)
+        weight = self.weight(sigma_next, sigma)
+        return per_sample if weight is None else weight * per_sample
+
+    @torch.no_grad()
+    def after_step(self, step: int, ema: nn.Module | None) -> None:
+        """theta^- <- mu theta^- + (1 - mu) theta."""
+        if self.target is None:
+            return
+        mu = self.target_mu(step)
+        target_params = list(self.target.parameters())
+        torch._foreach_lerp_(target_params, [p.detach() for p in self._student.parameters()],
+                             1.0 - mu)
+        for b_t, b in zip(self.target.buffers(), self._student.buffers(), strict=True):
+            b_t.copy_(b)
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        """N(k) and mu(k), logged against the iteration."""
+        return {"n_scales": float(self.n_scales(step)), "target_mu": self.target_mu(step)}
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    def check_nfe(self, nfe: int) -> None:
+        """Any NFE >= 1: one consistency-function call per level."""
+        if nfe < 1:
+            raise UsageError(f"NFE must be >= 1, got {nfe}")
+
+    def sample_sigmas(self, nfe: int) -> list[float]:
+        """sample.sigmas when it has nfe levels, else sigma_max and nfe - 1 levels spaced
+        evenly in sigma^(1/rho) between sigma_max and sigma_min (both ends excluded)."""
+        explicit = self.config.sample.sigmas
+        if len(explicit) == nfe:
+            return [float(s) for s in explicit]
+        levels = karras_sigmas(nfe + 1, self.sigma_min, self.sigma_max, self.rho).flip(0)
+        return [float(s) for s in levels[:nfe]]
+
+    def sample(self, model: Model, noise: torch.Tensor, nfe: int, rng: StackedGenerator,
+               ) -> torch.Tensor:
+        """Multistep consistency sampling (Song et al. 2023, Algorithm 1)."""
+        sigmas = torch.tensor(self.sample_sigmas(nfe))
+        return sample_consistency(model, noise * float(sigmas[0]), sigmas, rng, self.sigma_min,
+                                  self.ctx.dataset.clamp)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The RNG states dropout draws from on this device."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+class _replayed:
+    """Run a block with the RNG rewound to `state`, then put the advanced state back."""
+
+    def __init__(self, state: dict[str, Any] | None, device: torch.device) -> None:
+        self.state = state
+        self.device = device
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> None:
+        if self.state is None:
+            return
+        self.saved = _rng_state(self.device)
+        torch.set_rng_state(self.state["cpu"])
+        if "cuda" in self.state:
+            torch.cuda.set_rng_state(self.state["cuda"], self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.state is None:
+            return
+        torch.set_rng_state(self.saved["cpu"])
+        if "cuda" in self.saved:
+            torch.cuda.set_rng_state(self.saved["cuda"], self.device)
+
+
+def require_network_teacher(teacher: nn.Module | None, name: str) -> nn.Module:
+    """The teacher module; a method that needs one fails clearly without it."""
+    if teacher is None:
+        raise BenchError(f"{name} needs a teacher (--teacher RUN_ID|PATH|analytic|auto)")
+    return teacher

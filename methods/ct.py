@@ -1,0 +1,89 @@
+"""Consistency training (Song et al. 2023, Algorithm 3) and improved consistency training
+(Song & Dhariwal 2023): no teacher; x_hat = x0 + sigma_n z with the same z."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.schedules import ct_mu_schedule, ct_n_schedule, ict_n_schedule
+from methods.base import MethodContext
+from methods.consistency import ConsistencyMethod, Distance, make_distance
+
+
+class CT(ConsistencyMethod):
+    """Consistency training with the N(k) and mu(k) curricula."""
+
+    name = "ct"
+    summary = "consistency training (Song et al. 2023): no teacher, N(k) and mu(k) schedules"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx, target_mu=None)
+        cfg = self.config.ct
+        self._distance = make_distance(cfg.distance, ctx.dataset.shape, cfg.huber_c, ctx.device)
+
+    @property
+    def distance(self) -> Distance:
+        """The configured d."""
+        return self._distance
+
+    def n_scales(self, step: int) -> int:
+        """N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1."""
+        c = self.config.ct
+        return ct_n_schedule(step, self.total_steps(), c.s0, c.s1)
+
+    def target_mu(self, step: int) -> float:
+        """mu(k) = exp(s0 ln(mu0) / N(k)) (N(k) - 1 with ct.mu_official)."""
+        c = self.config.ct
+        return ct_mu_schedule(self.n_scales(step), c.s0, c.mu0, c.mu_official)
+
+    def x_hat(self, x0: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
+              sigma_next: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
+              ) -> torch.Tensor:
+        """x0 + sigma_n z: the unbiased one-sample estimate of the ODE step."""
+        return x0 + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * z
+
+
+class ICT(CT):
+    """Improved consistency training: pseudo-Huber, lognormal indices, 1/(dsigma) weight,
+    doubling curriculum and no target EMA."""
+
+    name = "ict"
+    summary = "improved consistency training (Song & Dhariwal 2023): pseudo-Huber, mu = 0"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super(CT, self).__init__(ctx, target_mu=0.0)
+        cfg = self.config.ict
+        self._distance = make_distance("pseudo_huber", ctx.dataset.shape, cfg.huber_c,
+                                       ctx.device)
+        self._index_probs: dict[int, torch.Tensor] = {}
+
+    def n_scales(self, step: int) -> int:
+        """N(k) = min(s0 2^floor(k/K'), s1) + 1."""
+        c = self.config.ict
+        return ict_n_schedule(step, self.total_steps(), c.s0, c.s1)
+
+    def target_mu(self, step: int) -> float:
+        """No EMA: the target is the stop-gradient student."""
+        return 0.0
+
+    def index_probs(self, n_scales: int) -> torch.Tensor:
+        """p(n) proportional to erf((ln s_{n+1} - P_mean) / (sqrt2 P_std)) - erf((ln s_n - ...))."""
+        if n_scales not in self._index_probs:
+            c = self.config.ict
+            log_sigma = self.grid(n_scales).double().log()
+            cdf = torch.erf((log_sigma - c.p_mean) / (math.sqrt(2) * c.p_std))
+            probs = (cdf[1:] - cdf[:-1]).clamp_min(0)
+            self._index_probs[n_scales] = (probs / probs.sum()).float()
+        return self._index_probs[n_scales]
+
+    def draw_indices(self, n_scales: int, batch: int, generator: torch.Generator,
+                     ) -> torch.Tensor:
+        """n from the discretised lognormal over the grid's intervals."""
+        return torch.multinomial(self.index_probs(n_scales), batch, replacement=True,
+                                 generator=generator)
+
+    def weight(self, sigma_next: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda = 1 / (sigma_{n+1} - sigma_n)."""
+        return 1.0 / (sigma_next - sigma)
