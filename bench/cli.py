@@ -198,6 +198,32 @@ def sample(
     _console().print(f"wrote {path}  (run id: {run_id})")
 
 
+@app.command("ode-error")
+def ode_error(
+    run_id: Annotated[str, typer.Option("--run", help="MLflow run id (gmm8 or gmm25).")],
+    nfe: NfeOption = None,
+    ddim_nfe: Annotated[str, typer.Option(help="DDIM NFEs to compare with.")] = "1,2,4,8,16",
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Mean L2 distance to the exact PF-ODE solution of the same noise, next to DDIM."""
+    from rich.table import Table
+
+    from bench import runner
+
+    errors = runner.ode_error_run(_tracker(tracking_uri), run_id, parse_nfe(nfe),
+                                  parse_nfe(ddim_nfe) or [], _report)
+    table = Table(title="distance to the exact PF-ODE solution (2,000 noises, Heun 512 steps)")
+    table.add_column("sampler")
+    table.add_column("NFE", justify="right")
+    table.add_column("mean L2 error", justify="right")
+    for k, v in errors.run.items():
+        table.add_row("this run", str(k), f"{v:.4f}")
+    for k, v in errors.ddim.items():
+        table.add_row("ddim (exact denoiser)", str(k), f"{v:.4f}")
+    _console().print(table)
+    _console().print(f"run id: {run_id}")
+
+
 @app.command()
 def datasets() -> None:
     """List the datasets: name, shape, size, sigma_data and availability here."""

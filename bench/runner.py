@@ -426,3 +426,19 @@ def sample_run(tracker: Tracker, run_id: str, nfe: int, count: int, seed: int,
         np.savez(fh, x=x, nfe=np.int64(measured), seed=np.int64(seed))
     report(f"{count} samples at NFE {measured} in {seconds:.2f} s")
     return out
+
+
+def ode_error_run(tracker: Tracker, run_id: str, nfe: list[int] | None,
+                  ddim_nfe: list[int], report: Reporter) -> Any:
+    """Consistency error of a tracked run (gmm8/gmm25) next to exact-denoiser DDIM; the run's
+    figures are logged as `ode_error` with step = NFE."""
+    from bench.datasets import GaussianMixture
+    from bench.diagnostics import ode_errors
+
+    p, state = load_run(tracker, run_id, report, nfe)
+    if not isinstance(p.dataset, GaussianMixture):
+        raise UsageError(f"bench ode-error needs gmm8 or gmm25, not {p.dataset.name}")
+    errors = ode_errors(p.method, state.ema, p.dataset, p.config.eval.nfe, ddim_nfe)
+    for k, v in errors.run.items():
+        tracker.log_metrics(run_id, {"ode_error": v}, k)
+    return errors
