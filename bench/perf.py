@@ -26,15 +26,16 @@ import torch
 
 from bench.config import RunConfig, resolve
 from bench.datasets import Dataset, get_dataset
-from bench.denoiser import append_dims
+from bench.denoiser import Denoiser, append_dims
 from bench.evaluation import generate
 from bench.models import model_spec, new_raw_net
+from bench.samplers import heun_step
 from bench.schedules import sampling_sigmas
 from bench.tracking import Tracker, default_tracking_uri
 from bench.training import BatchStream, LoopHooks, make_optimizer, new_loop_state, train_loop
 from methods import MethodContext, get_method
 
-TRAIN_TARGET = 1.10
+TRAIN_TARGETS = {"edm": 1.10, "cd": 1.15}
 SAMPLE_TARGET = 1.05
 
 
@@ -83,9 +84,11 @@ def cases() -> list[PerfCase]:
     ]
 
 
-def _config(case: PerfCase) -> RunConfig:
-    sets = [*case.sets, "train.checkpoint_every=0", "train.steps=1000000", "sampler=euler"]
-    return resolve(bench_files=[], flags={"method": "edm", "dataset": "gmm8"}, sets=sets).config
+def _config(case: PerfCase, method: str = "edm") -> RunConfig:
+    sets = [*case.sets, "train.checkpoint_every=0", "train.steps=1000000", "sampler=euler",
+            "cd.solver=heun", "cd.distance=l2", "cd.n_scales=18"]
+    return resolve(bench_files=[], flags={"method": method, "dataset": "gmm8"},
+                   sets=sets).config
 
 
 def _median_ratio(bench_fn: Callable[[], float], bare_fn: Callable[[], float], rounds: int,
@@ -98,36 +101,80 @@ def _median_ratio(bench_fn: Callable[[], float], bare_fn: Callable[[], float], r
     return statistics.median(bench_times), statistics.median(bare_times)
 
 
-def train_overhead(case: PerfCase, iters: int, tracker: Tracker) -> dict[str, Any]:
-    """Real training loop vs a bare forward/backward/step loop on the same net and batch."""
-    cfg = _config(case)
-    spec = model_spec(cfg, case.dataset, "edm")
+def _method(case: PerfCase, name: str, cfg: RunConfig) -> Any:
+    """A method on the case's net; distillation gets a frozen random-weights EDM teacher."""
     device = torch.device("cpu")
+    cls = get_method(name)
+    teacher = None
+    if cls.needs_teacher:
+        teacher = Denoiser(new_raw_net(model_spec(cfg, case.dataset, "edm"), 1),
+                           sigma_data=case.dataset.sigma_data, precond="edm")
+        teacher.eval().requires_grad_(False)
+    spec = model_spec(cfg, case.dataset, cls.precond)
     ctx = MethodContext(config=cfg, dataset=case.dataset, device=device,
-                        sigma_data=case.dataset.sigma_data, teacher=None, teacher_source="none",
-                        new_net=lambda: new_raw_net(spec, 0))
-    method = get_method("edm")(ctx)
+                        sigma_data=case.dataset.sigma_data, teacher=teacher,
+                        teacher_source="random", new_net=lambda: new_raw_net(spec, 0))
+    return cls(ctx)
+
+
+def _bare_edm(method: Any, cfg: RunConfig, x0: torch.Tensor) -> Callable[[], None]:
+    """Forward, backward and optimizer step of the EDM loss on fixed inputs."""
+    net = copy.deepcopy(method.student)
+    opt = make_optimizer(list(net.parameters()), cfg.train)
+    g = torch.Generator().manual_seed(1)
+    sigma = (torch.randn(x0.shape[0], generator=g) * 1.2 - 1.2).exp()
+    x_noisy = x0 + append_dims(sigma, x0.ndim) * torch.randn(x0.shape, generator=g)
+    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+
+    def step() -> None:
+        loss = (weight * (net(x_noisy, sigma) - x0).square().flatten(1).mean(1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _bare_cd(method: Any, cfg: RunConfig, x0: torch.Tensor) -> Callable[[], None]:
+    """The raw passes of one CD iteration: student forward+backward, the teacher's Heun
+    forwards and the target forward, on fixed inputs (no optimizer)."""
+    student = copy.deepcopy(method.student)
+    target = copy.deepcopy(student).requires_grad_(False)
+    teacher = method.teacher
+    g = torch.Generator().manual_seed(1)
+    grid = method.grid(cfg.cd.n_scales)
+    n = torch.randint(0, grid.numel() - 1, (x0.shape[0],), generator=g)
+    s_next, s = grid[n + 1], grid[n]
+    x = x0 + append_dims(s_next, x0.ndim) * torch.randn(x0.shape, generator=g)
+
+    def step() -> None:
+        out = student(x, s_next)
+        with torch.no_grad():
+            x_hat = heun_step(teacher, x, s_next, s)
+            wanted = target(x_hat, s)
+        student.zero_grad(set_to_none=True)
+        (out - wanted).square().flatten(1).mean(1).mean().backward()
+
+    return step
+
+
+BARE = {"edm": (_bare_edm, "forward+backward+optimizer step"),
+        "cd": (_bare_cd, "student fwd+bwd + teacher Heun fwds + target fwd")}
+
+
+def train_overhead(case: PerfCase, name: str, iters: int, tracker: Tracker) -> dict[str, Any]:
+    """Real training loop vs the bare passes of the same iteration on the same net and batch."""
+    cfg = _config(case, name)
+    device = torch.device("cpu")
+    method = _method(case, name, cfg)
     state = new_loop_state(method, cfg.train, 0, device)
     stream = BatchStream(case.dataset.train_batch, len(case.dataset.train()), None,
                          cfg.train.batch_size, 0, device)
-    run_id = tracker.start_run(experiment="perf", run_name=f"perf-{case.name}", tags={})
+    run_id = tracker.start_run(experiment="perf", run_name=f"perf-{name}-{case.name}", tags={})
     hooks = LoopHooks(log=lambda m, s: tracker.log_metrics(run_id, m, s))
-
-    bare_net = copy.deepcopy(method.student)
-    bare_opt = make_optimizer(list(bare_net.parameters()), cfg.train)
     x0, _ = stream.batch(0)
-    g = torch.Generator().manual_seed(1)
-    sigma = (torch.randn(x0.shape[0], generator=g) * 1.2 - 1.2).exp()
-    noise = torch.randn(x0.shape, generator=g)
-    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
-    x_noisy = x0 + append_dims(sigma, x0.ndim) * noise
-
-    def bare_step() -> None:
-        loss = (weight * (bare_net(x_noisy, sigma) - x0).square().flatten(1).mean(1)).mean()
-        bare_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        bare_opt.step()
-
+    make_bare, denominator = BARE[name]
+    bare_step = make_bare(method, cfg, x0)
     block = 5
 
     def bench_block() -> float:
@@ -145,20 +192,16 @@ def train_overhead(case: PerfCase, iters: int, tracker: Tracker) -> dict[str, An
     bare_block()
     bench_s, bare_s = _median_ratio(bench_block, bare_block, max(iters // block, 3))
     tracker.end_run(run_id)
-    return {"figure": "train_overhead", "case": case.name, "method": "edm", "nfe": None,
-            "ratio": bench_s / bare_s, "target": TRAIN_TARGET, "bench_seconds": bench_s,
-            "bare_seconds": bare_s}
+    return {"figure": "train_overhead", "case": case.name, "method": name, "nfe": None,
+            "ratio": bench_s / bare_s, "target": TRAIN_TARGETS[name], "bench_seconds": bench_s,
+            "bare_seconds": bare_s, "denominator": denominator}
 
 
 def sample_overhead(case: PerfCase, nfe: int, iters: int) -> dict[str, Any]:
     """bench's sampler (noise, counting, Euler) vs a bare loop of the same network calls."""
     cfg = _config(case)
-    spec = model_spec(cfg, case.dataset, "edm")
     device = torch.device("cpu")
-    ctx = MethodContext(config=cfg, dataset=case.dataset, device=device,
-                        sigma_data=case.dataset.sigma_data, teacher=None, teacher_source="none",
-                        new_net=lambda: new_raw_net(spec, 0))
-    method = get_method("edm")(ctx)
+    method = _method(case, "edm", cfg)
     model = method.student.eval()
     bare_model = copy.deepcopy(model)
     n = case.sample_batch
@@ -201,8 +244,9 @@ def run_perf(iters: int, report: Callable[[str], None]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         tracker = Tracker(default_tracking_uri(Path(tmp)), Path(tmp))
         for case in cases():
-            report(f"timing training: {case.name}")
-            rows.append(train_overhead(case, iters, tracker))
+            for name in ("edm", "cd"):
+                report(f"timing {name} training: {case.name}")
+                rows.append(train_overhead(case, name, iters, tracker))
             for nfe in (1, 2, 4):
                 report(f"timing sampling: {case.name}, NFE {nfe}")
                 rows.append(sample_overhead(case, nfe, iters))
@@ -214,11 +258,12 @@ def print_rows(rows: list[dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
     table = Table(title="bench perf (median seconds, ratio = bench / bare PyTorch)")
-    for col in ("figure", "case", "nfe", "bench s", "bare s", "ratio", "target"):
+    for col in ("figure", "case", "method", "nfe", "bench s", "bare s", "ratio", "target"):
         table.add_column(col, justify="right" if col not in ("figure", "case") else "left")
     for r in rows:
         ok = "green" if r["ratio"] <= r["target"] else "red"
-        table.add_row(r["figure"], r["case"], "-" if r["nfe"] is None else str(r["nfe"]),
+        table.add_row(r["figure"], r["case"], r["method"],
+                      "-" if r["nfe"] is None else str(r["nfe"]),
                       f"{r['bench_seconds']:.3e}", f"{r['bare_seconds']:.3e}",
                       f"[{ok}]{r['ratio']:.3f}[/{ok}]", f"{r['target']:.2f}")
     console.print(table)
