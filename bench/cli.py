@@ -157,7 +157,7 @@ def run(
                        flags=flags, sets=set_ or [])
     announce = None
     if resolved.preset:
-        announce = f"preset: {resolved.preset}" + (
+        announce = f"presets: {resolved.preset}" + (
             f" ({resolved.preset_description})" if resolved.preset_description else "")
     tracker = _tracker(tracking_uri, set_)
     with _Progress() as progress:
@@ -222,6 +222,24 @@ def ode_error(
         table.add_row("ddim (exact denoiser)", str(k), f"{v:.4f}")
     _console().print(table)
     _console().print(f"run id: {run_id}")
+
+
+@app.command()
+def refstats(
+    dataset: Annotated[str, typer.Option(help="Dataset (see `bench datasets`) or folder:PATH.")],
+    config: Annotated[Path | None, typer.Option("--config", help="A config.toml.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Compute and cache the image-metric reference statistics of a dataset."""
+    from bench.config import default_bench_files, resolve
+    from bench.datasets import get_dataset
+    from bench.fid import precompute_reference_stats
+
+    cfg = resolve(bench_files=default_bench_files(Path.cwd()), config_file=config,
+                  flags={"dataset": dataset}, sets=set_ or []).config
+    data = get_dataset(cfg.dataset, cfg.data.path or None)
+    path = precompute_reference_stats(data, cfg, Path(cfg.tracking.runs_dir) / "cache")
+    _console().print(f"reference statistics: {path}")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Typed run configuration and its layered resolution.
 
 Precedence, lowest first: the dataclass defaults below < the shipped bench.toml < ./bench.toml
-< the bench.toml presets for the dataset and for the (method, dataset) pair < --config FILE
+< the bench.toml presets [preset."*".<dataset>] < [preset.<method>."*"]
+< [preset.<method>.<dataset>] < --config FILE
 < command-line flags < repeatable --set key=value (values parsed as TOML literals).
 """
 
@@ -21,7 +22,7 @@ from bench.errors import UsageError
 
 PACKAGE_DEFAULTS = Path(__file__).parent / "_defaults" / "bench.toml"
 SOURCE_DEFAULTS = Path(__file__).resolve().parent.parent / "bench.toml"
-ALL_METHODS = "*"  # preset table that applies to every method on a dataset
+ALL = "*"  # preset key matching every method ([preset."*".<dataset>]) or every dataset
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")  # consistency-loss distances
 
 
@@ -85,6 +86,8 @@ class EvalConfig:
     reference_split: str = "train"  # image metrics: split the reference statistics come from
     image_metrics: list[str] = field(default_factory=lambda: ["fid"])  # of fid, is, kid, prc
     save_png: bool = False  # also write every evaluated image as a PNG (image datasets)
+    reference_stats: str = ""  # published .npz with mu and sigma (clean-fid, guided-diffusion)
+    reference_num_samples: int = 0  # reference images for the statistics; 0 = the whole split
 
 
 @dataclass
@@ -128,8 +131,8 @@ class ICTConfig:
 
 @dataclass
 class PDConfig:
-    initial_steps: int = 64  # teacher Euler steps at the first stage (a power of two)
-    iters_per_stage: int = 500  # optimizer iterations per halving stage
+    initial_steps: int = 16  # teacher Euler steps at the first stage (a power of two >= 2)
+    iters_per_stage: int = 500  # optimizer iterations per halving stage (paper: 50k)
     last_stage_factor: float = 2.0  # the final (1-step) stage trains this many times longer
 
 
@@ -208,6 +211,9 @@ class RunConfig:
             (self.ict.p_std > 0, "ict.p_std must be > 0"),
             (min(self.cd.huber_c, self.ct.huber_c, self.ict.huber_c) >= 0,
              "huber_c must be >= 0"),
+            (self.eval.reference_num_samples >= 0, "eval.reference_num_samples must be >= 0"),
+            (self.eval.reference_split in ("train", "test"),
+             "eval.reference_split must be train or test"),
             (set(self.eval.image_metrics) <= {"fid", "is", "kid", "prc"},
              "eval.image_metrics must be a subset of fid, is, kid, prc"),
         ]
@@ -407,8 +413,8 @@ class Resolved:
 
     config: RunConfig
     sources: list[str]
-    preset: str | None
-    preset_description: str | None
+    preset: str | None  # the presets applied, least specific first
+    preset_description: str | None  # the description of the most specific one
 
 
 def resolve(
@@ -446,24 +452,26 @@ def resolve(
     for f in files:
         if dataset_key in f.data_tables:
             merge(data["data"], f.data_tables[dataset_key], f.source, "data.")
-    preset_name, description = None, None
-    for method_key in (ALL_METHODS, method):
+    applied: list[str] = []
+    description = None
+    for method_key, data_key in ((ALL, dataset_key), (method, ALL), (method, dataset_key)):
         for f in files:
-            table = f.presets.get(method_key, {}).get(dataset_key)
+            table = f.presets.get(method_key, {}).get(data_key)
             if table is None:
                 continue
             body = {k: v for k, v in table.items() if k != "description"}
-            merge(data, body, f"{f.source} [preset.{method_key}.{dataset_key}]")
-            if method_key != ALL_METHODS:
-                preset_name = f"{method}.{dataset_key}"
-                description = table.get("description")
+            merge(data, body, f"{f.source} [preset.{method_key}.{data_key}]")
+            name = f"{method_key}.{data_key}"
+            if name not in applied:
+                applied.append(name)
+            description = table.get("description", description)
     for layer, name in ((file_layer, str(config_file)), (flag_layer, "flags"),
                         (set_layer, "--set")):
         if layer:
             merge(data, layer, name)
             sources.append(name)
     cfg = from_dict(data)
-    return Resolved(cfg, sources, preset_name, description)
+    return Resolved(cfg, sources, ", ".join(applied) or None, description)
 
 
 def merge_free(base: dict[str, Any], layer: Mapping[str, Any]) -> None:

@@ -30,7 +30,8 @@ PREVIEW_POINTS = 2000  # points kept for the scatter plot
 PREVIEW_IMAGES = 64  # images kept for the sample grid
 
 LOWER_IS_BETTER = {"w2": True, "fd": True, "swd": True, "nll": True, "mode_recall": False,
-                   "hq_fraction": False, "fcd": True, "fid": True}
+                   "hq_fraction": False, "fcd": True, "fid": True, "is": False, "kid": True,
+                   "precision": False, "recall": False}
 
 
 def default_metrics(dataset: Dataset) -> list[str]:

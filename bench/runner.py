@@ -102,6 +102,13 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
         teacher_source=teacher_source,
         new_net=lambda: new_raw_net(spec, cfg.seed),
     )
+    if dataset.kind == "image" and dataset.primary_metric == "fid":
+        from bench.fid import locate_weights, metric_mode
+
+        # missing Inception weights fail here, before any other work
+        locate_weights(cfg.eval.metric_tool,
+                       metric_mode(cfg.eval.metric_tool, cfg.eval.clean_fid_mode),
+                       cfg.eval.inception_weights)
     method = method_cls(ctx)
     for nfe in cfg.eval.nfe:
         method.check_nfe(nfe)
@@ -203,8 +210,8 @@ def run_tags(p: Prepared) -> dict[str, str]:
         "dataset": p.dataset.name,
         "teacher": cfg.teacher,
         "teacher_kind": p.teacher_kind,
-        "metric_tool": "bench" if p.dataset.kind == "points" else "torch-fidelity",
-        "metric_mode": "exact" if p.dataset.kind == "points" else "default",
+        "metric_tool": "bench",  # image datasets: the metric suite's notes override these
+        "metric_mode": "exact" if p.dataset.kind == "points" else "classifier-features",
         "metrics": ",".join(p.suite.names),
         "device": str(p.device),
         "git_commit": git_commit(),

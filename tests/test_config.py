@@ -40,7 +40,7 @@ batch_size = 9
     files = [load_bench_file(bench_toml)]
     r = resolve(bench_files=files, flags={"method": "edm", "dataset": "gmm8"})
     assert (r.config.train.lr, r.config.train.steps, r.config.train.batch_size) == (0.01, 20, 9)
-    assert r.preset == "edm.gmm8" and r.preset_description == "demo"
+    assert r.preset == "*.gmm8, edm.gmm8" and r.preset_description == "demo"
     assert r.config.train.beta1 == RunConfig().train.beta1  # untouched default
     cfg_file = write(tmp_path / "c.toml", "[train]\nsteps = 30\nlr = 0.5\n")
     r = resolve(bench_files=files, config_file=cfg_file,
@@ -49,7 +49,7 @@ batch_size = 9
     assert (r.config.train.steps, r.config.train.lr) == (40, 0.25)
     # the preset of another method does not apply
     r = resolve(bench_files=files, flags={"method": "ddim", "dataset": "gmm8"})
-    assert r.config.train.batch_size == 7 and r.preset is None
+    assert r.config.train.batch_size == 7 and r.preset == "*.gmm8"
 
 
 def test_set_values_are_toml_literals_or_bare_strings() -> None:
@@ -104,7 +104,9 @@ def test_shipped_bench_toml_is_valid_and_has_presets() -> None:
     files = default_bench_files(Path("/nonexistent"))
     assert files, "the shipped bench.toml must be found"
     r = resolve(bench_files=files, flags={"method": "edm", "dataset": "gmm8"})
-    assert r.preset == "edm.gmm8"
+    assert r.preset == "*.gmm8, edm.*" and r.config.eval.nfe == [1, 3, 5, 9, 17, 35]
+    r = resolve(bench_files=files, flags={"method": "cd", "dataset": "cifar10"})
+    assert r.preset == "*.cifar10, cd.cifar10" and r.config.cd.distance == "lpips"
     per_dataset = [f.data_tables for f in files]
     assert any("cifar10" in t for t in per_dataset)
 
