@@ -9,7 +9,6 @@ import sqlite3
 import sys
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -28,9 +27,11 @@ from bench.fid_extractors import (
     TORCH_FIDELITY_WEIGHTS,
     ImageFeatureExtractor,
     TorchFidelityExtractor,
+    _CleanFidPytorchInception,
     build_extractor,
     file_sha256,
     locate_weights,
+    torch_fidelity_inception_class,
 )
 from bench.fid_metrics import ImageMetrics
 from bench.metrics import frechet_distance
@@ -167,35 +168,24 @@ def he_random_state(shell: nn.Module, seed: int) -> dict[str, Tensor]:
 
 def torch_fidelity_shell_state(seed: int) -> dict[str, Tensor]:
     """Random weights for torch-fidelity's own FeatureExtractorInceptionV3 layout."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    with mock.patch.object(tfi, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict",
-                              lambda self, state: None), torch.device("meta"):
-        shell = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    shell = torch_fidelity_inception_class()("inception-v3-compat", ["2048"])
     return he_random_state(shell, seed)
 
 
-def official_torch_fidelity(state: dict[str, Tensor], layers: list[str]) -> nn.Module:
-    """torch-fidelity's class built by its own constructor, handed the state dict in memory."""
+def official_torch_fidelity(state: dict[str, Tensor], layers: list[str], folder: Path,
+                            ) -> nn.Module:
+    """torch-fidelity's class built by its own constructor from a weights file."""
     import torch_fidelity.feature_extractor_inceptionv3 as tfi
 
-    with mock.patch.object(tfi, "load_state_dict_from_url", return_value=state):
-        return tfi.FeatureExtractorInceptionV3("inception-v3-compat", layers).eval()
+    path = folder / "official-tf-inception.pth"
+    torch.save(state, path)
+    return tfi.FeatureExtractorInceptionV3("inception-v3-compat", layers,
+                                           feature_extractor_weights_path=str(path)).eval()
 
 
 def pytorch_fid_shell_state(seed: int) -> dict[str, Tensor]:
     """Random weights for clean-fid's legacy_pytorch (pytorch-fid) Inception layout."""
-    import cleanfid.inception_pytorch as cip
-    import torchvision
-
-    with mock.patch.object(cip, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(torchvision.models.Inception3, "load_state_dict",
-                              lambda self, state: None), \
-            torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        shell = cip.fid_inception_v3()
-    return he_random_state(shell, seed)
+    return he_random_state(_CleanFidPytorchInception().net, seed)
 
 
 def inception_trunk() -> nn.Sequential:
@@ -440,7 +430,8 @@ def test_torch_fidelity_inception_path_matches_torch_fidelity(tmp_path, weights_
     assert suite.notes["inception_weights_sha256"] == file_sha256(weights)
     with np.load(suite.notes["reference_stats"], allow_pickle=False) as archive:
         ours = archive["features"]
-    official = official_torch_fidelity(torch.load(weights, weights_only=True), ["2048"])
+    official = official_torch_fidelity(torch.load(weights, weights_only=True), ["2048"],
+                                       tmp_path)
     with torch.no_grad():
         (theirs,) = official(reference[:1])
     np.testing.assert_allclose(ours[:1], theirs.numpy(), rtol=1e-5, atol=1e-6)
@@ -448,7 +439,7 @@ def test_torch_fidelity_inception_path_matches_torch_fidelity(tmp_path, weights_
 
 
 @pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow", "legacy_pytorch"])
-def test_clean_fid_paths_match_clean_fid(weights_dir, mode):
+def test_clean_fid_paths_match_clean_fid(weights_dir, mode, tmp_path, monkeypatch):
     from cleanfid.resize import build_resizer
 
     file = ("pt_inception-2015-12-05-6726825d.pth" if mode == "legacy_pytorch"
@@ -467,9 +458,12 @@ def test_clean_fid_paths_match_clean_fid(weights_dir, mode):
         if mode == "legacy_pytorch":
             import cleanfid.inception_pytorch as cip
 
-            state = torch.load(weights_dir / file, weights_only=True)
-            with mock.patch.object(cip, "load_state_dict_from_url", return_value=state):
-                model = cip.InceptionV3(output_blocks=[3], resize_input=False).eval()
+            # clean-fid finds its weights in the torch hub cache, as after a download
+            checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+            checkpoints.mkdir(parents=True)
+            (checkpoints / file).write_bytes((weights_dir / file).read_bytes())
+            monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+            model = cip.InceptionV3(output_blocks=[3], resize_input=False).eval()
             with torch.no_grad():
                 theirs = model(batch / 255)[0].squeeze(-1).squeeze(-1)
         else:
