@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.atomic import atomic_write
 from bench.errors import BenchError
 
 FORMAT = "cmbench-checkpoint/1"
@@ -16,23 +15,8 @@ FORMAT = "cmbench-checkpoint/1"
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write state to path atomically (temp file, fsync, rename); the old file stays until then."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

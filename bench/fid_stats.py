@@ -17,18 +17,16 @@ statistics are never reused. Each file holds:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bench.atomic import atomic_write
 from bench.errors import BenchError
 from bench.fid_metrics import ReferenceStats
 
@@ -83,18 +81,7 @@ def save_reference_stats(stats: ReferenceStats, key: RefStatsKey, path: Path) ->
         arrays["features"] = np.asarray(stats.features, dtype=np.float32)
     if stats.radii is not None:
         arrays["radii"] = np.asarray(stats.radii, dtype=np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -6,8 +6,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial.distance import cdist
 from torch import Tensor, nn
+
+from bench.atomic import atomic_write
 
 ArrayLike = Tensor | np.ndarray
 LogProbFn = Callable[[Tensor], Tensor]
@@ -488,18 +488,7 @@ def digits_cache_path(
 
 def _save_atomic(state: dict[str, Tensor], path: Path) -> None:
     """Write a state_dict with torch.save through a temp file and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd_, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd_, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def load_or_train_digits_classifier(
