@@ -132,7 +132,7 @@ class ICTConfig:
 @dataclass
 class PDConfig:
     initial_steps: int = 16  # teacher Euler steps at the first stage (a power of two >= 2)
-    iters_per_stage: int = 500  # optimizer iterations per halving stage (paper: 50k)
+    iters_per_stage: int = 400  # optimizer iterations per halving stage (paper: 50k)
     last_stage_factor: float = 2.0  # the final (1-step) stage trains this many times longer
 
 

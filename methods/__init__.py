@@ -5,9 +5,11 @@ from methods.cd import CD
 from methods.ct import CT, ICT
 from methods.ddim import DDIM
 from methods.edm import EDM
+from methods.pd import PD
 
 register(EDM)
 register(DDIM)
+register(PD)
 register(CD)
 register(CT)
 register(ICT)
