@@ -93,9 +93,9 @@ def _frozen(module: nn.Module) -> nn.Module:
 class PD(Method):
     """Progressive distillation of a teacher into a 1-step sampler, halving steps per stage.
 
-    The student starts as a copy of the teacher when the teacher is a network (a `Denoiser`);
-    an analytic teacher (gmm8, gmm25) has no network to copy, so the student is then a fresh
-    EDM-preconditioned `Denoiser` around `ctx.new_net()`.
+    The student starts as a copy of the teacher when the teacher is a network (a `Denoiser`),
+    with the run's net.dropout; an analytic teacher (gmm8, gmm25) has no network to copy, so the
+    student is then a fresh EDM-preconditioned `Denoiser` around `ctx.new_net()`.
     """
 
     name = "pd"
@@ -116,6 +116,9 @@ class PD(Method):
         if isinstance(ctx.teacher, Denoiser):
             self._check_architecture(ctx.teacher, ctx)
             student = copy.deepcopy(ctx.teacher)
+            for module in student.modules():  # the run's dropout (official PD students: 0)
+                if isinstance(module, nn.Dropout):
+                    module.p = self.config.net.dropout
         else:
             student = Denoiser(ctx.new_net(), sigma_data=ctx.sigma_data, precond="edm",
                                sigma_min=d.sigma_min)

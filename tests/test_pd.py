@@ -156,6 +156,26 @@ def test_loss_step_and_teacher(teacher_kind: str) -> None:
                    zip(method.student.parameters(), method.teacher.parameters(), strict=True))
 
 
+def test_the_copied_student_uses_the_runs_dropout() -> None:
+    cfg = resolve(bench_files=[], flags={"method": "pd", "dataset": "gmm8"}, sets=SETS).config
+    ds = get_dataset("gmm8")
+    teacher_cfg = resolve(bench_files=[], sets=[*SETS, "net.dropout=0.2"]).config
+    teacher = Denoiser(new_raw_net(model_spec(teacher_cfg, ds, "edm"), 7),
+                       sigma_data=ds.sigma_data, precond="edm").eval().requires_grad_(False)
+    spec = model_spec(cfg, ds, "edm")
+    ctx = MethodContext(config=cfg, dataset=ds, device=torch.device("cpu"),
+                        sigma_data=ds.sigma_data, teacher=teacher, teacher_source="test",
+                        new_net=lambda: new_raw_net(spec, 3))
+    method = PD(ctx)
+    rates = {m.p for m in method.student.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.0}
+    assert {m.p for m in teacher.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
+    wider = resolve(bench_files=[], sets=[*SETS, "net.width=48"]).config
+    ctx.new_net = lambda: new_raw_net(model_spec(wider, ds, "edm"), 3)
+    with pytest.raises(UsageError, match="pd copies the teacher"):
+        PD(ctx)
+
+
 def test_stage_end_snapshots_the_average_and_restarts_from_it() -> None:
     method, cfg = build()
     state = train(method, cfg, 3)  # exactly stage 0
