@@ -90,7 +90,6 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
     if method_cls.needs_teacher:
         teacher = resolve_teacher(cfg.teacher, dataset, tracker, device)
         teacher_model, teacher_source, teacher_kind = teacher.model, teacher.source, teacher.kind
-        report(f"teacher: {teacher_source}")
     cfg = dataclasses.replace(cfg, teacher=teacher_source)
     spec = model_spec(cfg, dataset, method_cls.precond)
     ctx = MethodContext(
@@ -112,6 +111,8 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
     method = method_cls(ctx)
     for nfe in cfg.eval.nfe:
         method.check_nfe(nfe)
+    if teacher_model is not None:
+        report(f"teacher: {teacher_source}")
     suite = prepare_metrics(dataset, cfg, tracker.runs_dir / "cache")
     return Prepared(cfg, dataset, device, method, suite, teacher_kind, spec)
 
