@@ -91,11 +91,17 @@ def _config(case: PerfCase, method: str = "edm") -> RunConfig:
                    sets=sets).config
 
 
+MIN_SECONDS = 8.0  # both sides together: small cases get more rounds, so their medians settle
+
+
 def _median_ratio(bench_fn: Callable[[], float], bare_fn: Callable[[], float], rounds: int,
                   ) -> tuple[float, float]:
-    """Alternate both sides `rounds` times; medians of seconds per unit."""
-    bench_times, bare_times = [], []
-    for _ in range(rounds):
+    """Alternate both sides at least `rounds` times and for at least MIN_SECONDS; medians of
+    seconds per unit."""
+    bench_times: list[float] = []
+    bare_times: list[float] = []
+    start = time.perf_counter()
+    while len(bench_times) < rounds or time.perf_counter() - start < MIN_SECONDS:
         bench_times.append(bench_fn())
         bare_times.append(bare_fn())
     return statistics.median(bench_times), statistics.median(bare_times)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.averaging import ParamAverage
 from bench.denoiser import Denoiser
 from bench.errors import BenchError, UsageError
 from bench.rng import StackedGenerator
@@ -79,8 +80,10 @@ class ConsistencyMethod(Method):
         # target_mu None: a scheduled mu; 0: no separate target (stop-gradient student)
         self.separate_target = target_mu is None or target_mu > 0
         self.target: nn.Module | None = None
+        self._target_average: ParamAverage | None = None
         if self.separate_target:
             self.target = copy.deepcopy(self._student).requires_grad_(False)
+            self._target_average = ParamAverage(self.target, self._student)
         self._grids: dict[int, torch.Tensor] = {}
 
     def initial_student(self) -> Denoiser:
@@ -162,17 +165,10 @@ class ConsistencyMethod(Method):
         weight = self.weight(sigma_next, sigma)
         return per_sample if weight is None else weight * per_sample
 
-    @torch.no_grad()
     def after_step(self, step: int, ema: nn.Module | None) -> None:
         """theta^- <- mu theta^- + (1 - mu) theta."""
-        if self.target is None:
-            return
-        mu = self.target_mu(step)
-        target_params = list(self.target.parameters())
-        torch._foreach_lerp_(target_params, [p.detach() for p in self._student.parameters()],
-                             1.0 - mu)
-        for b_t, b in zip(self.target.buffers(), self._student.buffers(), strict=True):
-            b_t.copy_(b)
+        if self._target_average is not None:
+            self._target_average.update(self.target_mu(step))
 
     def schedule_values(self, step: int) -> dict[str, float]:
         """N(k) and mu(k), logged against the iteration."""

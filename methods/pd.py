@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.averaging import ParamAverage
 from bench.denoiser import Denoiser, append_dims
 from bench.errors import UsageError
 from bench.rng import StackedGenerator
@@ -76,15 +77,6 @@ def truncated_snr_weight(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.pow(-2).clamp(min=1.0)
 
 
-def _average_into(average: nn.Module, model: nn.Module, rate: float) -> None:
-    """average <- rate * average + (1 - rate) * model (parameters); buffers are copied."""
-    with torch.no_grad():
-        for p_avg, p in zip(average.parameters(), model.parameters(), strict=True):
-            p_avg.lerp_(p.detach(), 1.0 - rate)
-        for b_avg, b in zip(average.buffers(), model.buffers(), strict=True):
-            b_avg.copy_(b)
-
-
 def _frozen(module: nn.Module) -> nn.Module:
     """module in eval mode with gradients off."""
     return module.eval().requires_grad_(False)
@@ -124,6 +116,7 @@ class PD(Method):
                                sigma_min=d.sigma_min)
         self._student = student.to(ctx.device).requires_grad_(True).train()
         self._stage_average = _frozen(copy.deepcopy(self._student))
+        self._averager = ParamAverage(self._stage_average, self._student)
         self._stage_teacher = _frozen(copy.deepcopy(self._student))  # holds snapshots as teacher
         self._stage_teacher_steps = 0  # which snapshot _stage_teacher holds (0 = none)
         self._snapshots: dict[int, StateDict] = {}  # student steps -> stage-end weights (CPU)
@@ -227,7 +220,7 @@ class PD(Method):
         stage = self.stage_of(step)
         k = step - stage * self.iters_per_stage
         rate = min(self.config.train.ema_rate, (1 + k) / (10 + k))
-        _average_into(self._stage_average, self._student, rate)
+        self._averager.update(rate)
         if step + 1 == self.stage_end(stage):
             self._end_stage(stage, ema)
 
