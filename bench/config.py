@@ -23,6 +23,7 @@ from bench.errors import UsageError
 PACKAGE_DEFAULTS = Path(__file__).parent / "_defaults" / "bench.toml"
 SOURCE_DEFAULTS = Path(__file__).resolve().parent.parent / "bench.toml"
 ALL = "*"  # preset key matching every method ([preset."*".<dataset>]) or every dataset
+WEIGHTINGS = ("uniform", "inverse_gap")  # consistency-loss weightings lambda(t_n)
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")  # consistency-loss distances
 
 
@@ -106,6 +107,7 @@ class CDConfig:
     n_scales: int = 18  # N: levels of the Karras discretisation
     solver: str = "heun"  # teacher ODE solver for one step: "heun" (2 calls) or "euler" (1)
     distance: str = "l2"  # "l2", "l1", "pseudo_huber" or "lpips"
+    weighting: str = "uniform"  # lambda(t_n): "uniform" (the paper) or "inverse_gap" (iCT)
     target_mu: float = 0.0  # target EMA rate mu (0 = the target is the student, stop-grad)
     huber_c: float = 0.0  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
 
@@ -116,6 +118,7 @@ class CTConfig:
     s1: int = 150  # final discretisation steps
     mu0: float = 0.9  # target EMA rate at the start
     distance: str = "l2"  # "l2", "l1", "pseudo_huber" or "lpips"
+    weighting: str = "uniform"  # lambda(t_n): "uniform" (the paper) or "inverse_gap" (iCT)
     mu_official: bool = False  # mu(k) with N(k) - 1 in the denominator, as the official code
     huber_c: float = 0.0  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
 
@@ -204,6 +207,10 @@ class RunConfig:
             (self.cd.solver in ("heun", "euler"), "cd.solver must be heun or euler"),
             (self.cd.distance in DISTANCES, f"cd.distance must be one of {', '.join(DISTANCES)}"),
             (self.ct.distance in DISTANCES, f"ct.distance must be one of {', '.join(DISTANCES)}"),
+            (self.cd.weighting in WEIGHTINGS,
+             f"cd.weighting must be one of {', '.join(WEIGHTINGS)}"),
+            (self.ct.weighting in WEIGHTINGS,
+             f"ct.weighting must be one of {', '.join(WEIGHTINGS)}"),
             (0.0 <= self.cd.target_mu < 1.0, "cd.target_mu must be in [0, 1)"),
             (0.0 < self.ct.mu0 < 1.0, "ct.mu0 must be in (0, 1)"),
             (1 <= self.ct.s0 <= self.ct.s1, "ct.s0 and ct.s1 must satisfy 1 <= s0 <= s1"),

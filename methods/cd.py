@@ -42,6 +42,11 @@ class CD(ConsistencyMethod):
         """The configured d."""
         return self._distance
 
+    @property
+    def weighting(self) -> str:
+        """The configured lambda(t_n)."""
+        return self.config.cd.weighting
+
     def n_scales(self, step: int) -> int:
         """Fixed N."""
         return self.config.cd.n_scales

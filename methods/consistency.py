@@ -67,6 +67,18 @@ def make_distance(name: str, shape: tuple[int, ...], huber_c: float, device: tor
     raise UsageError(f"unknown distance {name!r}")
 
 
+def consistency_weight(kind: str, sigma_next: torch.Tensor, sigma: torch.Tensor,
+                       ) -> torch.Tensor | None:
+    """lambda(t_n): None for "uniform" (Song et al. 2023); 1 / (t_{n+1} - t_n) for
+    "inverse_gap" (Song & Dhariwal 2023), which keeps the small-noise levels, where every
+    consistency error starts, from being drowned by the large ones."""
+    if kind == "uniform":
+        return None
+    if kind == "inverse_gap":
+        return 1.0 / (sigma_next - sigma)
+    raise ValueError(f"unknown consistency weighting {kind!r}")
+
+
 class ConsistencyMethod(Method):
     """Shared machinery of CD, CT and iCT."""
 
@@ -124,8 +136,13 @@ class ConsistencyMethod(Method):
                              device=self.ctx.device)
 
     def weight(self, sigma_next: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
-        """lambda(t_n); None = uniform (the paper's choice for CD and CT)."""
-        return None
+        """lambda(t_n) of the configured weighting; None = uniform."""
+        return consistency_weight(self.weighting, sigma_next, sigma)
+
+    @property
+    def weighting(self) -> str:
+        """The lambda(t_n) in use: "uniform" or "inverse_gap"."""
+        return "uniform"
 
     @abstractmethod
     def x_hat(self, x0: torch.Tensor, x: torch.Tensor, z: torch.Tensor,

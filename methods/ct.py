@@ -28,6 +28,11 @@ class CT(ConsistencyMethod):
         """The configured d."""
         return self._distance
 
+    @property
+    def weighting(self) -> str:
+        """The configured lambda(t_n)."""
+        return self.config.ct.weighting
+
     def n_scales(self, step: int) -> int:
         """N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1."""
         c = self.config.ct
@@ -84,6 +89,7 @@ class ICT(CT):
         return torch.multinomial(self.index_probs(n_scales), batch, replacement=True,
                                  generator=generator)
 
-    def weight(self, sigma_next: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """lambda = 1 / (sigma_{n+1} - sigma_n)."""
-        return 1.0 / (sigma_next - sigma)
+    @property
+    def weighting(self) -> str:
+        """lambda = 1 / (sigma_{n+1} - sigma_n), always."""
+        return "inverse_gap"

@@ -158,3 +158,22 @@ def test_ict_index_distribution_is_the_discretised_lognormal() -> None:
     mid = (sigmas[1:].log() + sigmas[:-1].log()) / 2
     # the mode of the index distribution sits near exp(P_mean) = 0.33
     assert abs(mid[int(probs.argmax())].exp().item() - math.exp(-1.1)) < 1.0
+
+
+def test_consistency_weighting_is_configurable() -> None:
+    """Uniform lambda (the paper's CD/CT) leaves the distance as is; inverse_gap divides each
+    sample's distance by t_{n+1} - t_n, the same weight iCT always uses."""
+    x0 = torch.randn(64, 2)
+    losses = {}
+    for weighting in ("uniform", "inverse_gap"):
+        method, _ = build("cd", [f'cd.weighting="{weighting}"', "net.dropout=0.0"])
+        losses[weighting] = method.loss(x0, None, 0, torch.Generator().manual_seed(4))
+    grid = method.grid(10)
+    n = torch.randint(0, 9, (64,), generator=torch.Generator().manual_seed(4))
+    gap = grid[n + 1] - grid[n]
+    torch.testing.assert_close(losses["inverse_gap"], losses["uniform"] / gap)
+    ict, _ = build("ict")
+    assert ict.weighting == "inverse_gap"
+    assert build("ct")[0].weighting == "uniform"
+    with pytest.raises(Exception, match="cd.weighting"):
+        build("cd", ['cd.weighting="snr"'])
