@@ -23,6 +23,8 @@ from bench.errors import UsageError
 PACKAGE_DEFAULTS = Path(__file__).parent / "_defaults" / "bench.toml"
 SOURCE_DEFAULTS = Path(__file__).resolve().parent.parent / "bench.toml"
 ALL = "*"  # preset key matching every method ([preset."*".<dataset>]) or every dataset
+LR_SCHEDULES = ("constant", "cosine", "linear")  # learning rate after warm-up
+INDEX_SAMPLINGS = ("uniform", "lognormal")  # how the consistency index n is drawn
 WEIGHTINGS = ("uniform", "inverse_gap")  # consistency-loss weightings lambda(t_n)
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")  # consistency-loss distances
 
@@ -65,6 +67,7 @@ class TrainConfig:
     beta2: float = 0.999  # Adam beta2
     weight_decay: float = 0.0  # decoupled weight decay (AdamW style when > 0)
     warmup_steps: int = 100  # linear learning-rate warm-up
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine"/"linear" decay to 0
     grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
     ema_rate: float = 0.999  # evaluation EMA of the student per iteration; 0 disables
     checkpoint_every: int = 1000  # iterations between checkpoints (0 = only at the end)
@@ -108,6 +111,9 @@ class CDConfig:
     solver: str = "heun"  # teacher ODE solver for one step: "heun" (2 calls) or "euler" (1)
     distance: str = "l2"  # "l2", "l1", "pseudo_huber" or "lpips"
     weighting: str = "uniform"  # lambda(t_n): "uniform" (the paper) or "inverse_gap" (iCT)
+    indices: str = "uniform"  # n: "uniform" (the paper) or "lognormal" (iCT, p_mean/p_std)
+    p_mean: float = -1.1  # lognormal index distribution: mean of ln(sigma)
+    p_std: float = 2.0  # lognormal index distribution: std of ln(sigma)
     target_mu: float = 0.0  # target EMA rate mu (0 = the target is the student, stop-grad)
     huber_c: float = 0.0  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
 
@@ -119,6 +125,9 @@ class CTConfig:
     mu0: float = 0.9  # target EMA rate at the start
     distance: str = "l2"  # "l2", "l1", "pseudo_huber" or "lpips"
     weighting: str = "uniform"  # lambda(t_n): "uniform" (the paper) or "inverse_gap" (iCT)
+    indices: str = "uniform"  # n: "uniform" (the paper) or "lognormal" (iCT, p_mean/p_std)
+    p_mean: float = -1.1  # lognormal index distribution: mean of ln(sigma)
+    p_std: float = 2.0  # lognormal index distribution: std of ln(sigma)
     mu_official: bool = False  # mu(k) with N(k) - 1 in the denominator, as the official code
     huber_c: float = 0.0  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
 
@@ -182,6 +191,8 @@ class RunConfig:
             (self.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
             (self.train.log_every >= 1, "train.log_every must be >= 1"),
+            (self.train.lr_schedule in LR_SCHEDULES,
+             f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (self.train.eval_every >= 0, "train.eval_every must be >= 0"),
             (self.train.nonfinite in ("stop", "skip"), "train.nonfinite must be stop or skip"),
             (len(self.eval.nfe) > 0, "eval.nfe must not be empty"),
@@ -211,6 +222,12 @@ class RunConfig:
              f"cd.weighting must be one of {', '.join(WEIGHTINGS)}"),
             (self.ct.weighting in WEIGHTINGS,
              f"ct.weighting must be one of {', '.join(WEIGHTINGS)}"),
+            (self.cd.indices in INDEX_SAMPLINGS,
+             f"cd.indices must be one of {', '.join(INDEX_SAMPLINGS)}"),
+            (self.ct.indices in INDEX_SAMPLINGS,
+             f"ct.indices must be one of {', '.join(INDEX_SAMPLINGS)}"),
+            (self.cd.p_std > 0, "cd.p_std must be > 0"),
+            (self.ct.p_std > 0, "ct.p_std must be > 0"),
             (0.0 <= self.cd.target_mu < 1.0, "cd.target_mu must be in [0, 1)"),
             (0.0 < self.ct.mu0 < 1.0, "ct.mu0 must be in (0, 1)"),
             (1 <= self.ct.s0 <= self.ct.s1, "ct.s0 and ct.s1 must satisfy 1 <= s0 <= s1"),

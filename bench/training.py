@@ -46,11 +46,18 @@ def _can_fuse(params: list[nn.Parameter]) -> bool:
             and all(p.is_floating_point() for p in params))
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate at iteration step: linear warm-up to cfg.lr, then constant."""
-    if cfg.warmup_steps <= 0:
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Learning rate at iteration step of total: linear warm-up to cfg.lr, then constant, or
+    decaying to 0 at the last iteration (cosine or linear) over the iterations after warm-up."""
+    warm = max(cfg.warmup_steps, 0)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.lr_schedule == "constant" or total <= warm:
         return cfg.lr
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    progress = min(1.0, (step - warm) / max(total - warm, 1))
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * (1.0 - progress)
 
 
 class BatchStream:
@@ -184,7 +191,7 @@ def train_loop(
     window_steps = 0
     while state.step < stop:
         step = state.step
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x0, labels = stream.batch(step)

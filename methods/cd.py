@@ -47,6 +47,12 @@ class CD(ConsistencyMethod):
         """The configured lambda(t_n)."""
         return self.config.cd.weighting
 
+    @property
+    def index_sampling(self) -> tuple[str, float, float]:
+        """The configured distribution of n."""
+        c = self.config.cd
+        return (c.indices, c.p_mean, c.p_std)
+
     def n_scales(self, step: int) -> int:
         """Fixed N."""
         return self.config.cd.n_scales

@@ -97,6 +97,7 @@ class ConsistencyMethod(Method):
             self.target = copy.deepcopy(self._student).requires_grad_(False)
             self._target_average = ParamAverage(self.target, self._student)
         self._grids: dict[int, torch.Tensor] = {}
+        self._index_probs: dict[int, torch.Tensor] = {}
 
     def initial_student(self) -> Denoiser:
         """A fresh network (CT); CD overrides this to start from the teacher."""
@@ -129,11 +130,33 @@ class ConsistencyMethod(Method):
                 self.ctx.device, torch.float32)
         return self._grids[n]
 
+    @property
+    def index_sampling(self) -> tuple[str, float, float]:
+        """How n is drawn: ("uniform", 0, 0) or ("lognormal", P_mean, P_std)."""
+        return ("uniform", 0.0, 0.0)
+
+    def index_probs(self, n_scales: int) -> torch.Tensor:
+        """p(n) for n in 0..N-2: uniform, or proportional to
+        erf((ln t_{n+1} - P_mean) / (sqrt2 P_std)) - erf((ln t_n - P_mean) / (sqrt2 P_std))."""
+        if n_scales not in self._index_probs:
+            kind, p_mean, p_std = self.index_sampling
+            if kind == "uniform":
+                probs = torch.ones(n_scales - 1, dtype=torch.float64)
+            else:
+                log_sigma = self.grid(n_scales).double().log()
+                cdf = torch.erf((log_sigma - p_mean) / (math.sqrt(2) * p_std))
+                probs = (cdf[1:] - cdf[:-1]).clamp_min(0)
+            self._index_probs[n_scales] = (probs / probs.sum()).float().to(self.ctx.device)
+        return self._index_probs[n_scales]
+
     def draw_indices(self, n_scales: int, batch: int, generator: torch.Generator,
                      ) -> torch.Tensor:
-        """n ~ U{0, ..., N-2} (Song et al. 2023); iCT overrides."""
-        return torch.randint(0, n_scales - 1, (batch,), generator=generator,
-                             device=self.ctx.device)
+        """n ~ U{0, ..., N-2} (Song et al. 2023), or the discretised lognormal of iCT."""
+        if self.index_sampling[0] == "uniform":
+            return torch.randint(0, n_scales - 1, (batch,), generator=generator,
+                                 device=self.ctx.device)
+        return torch.multinomial(self.index_probs(n_scales), batch, replacement=True,
+                                 generator=generator)
 
     def weight(self, sigma_next: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
         """lambda(t_n) of the configured weighting; None = uniform."""

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from bench.schedules import ct_mu_schedule, ct_n_schedule, ict_n_schedule
@@ -32,6 +30,12 @@ class CT(ConsistencyMethod):
     def weighting(self) -> str:
         """The configured lambda(t_n)."""
         return self.config.ct.weighting
+
+    @property
+    def index_sampling(self) -> tuple[str, float, float]:
+        """The configured distribution of n."""
+        c = self.config.ct
+        return (c.indices, c.p_mean, c.p_std)
 
     def n_scales(self, step: int) -> int:
         """N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1."""
@@ -62,7 +66,6 @@ class ICT(CT):
         cfg = self.config.ict
         self._distance = make_distance("pseudo_huber", ctx.dataset.shape, cfg.huber_c,
                                        ctx.device)
-        self._index_probs: dict[int, torch.Tensor] = {}
 
     def n_scales(self, step: int) -> int:
         """N(k) = min(s0 2^floor(k/K'), s1) + 1."""
@@ -73,21 +76,10 @@ class ICT(CT):
         """No EMA: the target is the stop-gradient student."""
         return 0.0
 
-    def index_probs(self, n_scales: int) -> torch.Tensor:
-        """p(n) proportional to erf((ln s_{n+1} - P_mean) / (sqrt2 P_std)) - erf((ln s_n - ...))."""
-        if n_scales not in self._index_probs:
-            c = self.config.ict
-            log_sigma = self.grid(n_scales).double().log()
-            cdf = torch.erf((log_sigma - c.p_mean) / (math.sqrt(2) * c.p_std))
-            probs = (cdf[1:] - cdf[:-1]).clamp_min(0)
-            self._index_probs[n_scales] = (probs / probs.sum()).float()
-        return self._index_probs[n_scales]
-
-    def draw_indices(self, n_scales: int, batch: int, generator: torch.Generator,
-                     ) -> torch.Tensor:
-        """n from the discretised lognormal over the grid's intervals."""
-        return torch.multinomial(self.index_probs(n_scales), batch, replacement=True,
-                                 generator=generator)
+    @property
+    def index_sampling(self) -> tuple[str, float, float]:
+        """The discretised lognormal over the grid's intervals."""
+        return ("lognormal", self.config.ict.p_mean, self.config.ict.p_std)
 
     @property
     def weighting(self) -> str:

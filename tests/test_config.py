@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from bench.config import (
     RunConfig,
+    TrainConfig,
     default_bench_files,
     dumps,
     from_dict,
@@ -117,3 +119,26 @@ def test_dataset_paths_from_bench_toml(tmp_path: Path) -> None:
     assert r.config.data.path == "/data/cifar"
     r = resolve(bench_files=[load_bench_file(f)], flags={"dataset": "gmm8"})
     assert r.config.data.path == ""
+
+
+def test_lr_schedules() -> None:
+    from bench.training import lr_at
+
+    def train(schedule: str) -> TrainConfig:
+        return resolve(bench_files=[], flags={"method": "edm", "dataset": "gmm8"},
+                       sets=[f'train.lr_schedule="{schedule}"', "train.lr=1e-3",
+                             "train.warmup_steps=10"]).config.train
+
+    for schedule in ("constant", "cosine", "linear"):
+        cfg = train(schedule)
+        assert lr_at(0, cfg, 110) == pytest.approx(1e-4)
+        assert lr_at(9, cfg, 110) == pytest.approx(1e-3)
+        assert lr_at(10, cfg, 110) == pytest.approx(1e-3)
+    assert lr_at(109, train("constant"), 110) == pytest.approx(1e-3)
+    assert lr_at(60, train("cosine"), 110) == pytest.approx(0.5e-3)
+    assert lr_at(60, train("linear"), 110) == pytest.approx(0.5e-3)
+    expected = 1e-3 * 0.5 * (1 + math.cos(math.pi / 4))
+    assert lr_at(35, train("cosine"), 110) == pytest.approx(expected)
+    assert lr_at(110, train("linear"), 110) == 0.0
+    with pytest.raises(UsageError, match="train.lr_schedule"):
+        train("step")

@@ -177,3 +177,13 @@ def test_consistency_weighting_is_configurable() -> None:
     assert build("ct")[0].weighting == "uniform"
     with pytest.raises(Exception, match="cd.weighting"):
         build("cd", ['cd.weighting="snr"'])
+
+
+def test_cd_lognormal_indices_match_icts_distribution() -> None:
+    cd, _ = build("cd", ['cd.indices="lognormal"', "cd.p_mean=-1.1", "cd.p_std=2.0"])
+    ict, _ = build("ict")
+    torch.testing.assert_close(cd.index_probs(11), ict.index_probs(11))
+    uniform, _ = build("cd")
+    torch.testing.assert_close(uniform.index_probs(11), torch.full((10,), 0.1))
+    n = cd.draw_indices(11, 4000, torch.Generator().manual_seed(0))
+    assert n.min() >= 0 and n.max() <= 9
