@@ -125,7 +125,8 @@ def generate(
     conditional: bool,
     consume: Callable[[torch.Tensor], None],
 ) -> tuple[int, float]:
-    """Generate num_samples in batches into `consume`; return (calls per sample, seconds)."""
+    """Generate num_samples in batches into `consume`, clipped to the dataset's range when it
+    has one (images); return (calls per sample, seconds of sampling)."""
     calls = 0
     batches = 0
     seconds = 0.0
@@ -147,6 +148,8 @@ def generate(
         seconds += time.perf_counter() - t0
         calls += counter.calls
         batches += 1
+        if dataset.clamp is not None:  # scored as they would be saved: inside the data range
+            x = x.clamp(*dataset.clamp)
         consume(x)
     if calls % batches:
         raise RuntimeError(f"uneven network calls across batches: {calls} over {batches}")

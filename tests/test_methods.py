@@ -187,3 +187,28 @@ def test_cd_lognormal_indices_match_icts_distribution() -> None:
     torch.testing.assert_close(uniform.index_probs(11), torch.full((10,), 0.1))
     n = cd.draw_indices(11, 4000, torch.Generator().manual_seed(0))
     assert n.min() >= 0 and n.max() <= 9
+
+
+def test_image_samples_are_scored_inside_the_data_range() -> None:
+    """generate clips image samples to the dataset's range; 2-D samples are left alone."""
+    from bench.perf import SyntheticImages
+
+    images = SyntheticImages((1, 4, 4), size=8)
+    for dataset, expected in ((images, 1.0), (get_dataset("gmm8"), 3.0)):
+        cfg = resolve(bench_files=[], flags={"method": "edm", "dataset": "gmm8"},
+                      sets=["sampler=euler", "net.model_channels=8", "net.channel_mult=[1]",
+                            "net.attn_resolutions=[]", "net.num_res_blocks=1"]).config
+        spec = model_spec(cfg, dataset, "edm")
+        ctx = MethodContext(config=cfg, dataset=dataset, device=torch.device("cpu"),
+                            sigma_data=dataset.sigma_data, teacher=None, teacher_source="",
+                            new_net=lambda spec=spec: new_raw_net(spec, 0))
+        method = get_method("edm")(ctx)
+        out: list[torch.Tensor] = []
+
+        class Constant(torch.nn.Module):
+            def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: object = None,
+                        ) -> torch.Tensor:
+                return torch.full_like(x, 3.0)
+
+        generate(method, Constant(), dataset, 1, 4, 4, 0, torch.device("cpu"), False, out.append)
+        assert torch.equal(out[0], torch.full_like(out[0], expected))
