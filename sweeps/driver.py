@@ -177,21 +177,21 @@ def _lower_is_better() -> dict[str, bool]:
 
 
 def _pruning_sets(request: SweepRequest, cfg: Any, objectives: list[Objective],
-                  report: Reporter) -> tuple[str, list[str]]:
+                  notes: list[str]) -> tuple[str, list[str]]:
     """The pruner actually used and the overrides it needs (intermediate evaluations)."""
     if request.pruner == "none":
         return "none", []
     if len(objectives) > 1:
-        report("pruning is off: Optuna prunes single-objective studies only")
+        notes.append("pruning is off: Optuna prunes single-objective studies only")
         return "none", []
     if cfg.train.eval_every > 0:
         return request.pruner, []
     every = cfg.train.steps // 4
-    if every < 1 or not cfg.train.steps:
-        report("pruning is off: too few training iterations for intermediate evaluations")
+    if every < 1:
+        notes.append("pruning is off: too few training iterations for intermediate evaluations")
         return "none", []
-    report(f"pruning ({request.pruner}): intermediate evaluation every {every} iterations "
-           f"(set train.eval_every to change)")
+    notes.append(f"pruning ({request.pruner}): intermediate evaluation every {every} "
+                 f"iterations (set train.eval_every to change)")
     return request.pruner, [f"train.eval_every={every}"]
 
 
@@ -537,19 +537,19 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
             raise UsageError(f"objective NFE {missing[0]} is not in eval.nfe = {cfg.eval.nfe}")
     else:
         eval_sets.append(f"eval.nfe={nfes}")
-    pruner, pruning_sets = _pruning_sets(request, cfg, objectives, report)
+    notes: list[str] = []
+    pruner, pruning_sets = _pruning_sets(request, cfg, objectives, notes)
     eval_sets += pruning_sets
     _check_space(request, space, [*eval_sets, *request.sets])
     runs_dir = Path(cfg.tracking.runs_dir)
     tracker = Tracker(resolve_tracking_uri(request.tracking_uri, cfg.tracking.uri, runs_dir),
                       runs_dir)
     prepared_cfg = _resolve(request, [*eval_sets, *request.sets]).config
-    p = prepare(prepared_cfg, tracker, report)
+    p = prepare(prepared_cfg, tracker, notes.append)
     check_available(objectives, p.suite.names, p.dataset.name)
     fixed_sets: list[str] = []
     if method_cls.needs_teacher and "teacher" not in _set_keys(request.sets):
         fixed_sets.append(set_item("teacher", p.config.teacher))
-        report(f"teacher: {p.config.teacher}")
     del p
     storage_url = request.storage or default_storage(runs_dir)
     shown = mask_credentials(storage_url)
@@ -575,6 +575,8 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
     study = _open_study(plan, storage, _definition(request, space, objectives, fixed_sets),
                         objectives)
     plan.parent_run_id = _parent_run(tracker, study, request, space, objectives, shown, report)
+    for note in notes:
+        report(note)
     report(f"study {plan.study!r} in {shown}")
     close_stale(study, tracker, plan.stale_seconds, report)
     finished, running = _count(study)

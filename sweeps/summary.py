@@ -22,7 +22,7 @@ def print_summary(summary: SweepSummary, console: Any) -> None:
              f"({summary.ran_here} run here, {summary.seconds:.0f} s)")
     table = Table(title=title)
     table.add_column("#", justify="right")
-    table.add_column("state")
+    table.add_column("state", no_wrap=True, min_width=8)
     for n in names:
         table.add_column(n, justify="right")
     for o in summary.objectives:
