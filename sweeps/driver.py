@@ -33,6 +33,8 @@ from sweeps.storage import (
     StaleTrial,
     default_storage,
     fail_stale_trials,
+    lock_path,
+    machine_lock,
     open_storage,
 )
 
@@ -82,6 +84,7 @@ class WorkerPlan:
     runs_dir: str
     parent_run_id: str
     deadline: float | None  # wall-clock time after which no trial starts
+    lock: str  # machine_lock file of this storage and study
     worker: int = 0
     heartbeat_seconds: float = HEARTBEAT_SECONDS
     stale_seconds: float = STALE_SECONDS
@@ -350,19 +353,25 @@ def run_worker(plan: WorkerPlan, report: Reporter) -> int:
         if plan.deadline is not None and time.time() >= plan.deadline:
             report("timeout reached: no new trial")
             break
-        close_stale(study, tracker, plan.stale_seconds, report)
-        finished, running = _count(study)
-        if finished >= plan.trials:
-            break
-        if finished + running >= plan.trials:
+        with machine_lock(Path(plan.lock)):
+            close_stale(study, tracker, plan.stale_seconds, report)
+            finished, running = _count(study)
+            if finished >= plan.trials:
+                break
+            trial = None
+            if finished + running < plan.trials:
+                trial = study.ask()
+                trial.set_user_attr("host", HOST)
+                trial.set_user_attr("pid", os.getpid())
+                trial.set_user_attr("heartbeat", time.time())
+        if trial is None:
             if not waiting_said:
-                report(f"{finished} of {plan.trials} trials finished, {running} running "
-                       f"elsewhere: waiting for them")
+                report(f"{finished} of {plan.trials} trials finished, {running} running on "
+                       f"other workers: waiting for them")
                 waiting_said = True
             time.sleep(plan.poll_seconds)
             continue
         waiting_said = False
-        trial = study.ask()
         if _is_surplus(study, trial.number, plan.trials):
             trial.set_user_attr("surplus", "the study was full when this trial was created")
             study.tell(trial, state=_state("FAIL"))
@@ -414,9 +423,6 @@ def run_trial(plan: WorkerPlan, study: Any, trial: Any, tracker: Tracker,
     from bench.config import default_bench_files, resolve
     from bench.runner import RunInterrupted, RunObserver, StopRun, start
 
-    trial.set_user_attr("host", HOST)
-    trial.set_user_attr("pid", os.getpid())
-    trial.set_user_attr("heartbeat", time.time())
     objectives = plan.objective_objs()
     params = {p.name: _suggest(trial, p) for p in plan.param_objs()}
     shown = " ".join(set_item(k, v) for k, v in params.items())
@@ -571,6 +577,8 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
         runs_dir=str(runs_dir.resolve()),
         parent_run_id="",
         deadline=None if request.timeout is None else time.time() + request.timeout,
+        lock=str(lock_path(runs_dir.resolve(), storage_url, request.study
+                           or default_study_name(request, space))),
     )
     study = _open_study(plan, storage, _definition(request, space, objectives, fixed_sets),
                         objectives)
@@ -581,7 +589,7 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
     close_stale(study, tracker, plan.stale_seconds, report)
     finished, running = _count(study)
     warnings: list[str] = []
-    ran = 0
+    pids = {os.getpid()}
     if finished >= plan.trials:
         report(f"study already holds {finished} finished trials (--trials {plan.trials})")
     else:
@@ -589,9 +597,9 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
                f"{request.workers} worker(s)")
         try:
             if request.workers == 1:
-                ran = run_worker(plan, _prefixed(report, ""))
+                run_worker(plan, report)
             else:
-                warnings = _run_processes(plan, request.workers, study, tracker, report)
+                warnings = _run_processes(plan, request.workers, study, tracker, report, pids)
         except (KeyboardInterrupt, RunInterrupted):
             tracker.set_tags(plan.parent_run_id, {"error": "interrupted"})
             tracker.end_run(plan.parent_run_id, "KILLED")
@@ -601,6 +609,9 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
             tracker.end_run(plan.parent_run_id, "FAILED")
             raise
     close_stale(study, tracker, plan.stale_seconds, report)
+    ran = sum(t.user_attrs.get("host") == HOST and t.user_attrs.get("pid") in pids
+              and t.state.is_finished() and "surplus" not in t.user_attrs
+              for t in study.get_trials(deepcopy=False))
     summary = summarise(study, plan, objectives, request, shown, ran, time.perf_counter() - t0)
     summary.warnings = warnings
     _tag_best(tracker, plan.parent_run_id, summary)
@@ -614,12 +625,8 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
     return summary
 
 
-def _prefixed(report: Reporter, prefix: str) -> Reporter:
-    return (lambda message: report(f"{prefix}{message}")) if prefix else report
-
-
 def _run_processes(plan: WorkerPlan, workers: int, study: Any, tracker: Tracker,
-                   report: Reporter) -> list[str]:
+                   report: Reporter, pids: set[int]) -> list[str]:
     """K worker processes sharing the storage; the trials of one that dies are failed."""
     procs: list[subprocess.Popen[bytes]] = []
     warnings = []
@@ -630,6 +637,7 @@ def _run_processes(plan: WorkerPlan, workers: int, study: Any, tracker: Tracker,
         assert procs[-1].stdin is not None
         procs[-1].stdin.write(json.dumps(asdict(one)).encode())
         procs[-1].stdin.close()
+    pids.update(p.pid for p in procs)
     report(f"workers: pids {', '.join(str(p.pid) for p in procs)}")
     try:
         pending = dict(enumerate(procs, start=1))

@@ -9,12 +9,14 @@ STALE_SECONDS (any host) is marked FAIL, so it is never lost and never counted t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,3 +156,31 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=self.interval + 5)
+
+
+def lock_path(runs_dir: Path, storage: str, study: str) -> Path:
+    """The file that serialises taking a trial among the workers of this machine."""
+    digest = hashlib.sha1(f"{storage}\0{study}".encode()).hexdigest()[:16]
+    return runs_dir / "locks" / f"sweep-{digest}.lock"
+
+
+@contextlib.contextmanager
+def machine_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock among this machine's processes (a no-op where fcntl is missing).
+
+    Workers hold it while they count the study's trials and take the next one, so the
+    workers of one machine never start more trials than the study needs; workers on other
+    machines are caught by the surplus check after `ask`.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -20,16 +20,18 @@ def print_summary(summary: SweepSummary, console: Any) -> None:
     multi = len(summary.objectives) > 1
     title = (f"study {summary.study}: {summary.finished} of {summary.target} trials finished "
              f"({summary.ran_here} run here, {summary.seconds:.0f} s)")
-    table = Table(title=title)
-    table.add_column("#", justify="right")
+    directions = ", ".join(f"{o.label} {'minimised' if o.minimize else 'maximised'}"
+                           for o in summary.objectives)
+    table = Table(title=title, caption=f"objective: {directions}; * = "
+                  + ("Pareto front" if multi else "best"))
+    table.add_column("#", justify="right", no_wrap=True)
     table.add_column("state", no_wrap=True, min_width=8)
     for n in names:
-        table.add_column(n, justify="right")
+        table.add_column(n, justify="right", no_wrap=True, min_width=min(len(n), 8))
     for o in summary.objectives:
-        table.add_column(f"{o.label} ({'min' if o.minimize else 'max'})", justify="right")
-    table.add_column("s", justify="right")
+        table.add_column(o.label, justify="right", no_wrap=True, min_width=6)
+    table.add_column("s", justify="right", no_wrap=True)
     table.add_column("MLflow run", no_wrap=True)
-    table.add_column("note", no_wrap=True, overflow="ellipsis", max_width=40)
     for r in summary.rows:
         mark = (" *" if r.number in best else "")
         values = [f"{v:.4g}" for v in r.values] if r.values else ["-"] * len(summary.objectives)
@@ -37,8 +39,11 @@ def print_summary(summary: SweepSummary, console: Any) -> None:
         table.add_row(f"{r.number}{mark}", f"[{style}]{r.state}[/{style}]" if style else r.state,
                       *(_short(r.params[n]) if n in r.params else "-" for n in names),
                       *values, "-" if r.seconds is None else f"{r.seconds:.0f}",
-                      (r.run_id or "-")[:8], r.note)
+                      (r.run_id or "-")[:8])
     console.print(table)
+    for r in summary.rows:
+        if r.note:
+            console.print(f"trial {r.number}: {r.note}", markup=False)
     if not summary.best:
         console.print("no trial completed yet")
     elif multi:
