@@ -200,7 +200,10 @@ def sweep(
                            sets=tuple(set_ or ()), tracking_uri=tracking_uri)
     summary = run_sweep(request, _report)
     print_summary(summary, _console())
-    if not summary.complete:
+    if summary.timed_out and not summary.complete:
+        _report(f"--timeout reached with {summary.finished} of {summary.target} trials "
+                f"finished; re-run the same command to continue")
+    elif not summary.complete:
         from bench.errors import BenchError
 
         raise BenchError(f"study {summary.study!r} has {summary.finished} of {summary.target} "

@@ -125,6 +125,7 @@ class SweepSummary:
     ran_here: int  # trials this command ran
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    timed_out: bool = False  # --timeout ended it before N trials finished
 
     @property
     def finished(self) -> int:
@@ -614,6 +615,7 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
               for t in study.get_trials(deepcopy=False))
     summary = summarise(study, plan, objectives, request, shown, ran, time.perf_counter() - t0)
     summary.warnings = warnings
+    summary.timed_out = plan.deadline is not None and time.time() >= plan.deadline
     _tag_best(tracker, plan.parent_run_id, summary)
     if summary.complete:
         tracker.end_run(plan.parent_run_id, "FINISHED")

@@ -331,3 +331,13 @@ def test_killed_sweep_resumes_on_rerun(tmp_path: Path) -> None:
     parent = client.get_run(run_id_of(rerun.stdout))
     assert parent.info.status == "FINISHED"
     assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_timeout_stops_starting_trials(bench, tmp_path: Path) -> None:
+    result = bench(*CT, "--trials", "50", "--timeout", "0.5", *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "--timeout reached" in result.stderr
+    study = optuna.load_study(study_name="ct-gmm8-ct-schedule",
+                              storage=journal(tmp_path / "runs" / "optuna.journal"))
+    assert len(study.trials) < 50
+    assert client_for(tmp_path).get_run(run_id_of(result.stdout)).info.status == "KILLED"
