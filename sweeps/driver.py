@@ -232,7 +232,8 @@ def _definition(request: SweepRequest, space: Space, objectives: list[Objective]
         "dataset": request.dataset,
         "params": {p.name: p.to_dict() for p in space.params},
         "objectives": [o.label for o in objectives],
-        "sets": [*fixed_sets, *request.sets],
+        "sets": list(request.sets),
+        "fixed_sets": list(fixed_sets),
     }
 
 
@@ -263,6 +264,7 @@ def _open_study(plan: WorkerPlan, storage: Any, definition: dict[str, Any],
         if stored.get(key) != definition[key]:
             raise UsageError(f"study {plan.study!r} was made with other {key} "
                              f"({json.dumps(stored.get(key))}); use --study for a new study")
+    plan.fixed_sets = list(stored.get("fixed_sets", plan.fixed_sets))  # the teacher it started with
     return study
 
 

@@ -24,14 +24,14 @@ def print_summary(summary: SweepSummary, console: Any) -> None:
                            for o in summary.objectives)
     table = Table(title=title, caption=f"objective: {directions}; * = "
                   + ("Pareto front" if multi else "best"))
-    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("#", justify="right", no_wrap=True, min_width=3)
     table.add_column("state", no_wrap=True, min_width=8)
     for n in names:
-        table.add_column(n, justify="right", no_wrap=True, min_width=min(len(n), 8))
+        table.add_column(n, justify="right", no_wrap=True, min_width=6)
     for o in summary.objectives:
         table.add_column(o.label, justify="right", no_wrap=True, min_width=6)
-    table.add_column("s", justify="right", no_wrap=True)
-    table.add_column("MLflow run", no_wrap=True)
+    table.add_column("s", justify="right", no_wrap=True, min_width=3)
+    table.add_column("MLflow run", no_wrap=True, min_width=8)
     for r in summary.rows:
         mark = (" *" if r.number in best else "")
         values = [f"{v:.4g}" for v in r.values] if r.values else ["-"] * len(summary.objectives)
