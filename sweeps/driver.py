@@ -449,9 +449,9 @@ def run_trial(plan: WorkerPlan, study: Any, trial: Any, tracker: Tracker,
                           {"sweep.state": "PRUNED"})
 
     def tell(state: str, values: list[float] | None = None, error: str | None = None) -> str:
-        if error:
-            trial.set_user_attr("error", error[:1000])
         try:
+            if error:
+                trial.set_user_attr("error", error[:1000])
             if values is not None:
                 study.tell(trial, values)
             else:
@@ -462,7 +462,6 @@ def run_trial(plan: WorkerPlan, study: Any, trial: Any, tracker: Tracker,
             return "FAIL"
         return state
 
-    run_id: str | None = None
     try:
         cfg = resolve(bench_files=default_bench_files(Path.cwd()),
                       flags={"method": plan.method, "dataset": plan.dataset},
@@ -476,7 +475,6 @@ def run_trial(plan: WorkerPlan, study: Any, trial: Any, tracker: Tracker,
                             extra_tags={"sweep.study": plan.study,
                                         "sweep.trial": str(trial.number),
                                         "sweep.params": json.dumps(params)})
-        run_id = outcome.run_id
         values = [_value(outcome.results, o) for o in objectives]
     except StopRun as exc:
         state = tell("PRUNED")
@@ -499,11 +497,12 @@ def run_trial(plan: WorkerPlan, study: Any, trial: Any, tracker: Tracker,
         return state
     if not all(math.isfinite(v) for v in values):
         state = tell("FAIL", error="non-finite objective value")
+        tracker.set_tags(outcome.run_id, {"sweep.state": "FAIL"})
         report(f"trial {trial.number} failed: non-finite objective value")
         return state
     state = tell("COMPLETE", values)
     if state == "COMPLETE":
-        tracker.set_tags(run_id, {"sweep.state": "COMPLETE"})
+        tracker.set_tags(outcome.run_id, {"sweep.state": "COMPLETE"})
         tracker.log_metrics(plan.parent_run_id, {o.key: v for o, v in zip(objectives, values,
                                                                            strict=True)},
                             trial.number)
