@@ -165,6 +165,51 @@ def run(
     _print_outcome(outcome)
 
 
+@app.command()
+def sweep(
+    method: Annotated[str, typer.Option(help="Method (see `bench methods`).")],
+    dataset: Annotated[str, typer.Option(help="Dataset (see `bench datasets`).")],
+    space: Annotated[list[str], typer.Option(
+        help="Search space: a built-in name (ct-schedule, cd-ema, cd-n, pd-steps, "
+             "ict-curriculum, <method>-lr) or a .toml file; repeat to combine.")],
+    trials: Annotated[int, typer.Option(
+        help="Finished (complete or pruned) trials the study should hold.", min=1)],
+    objective: Annotated[list[str] | None, typer.Option(
+        help="METRIC@NFE to optimise, e.g. w2@1 (default: the dataset's metric at NFE 1); "
+             "several (repeated or comma-separated) make a multi-objective study.")] = None,
+    storage: Annotated[str | None, typer.Option(
+        help="Optuna storage: journal file path or URL (sqlite:///, postgresql://, mysql://); "
+             "default runs/optuna.journal.")] = None,
+    study: Annotated[str | None, typer.Option(
+        help="Study name (default <method>-<dataset>-<space>); same storage and name = "
+             "the same study, resumed or joined.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes on this machine.", min=1)] = 1,
+    pruner: Annotated[str, typer.Option(help="median, hyperband or none.")] = "median",
+    timeout: Annotated[float | None, typer.Option(
+        help="Start no new trial after this many seconds.", min=0)] = None,
+    set_: SetOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Optuna sweep: each trial is a `bench run` with --set overrides, nested in MLflow."""
+    from sweeps import SweepRequest, run_sweep
+    from sweeps.summary import print_summary
+
+    request = SweepRequest(method=method, dataset=dataset, spaces=tuple(space), trials=trials,
+                           objectives=tuple(objective or ()), storage=storage, study=study,
+                           workers=workers, pruner=pruner, timeout=timeout,
+                           sets=tuple(set_ or ()), tracking_uri=tracking_uri)
+    summary = run_sweep(request, _report)
+    print_summary(summary, _console())
+    if summary.timed_out and not summary.complete:
+        _report(f"--timeout reached with {summary.finished} of {summary.target} trials "
+                f"finished; re-run the same command to continue")
+    elif not summary.complete:
+        from bench.errors import BenchError
+
+        raise BenchError(f"study {summary.study!r} has {summary.finished} of {summary.target} "
+                         f"finished trials; re-run the same command to continue")
+
+
 @app.command("eval")
 def eval_(
     run_id: Annotated[str, typer.Option("--run", help="MLflow run id.")],

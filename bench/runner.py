@@ -174,6 +174,27 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived."""
 
 
+class RunInterrupted(BenchError):
+    """The run was ended by Ctrl-C or SIGTERM; its checkpoint is kept."""
+
+
+class StopRun(Exception):
+    """Raised by an observer to end a run early on purpose (a pruned sweep trial, say)."""
+
+    def __init__(self, reason: str, tags: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.tags = tags or {}
+
+
+@dataclass
+class RunObserver:
+    """Callbacks for a caller that drives runs (a sweep); all optional."""
+
+    started: Callable[[str], None] | None = None  # the new run's id, before training
+    evaluated: Callable[[int, list[EvalResult]], None] | None = None  # iteration, results
+
+
 @contextmanager
 def interrupts_as_exceptions() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt so both end a run the same way."""
@@ -228,8 +249,13 @@ def execute(
     state: LoopState,
     progress: Callable[[int, int, float], None] | None,
     report: Reporter,
+    observer: RunObserver | None = None,
 ) -> RunOutcome:
-    """Train from state, evaluate and log; mark the run FINISHED, FAILED or KILLED."""
+    """Train from state, evaluate and log; mark the run FINISHED, FAILED or KILLED.
+
+    An observer's `evaluated` callback sees every intermediate evaluation and may raise
+    StopRun: the run then ends KILLED with a `stopped` tag (no checkpoint error, no traceback).
+    """
     t0 = time.perf_counter()
     cfg = p.config
     ckpt_path = checkpoint_path(tracker, run_id)
@@ -244,9 +270,12 @@ def execute(
         tracker.log_metrics(run_id, metrics, step)
 
     def intermediate_eval(s: LoopState) -> None:
-        for r in evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device):
+        results = evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device)
+        for r in results:
             tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
                                 s.step)
+        if observer is not None and observer.evaluated is not None:
+            observer.evaluated(s.step, results)
 
     labels = p.dataset.train_labels() if p.spec["num_classes"] else None
     size = len(p.dataset)
@@ -262,14 +291,19 @@ def execute(
             results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
                                p.device, on_result=lambda r: log_result(tracker, run_id, r))
             log_eval_artifacts(tracker, run_id, p, results)
+    except StopRun as exc:
+        tracker.set_tags(run_id, {"stopped": f"{exc.reason} at iteration {state.step}",
+                                  **exc.tags})
+        tracker.end_run(run_id, "KILLED")
+        raise
     except KeyboardInterrupt as exc:
         if p.method.trains and state.step > 0:
             write_checkpoint(state)
         tracker.set_tags(run_id, {"error": f"interrupted ({exc or 'SIGINT'}) at iteration "
                                            f"{state.step}"})
         tracker.end_run(run_id, "KILLED")
-        raise BenchError(f"interrupted at iteration {state.step}; checkpoint kept; resume with "
-                         f"`bench run --resume {run_id}`") from None
+        raise RunInterrupted(f"interrupted at iteration {state.step}; checkpoint kept; resume "
+                             f"with `bench run --resume {run_id}`") from None
     except BaseException as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}",
@@ -329,16 +363,29 @@ def start(
     run_name: str | None = None,
     parent_run_id: str | None = None,
     announce: str | None = None,
+    observer: RunObserver | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> RunOutcome:
-    """A new tracked run from a resolved config; `announce` is reported once it validated."""
+    """A new tracked run from a resolved config; `announce` is reported once it validated.
+
+    `parent_run_id` nests the run under another (a sweep's); `extra_tags` are added to the
+    contract's tags; `observer` is told the run id and every intermediate evaluation.
+    """
     torch.manual_seed(cfg.seed)
     p = prepare(cfg, tracker, report)
     if announce:
         report(announce)
     run_id = tracker.start_run(experiment=p.dataset.name,
                                run_name=run_name or f"{cfg.method}-{p.dataset.name}",
-                               tags=run_tags(p), parent_run_id=parent_run_id)
+                               tags={**run_tags(p), **(extra_tags or {})},
+                               parent_run_id=parent_run_id)
     report(f"run {run_id} in experiment {p.dataset.name!r}")
+    if observer is not None and observer.started is not None:
+        try:
+            observer.started(run_id)
+        except BaseException:
+            tracker.end_run(run_id, "FAILED")
+            raise
     try:
         tracker.log_params(run_id, flatten(to_dict(p.config)))
         with tempfile.TemporaryDirectory() as tmp:
@@ -349,7 +396,7 @@ def start(
         tracker.end_run(run_id, "FAILED")
         raise
     state = new_loop_state(p.method, p.config.train, p.config.seed, p.device)
-    return execute(p, tracker, run_id, state, progress, report)
+    return execute(p, tracker, run_id, state, progress, report, observer)
 
 
 def run_config(tracker: Tracker, run_id: str) -> RunConfig:

@@ -7,6 +7,7 @@ config flattened; training curves against the iteration; evaluation metrics agai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -180,6 +181,13 @@ class Tracker:
         items = [RunTag(k, mask_credentials(str(v))[:5000]) for k, v in tags.items()]
         if items:
             self.client.log_batch(run_id, tags=items, synchronous=True)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        """Remove a tag (no error when it is absent)."""
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException):
+            self.client.delete_tag(run_id, key)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         """Log several metrics at one step."""
