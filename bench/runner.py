@@ -28,7 +28,7 @@ from bench.artifacts import (
 from bench.checkpoint import load_checkpoint, save_checkpoint
 from bench.config import RunConfig, dumps, flatten, from_dict, read_toml, to_dict
 from bench.datasets import Dataset, get_dataset
-from bench.errors import BenchError, UsageError
+from bench.errors import BenchError, RunInterrupted, UsageError
 from bench.evaluation import EvalResult, MetricSuite, evaluate, prepare_metrics
 from bench.models import model_spec, new_raw_net, sigma_data_of
 from bench.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
@@ -268,8 +268,8 @@ def execute(
         tracker.set_tags(run_id, {"error": f"interrupted ({exc or 'SIGINT'}) at iteration "
                                            f"{state.step}"})
         tracker.end_run(run_id, "KILLED")
-        raise BenchError(f"interrupted at iteration {state.step}; checkpoint kept; resume with "
-                         f"`bench run --resume {run_id}`") from None
+        raise RunInterrupted(f"interrupted at iteration {state.step}; checkpoint kept; resume "
+                             f"with `bench run --resume {run_id}`") from None
     except BaseException as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}",
