@@ -330,10 +330,12 @@ def report(
 ) -> None:
     """Paper-style tables, plots and an HTML page from the tracking store alone."""
     from reports.build import build_report, parse_formats
-    from reports.store import check_select
+    from reports.store import check_dataset_name, check_select
     from reports.tables import to_rich
 
     formats = parse_formats(format_)
+    for name in dataset or []:
+        check_dataset_name(name)
     tracker = _tracker(tracking_uri)
     output = build_report(tracker, dataset or None, check_select(select), formats,
                           out or tracker.runs_dir / "reports")
@@ -356,11 +358,12 @@ def suite(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Train the teacher, run every method (skipping finished ones), then the report."""
-    from reports.suite import parse_methods, run_suite, split_sets, summary_table
+    from reports.suite import check_suite, parse_methods, run_suite, split_sets, summary_table
     from reports.tables import to_rich
 
     chosen = parse_methods(methods_)
-    tracker = _tracker(tracking_uri, split_sets(set_ or [], chosen)[0])
+    check_suite(dataset, chosen, set_ or [], Path.cwd())
+    tracker = _tracker(tracking_uri, split_sets(set_ or [])[0])
     outcome = run_suite(tracker, dataset, chosen, set_ or [], Path.cwd(), _report, _Progress)
     console = _console()
     if outcome.report is not None:

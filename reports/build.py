@@ -140,8 +140,11 @@ def sample_grids(tracker: Tracker, selection: Selection, dataset: str, table: Ta
         info = selection.runs[(dataset, row.method)]
         for nfe in picked:
             name = f"samples/nfe{nfe:03d}.png"
-            path = info.artifact_dir / name if info.artifact_dir is not None else None
-            if path is None or not path.is_file():
+            if info.artifact_dir is not None:
+                path = info.artifact_dir / name
+                if not path.is_file():
+                    continue
+            else:
                 try:
                     path = tracker.download_artifact(
                         row.run_id, name, tracker.runs_dir / "downloads" / row.run_id)

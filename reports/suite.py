@@ -75,9 +75,11 @@ def parse_methods(text: str) -> list[str]:
     return sorted(dict.fromkeys(names), key=lambda m: (order.get(m, len(order)), m))
 
 
-def split_sets(sets: Sequence[str], methods: Sequence[str],
-               ) -> tuple[list[str], dict[str, list[str]]]:
-    """`--set k=v` for every run and `--set method:k=v` for one method."""
+def split_sets(sets: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """`--set k=v` for every run and `--set method:k=v` for one method (kept even when the
+    method is not run this time, so one command line serves any --methods)."""
+    from methods import method_names
+
     common: list[str] = []
     per_method: dict[str, list[str]] = {}
     for item in sets:
@@ -85,9 +87,9 @@ def split_sets(sets: Sequence[str], methods: Sequence[str],
         if ":" in key:
             method, rest = item.split(":", 1)
             method = method.strip()
-            if method not in methods:
-                raise UsageError(f"--set {item!r}: {method!r} is not one of the suite's methods "
-                                 f"({', '.join(methods)})")
+            if method not in method_names():
+                raise UsageError(f"--set {item!r}: {method!r} is not a method; valid: "
+                                 f"{', '.join(sorted(method_names()))}")
             per_method.setdefault(method, []).append(rest)
         else:
             common.append(item)
@@ -124,6 +126,14 @@ def newest_teacher(tracker: Tracker, dataset: str) -> str | None:
     return runs[0].run_id if runs else None
 
 
+def check_suite(dataset: str, methods: Sequence[str], sets: Sequence[str], cwd: Path) -> None:
+    """Every user error of a suite (dataset, methods, --set) before any store or training."""
+    describe_dataset(dataset)
+    common, per_method = split_sets(sets)
+    for method in methods:
+        suite_config(dataset, method, "none", [*common, *per_method.get(method, [])], cwd)
+
+
 def run_suite(
     tracker: Tracker,
     dataset: str,
@@ -138,13 +148,11 @@ def run_suite(
     from methods import get_method
 
     t0 = time.perf_counter()
+    check_suite(dataset, methods, sets, cwd)
     data = describe_dataset(dataset)
     has_analytic = isinstance(data, GaussianMixture)
-    common, per_method = split_sets(sets, methods)
+    common, per_method = split_sets(sets)
     outcome = SuiteOutcome(data.name)
-    # validate every config before any training, so a typo fails at once
-    for method in methods:
-        suite_config(data.name, method, "none", [*common, *per_method.get(method, [])], cwd)
     teacher_run: str | None = None
     teacher_failed = False
     for i, method in enumerate(methods, 1):
