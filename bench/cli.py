@@ -350,7 +350,7 @@ def report(
 def suite(
     dataset: Annotated[str, typer.Option(help="Dataset (see `bench datasets`).")] = "gmm8",
     methods_: Annotated[str, typer.Option(
-        "--methods", help="Comma-separated methods, run teacher first.")
+        "--methods", help="Comma-separated methods (run in the order edm, ddim, pd, cd, ct, ict).")
     ] = "edm,ddim,pd,cd,ct,ict",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Config override for every run (key=value) or one method "

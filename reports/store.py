@@ -123,6 +123,11 @@ def _run_info(record: RunRecord) -> RunInfo:
     )
 
 
+def _is_nested(record: RunRecord) -> bool:
+    """A sweep's trial (a run with a parent run)."""
+    return "mlflow.parentRunId" in record.tags
+
+
 def _newest(records: list[RunRecord]) -> RunRecord:
     return max(records, key=lambda r: (r.start_time, r.run_id))
 
@@ -157,7 +162,8 @@ def select_runs(
     select: Select = "latest",
     pinned: Mapping[tuple[str, str], str] | None = None,
 ) -> Selection:
-    """One finished run per (dataset, method): `latest`, `best`, or the pinned run id."""
+    """One finished run per (dataset, method): the pinned run id, else `latest` (the newest
+    run that is not a sweep trial, if there is one) or `best` (every run, trials included)."""
     select = check_select(select)
     requested = None if datasets is None else list(datasets)
     for name in requested or []:
@@ -183,9 +189,10 @@ def select_runs(
             records = by_method[method]
             pin = (pinned or {}).get((dataset, method))
             chosen = next((r for r in records if r.run_id == pin), None)
-            if chosen is None:
-                chosen = (_newest(records) if select == "latest"
-                          else _best(tracker, records, primary[dataset]))
+            if chosen is None and select == "latest":
+                chosen = _newest([r for r in records if not _is_nested(r)] or records)
+            elif chosen is None:
+                chosen = _best(tracker, records, primary[dataset])
             runs[(dataset, method)] = _run_info(chosen)
             frames.append(eval_results(tracker, chosen, (*EVAL_METRICS, *EXTRA_METRICS)))
     results = pl.concat(frames).sort("dataset", "method", "nfe", "metric")

@@ -205,7 +205,7 @@ def build_table(selection: Selection, dataset: str) -> Table:
 
 
 def _notes(dataset: str, primary: str, select: str, with_paper: bool) -> list[str]:
-    rule = {"latest": "the newest finished run",
+    rule = {"latest": "the newest finished run that is not a sweep trial, if there is one",
             "best": f"the finished run with the best {primary} at the smallest NFE all "
                     "candidates were evaluated at"}.get(select, select)
     notes = [

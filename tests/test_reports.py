@@ -172,6 +172,14 @@ def test_select_best_and_newest_value_of_a_reevaluated_nfe(tmp_path: Path,
     # a pinned run wins over the rule
     pinned = select_runs(tracker, ["gmm8"], "best", {("gmm8", "cd"): good})
     assert pinned.runs["gmm8", "cd"].run_id == good
+    # a sweep trial is never "latest" while a plain run exists, but can be "best"
+    parent = tracker.start_run(experiment="gmm8", run_name="sweep", tags={"dataset": "gmm8"})
+    trial = tracker.start_run(experiment="gmm8", run_name="trial", parent_run_id=parent,
+                              tags={"method": "cd", "dataset": "gmm8"})
+    tracker.log_metrics(trial, {"w2": 0.01}, 1)
+    tracker.end_run(trial)
+    assert select_runs(tracker, ["gmm8"], "latest").runs["gmm8", "cd"].run_id == newer
+    assert select_runs(tracker, ["gmm8"], "best").runs["gmm8", "cd"].run_id == trial
 
 
 def test_report_files_run_and_grids(store, tmp_path: Path) -> None:
