@@ -13,7 +13,7 @@ from bench.errors import BenchError, UsageError
 from bench.tracking import Tracker
 from reports.plots import plot_metric_vs_nfe
 from reports.store import Select, Selection, select_runs
-from reports.tables import Table, build_table, to_csv, to_html, to_latex, to_markdown
+from reports.tables import Table, build_table, table_title, to_csv, to_html, to_latex, to_markdown
 
 FORMATS = ("md", "tex", "html", "csv")
 REPORT_EXPERIMENT = "reports"  # where report runs live (not a dataset, so never read back)
@@ -168,7 +168,7 @@ def html_page(tables: list[Table], selection: Selection, tracker: Tracker,
     for table in tables:
         anchor = dataset_dir_name(table.dataset)
         parts.append(f'<section id="{esc(anchor)}">')
-        parts.append(f"<h2>{esc(table.dataset)}: {esc(table.primary)} against NFE</h2>")
+        parts.append(f"<h2>{esc(table_title(table))}</h2>")
         parts.append(to_html(table))
         parts.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in table.notes)
                      + "</ul>")

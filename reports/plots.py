@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reports.tables import Table
+from reports.tables import Table, metric_name, table_title
 
 
 def _pyplot():  # noqa: ANN202 - matplotlib's module type
@@ -34,9 +34,9 @@ def plot_metric_vs_nfe(table: Table, png: Path, svg: Path) -> None:
 
     plt = _pyplot()
     ours, paper = series(table, False), series(table, True)
-    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.5, 4.0), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    labels = list(dict.fromkeys([*ours, *paper]))
+    labels = list(dict.fromkeys(r.label for r in table.rows if r.label in ours or r.label in paper))
     for i, label in enumerate(labels):
         color = colors[i % len(colors)]
         if label in ours:
@@ -55,13 +55,13 @@ def plot_metric_vs_nfe(table: Table, png: Path, svg: Path) -> None:
     ax.yaxis.set_major_formatter(plain)
     ax.set_xlabel("NFE")
     arrow = "lower is better" if table.columns[0].lower_is_better else "higher is better"
-    ax.set_ylabel(f"{table.primary} ({arrow})")
-    ax.set_title(f"{table.dataset}: {table.primary} against NFE", fontsize=10)
+    ax.set_ylabel(f"{metric_name(table.primary)} ({arrow})")
+    ax.set_title(table_title(table), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     if labels:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, metadata={"Software": None})
-    fig.savefig(svg, metadata={"Date": None, "Creator": None})
+    fig.savefig(png, metadata={"Software": None}, bbox_inches="tight")
+    fig.savefig(svg, metadata={"Date": None, "Creator": None}, bbox_inches="tight")
     plt.close(fig)

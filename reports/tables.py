@@ -57,8 +57,7 @@ class Column:
     @property
     def header(self) -> str:
         """Plain-text header, e.g. 'FID (paper) ↓'."""
-        name = self.metric.upper() if self.metric in ("fid", "fcd", "is", "kid") else self.metric
-        return f"{name}{' (paper)' if self.is_paper else ''} {self.arrow}"
+        return f"{metric_name(self.metric)}{' (paper)' if self.is_paper else ''} {self.arrow}"
 
 
 @dataclass
@@ -101,6 +100,21 @@ class Table:
     def cell(self, index: int, key: str) -> str:
         """A numeric cell as displayed (MISSING when empty)."""
         return self.rows[index].text.get(key, MISSING)
+
+
+def metric_name(metric: str) -> str:
+    """How a metric is written in headers and titles: FID, FCD, IS, KID, w2, ..."""
+    return metric.upper() if metric in ("fid", "fcd", "is", "kid") else metric
+
+
+def table_title(table: Table) -> str:
+    """'cifar10: FID against NFE'."""
+    return f"{table.dataset}: {metric_name(table.primary)} against NFE"
+
+
+def run_text(row: Row) -> str:
+    """The run id's first 8 characters, or 'paper' for a row only the paper has."""
+    return row.run_id[:8] if row.run_id else "paper"
 
 
 def format_value(value: float) -> str:
@@ -233,7 +247,7 @@ def to_markdown(table: Table) -> str:
 
     headers = ["Method", "NFE", *(c.header for c in table.columns), "Teacher", "Run"]
     align = [":--", "--:", *("--:" for _ in table.columns), ":--", ":--"]
-    lines = [f"### {table.dataset}: {table.primary} against NFE", "",
+    lines = [f"### {table_title(table)}", "",
              "| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     blanks = " |" * (len(headers) - 1)
     for group, members in table.groups():
@@ -244,8 +258,7 @@ def to_markdown(table: Table) -> str:
                 text = table.cell(i, c.key)
                 cells.append(f"**{text}**" if (i, c.key) in table.bold else text)
             lines.append("| " + " | ".join([esc(row.label), str(row.nfe), *cells,
-                                            esc(row.teacher or MISSING),
-                                            row.run_id[:8] or MISSING]) + " |")
+                                            esc(row.teacher), run_text(row)]) + " |")
     lines.append("")
     lines += [f"- {note}" for note in table.notes]
     return "\n".join(lines) + "\n"
@@ -267,11 +280,11 @@ def to_latex(table: Table) -> str:
     spec = "lr" + "r" * len(table.columns) + "ll"
     headers = ["Method", "NFE", *(c.header for c in table.columns), "Teacher", "Run"]
     lines = [
-        f"% {table.dataset}: {table.primary} against NFE (cmbench report, select={table.select})",
+        f"% {table_title(table)} (cmbench report, select={table.select})",
         "% needs \\usepackage{booktabs}",
         "\\begin{table}[t]",
         "\\centering",
-        f"\\caption{{{latex_escape(table.dataset)}: {latex_escape(table.primary)} against NFE.}}",
+        f"\\caption{{{latex_escape(table_title(table))}.}}",
         f"\\label{{tab:cmbench-{re.sub(r'[^a-zA-Z0-9-]', '-', table.dataset)}}}",
         f"\\begin{{tabular}}{{{spec}}}",
         "\\toprule",
@@ -285,8 +298,8 @@ def to_latex(table: Table) -> str:
             for c in table.columns:
                 text = latex_escape(table.cell(i, c.key))
                 cells.append(f"\\textbf{{{text}}}" if (i, c.key) in table.bold else text)
-            teacher = latex_escape(row.teacher or MISSING)
-            run = f"\\texttt{{{row.run_id[:8]}}}" if row.run_id else "--"
+            teacher = latex_escape(row.teacher)
+            run = f"\\texttt{{{row.run_id[:8]}}}" if row.run_id else "paper"
             lines.append(" & ".join([latex_escape(row.label), str(row.nfe), *cells, teacher,
                                      run]) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
@@ -331,8 +344,8 @@ def to_html(table: Table) -> str:
                 cells.append(f"<td{cls}><b>{text}</b></td>" if (i, c.key) in table.bold
                              else f"<td{cls}>{text}</td>")
             out.append("<tr>" + f"<td>{esc(row.label)}</td><td>{row.nfe}</td>" + "".join(cells)
-                       + f"<td>{esc(row.teacher or MISSING)}</td>"
-                       + f"<td><code>{esc(row.run_id[:8] or MISSING)}</code></td></tr>")
+                       + f"<td>{esc(row.teacher)}</td>"
+                       + f"<td><code>{esc(run_text(row))}</code></td></tr>")
     out += ["</tbody>", "</table>"]
     return "\n".join(out) + "\n"
 
@@ -342,7 +355,7 @@ def to_rich(table: Table) -> Any:
     from rich.markup import escape
     from rich.table import Table as RichTable
 
-    out = RichTable(title=f"{table.dataset}: {table.primary} against NFE")
+    out = RichTable(title=table_title(table))
     out.add_column("Method", no_wrap=True)
     out.add_column("NFE", justify="right")
     for c in table.columns:
@@ -357,5 +370,5 @@ def to_rich(table: Table) -> Any:
             for c in table.columns:
                 text = escape(table.cell(i, c.key))
                 cells.append(f"[bold]{text}[/bold]" if (i, c.key) in table.bold else text)
-            out.add_row(escape(row.label), str(row.nfe), *cells, escape(row.teacher or MISSING))
+            out.add_row(escape(row.label), str(row.nfe), *cells, escape(row.teacher))
     return out

@@ -135,7 +135,8 @@ def test_table_cells_bold_marks_and_paper_columns(store) -> None:
 
     md = to_markdown(table)
     assert "| EDM (Heun) | 35 | **2.500** | **2.04** | 9.500 | - | " in md
-    assert "| DDIM (Euler) | 50 | – | 4.67 | – | – | – |" in md
+    assert "| DDIM (Euler) | 50 | – | 4.67 | – |  | paper |" in md
+    assert md.startswith("### cifar10: FID against NFE\n")
     assert "| *Distillation* |" in md
     rows = list(csv.DictReader(io.StringIO(to_csv(table))))
     cd2 = next(r for r in rows if r["method"] == "cd" and r["nfe"] == "2")
