@@ -205,7 +205,10 @@ def _run_one(tracker: Tracker, cfg: RunConfig, preset: str | None, position: str
                 outcome = runner.resume(tracker, killed.run_id, report, bar)
             else:
                 outcome = runner.start(cfg, tracker, report, bar)
-    except (RunInterrupted, KeyboardInterrupt):
+    except RunInterrupted as exc:
+        raise RunInterrupted(f"{method}: {exc}, or re-run the same `bench suite` command, which "
+                             "resumes it") from None
+    except KeyboardInterrupt:
         raise
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
