@@ -360,6 +360,65 @@ def perf(
         write_json(rows, out)
 
 
+@app.command()
+def report(
+    dataset: Annotated[list[str] | None, typer.Option(
+        "--dataset", help="Dataset to report (repeatable; default: every dataset with runs).")
+    ] = None,
+    select: Annotated[str, typer.Option(
+        help="Which finished run per method: latest, or best (primary metric).")] = "latest",
+    format_: Annotated[str, typer.Option(
+        "--format", help="Comma-separated outputs: md, tex, html, csv.")] = "md,tex,html,csv",
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder (default runs/reports).")] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Paper-style tables, plots and an HTML page from the tracking store alone."""
+    from reports.build import build_report, parse_formats
+    from reports.store import check_dataset_name, check_select
+    from reports.tables import to_rich
+
+    formats = parse_formats(format_)
+    for name in dataset or []:
+        check_dataset_name(name)
+    tracker = _tracker(tracking_uri)
+    output = build_report(tracker, dataset or None, check_select(select), formats,
+                          out or tracker.runs_dir / "reports")
+    console = _console()
+    for table in output.tables:
+        console.print(to_rich(table))
+    console.print(f"wrote {len(output.files)} files to {output.out_dir}")
+    console.print(f"run id: {output.run_id}")
+
+
+@app.command()
+def suite(
+    dataset: Annotated[str, typer.Option(help="Dataset (see `bench datasets`).")] = "gmm8",
+    methods_: Annotated[str, typer.Option(
+        "--methods", help="Comma-separated methods (run in the order edm, ddim, pd, cd, ct, ict).")
+    ] = "edm,ddim,pd,cd,ct,ict",
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Config override for every run (key=value) or one method "
+                      "(cd:train.steps=500); repeatable.")] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Train the teacher, run every method (skipping finished ones), then the report."""
+    from reports.suite import check_suite, parse_methods, run_suite, split_sets, summary_table
+    from reports.tables import to_rich
+
+    chosen = parse_methods(methods_)
+    check_suite(dataset, chosen, set_ or [], Path.cwd())
+    tracker = _tracker(tracking_uri, split_sets(set_ or [])[0])
+    outcome = run_suite(tracker, dataset, chosen, set_ or [], Path.cwd(), _report, _Progress)
+    console = _console()
+    if outcome.report is not None:
+        for table in outcome.report.tables:
+            console.print(to_rich(table))
+        console.print(f"report: {outcome.report.out_dir}  (run id: {outcome.report.run_id})")
+    console.print(summary_table(outcome))
+    outcome.raise_for_failures()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors (exit 2 usage, 1 otherwise); --debug shows tracebacks."""
     args = list(sys.argv[1:] if argv is None else argv)

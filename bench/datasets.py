@@ -963,6 +963,15 @@ def get_dataset(name: str, path: str | None = None, *, resolution: int | None = 
     return dataset
 
 
+def describe_dataset(name: str) -> Dataset:
+    """The dataset object for its metadata (kind, primary metric) without reading its data."""
+    if name.startswith(FOLDER_PREFIX):
+        return FolderImages(name[len(FOLDER_PREFIX):], None)
+    if name not in _REGISTRY:
+        raise unknown_name("dataset", name, [*_REGISTRY, f"{FOLDER_PREFIX}PATH"])
+    return _REGISTRY[name](None)
+
+
 def list_datasets(paths: Mapping[str, str]) -> list[DatasetInfo]:
     """Describe every registered dataset given the configured paths, without reading data."""
     infos = []

@@ -9,6 +9,10 @@ class BenchError(Exception):
     exit_code = 1
 
 
+class RunInterrupted(BenchError):
+    """Ctrl-C or SIGTERM ended a run (its checkpoint is kept): exit code 1, one line."""
+
+
 class UsageError(BenchError):
     """A bad flag, option value or config key: exit code 2, one line."""
 

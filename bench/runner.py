@@ -28,7 +28,7 @@ from bench.artifacts import (
 from bench.checkpoint import load_checkpoint, save_checkpoint
 from bench.config import RunConfig, dumps, flatten, from_dict, read_toml, to_dict
 from bench.datasets import Dataset, get_dataset
-from bench.errors import BenchError, UsageError
+from bench.errors import BenchError, RunInterrupted, UsageError
 from bench.evaluation import EvalResult, MetricSuite, evaluate, prepare_metrics
 from bench.models import model_spec, new_raw_net, sigma_data_of
 from bench.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint

@@ -50,6 +50,7 @@ class RunRecord:
     params: dict[str, str]
     artifact_uri: str
     start_time: int
+    metric_keys: tuple[str, ...] = ()  # names of the metrics the run logged, sorted
 
     @property
     def local_artifact_dir(self) -> Path | None:
@@ -60,6 +61,15 @@ class RunRecord:
         if "://" not in uri:
             return Path(uri)
         return None
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One logged metric value."""
+
+    step: int  # the iteration for training curves, the measured NFE for evaluation metrics
+    value: float
+    timestamp: int  # milliseconds since the epoch
 
 
 class Tracker:
@@ -147,6 +157,7 @@ class Tracker:
             params=dict(run.data.params),
             artifact_uri=run.info.artifact_uri,
             start_time=run.info.start_time,
+            metric_keys=tuple(sorted(run.data.metrics)),
         )
 
     def search(self, experiment: str, filter_string: str = "", max_results: int = 1000,
@@ -160,9 +171,26 @@ class Tracker:
                                        max_results=max_results)
         return [
             RunRecord(r.info.run_id, experiment, r.info.status, dict(r.data.tags),
-                      dict(r.data.params), r.info.artifact_uri, r.info.start_time)
+                      dict(r.data.params), r.info.artifact_uri, r.info.start_time,
+                      tuple(sorted(r.data.metrics)))
             for r in runs
         ]
+
+    def experiment_names(self) -> list[str]:
+        """Names of the store's active experiments, sorted."""
+        from mlflow.entities import ViewType
+
+        return sorted(e.name for e in self.client.search_experiments(
+            view_type=ViewType.ACTIVE_ONLY, max_results=50000))
+
+    def finished_runs(self, experiment: str) -> list[RunRecord]:
+        """The FINISHED runs of one experiment (nested runs included), newest first."""
+        return self.search(experiment, "attributes.status = 'FINISHED'", max_results=50000)
+
+    def metric_points(self, run_id: str, key: str) -> list[MetricPoint]:
+        """Every logged value of one metric with its step and timestamp."""
+        return [MetricPoint(m.step, m.value, m.timestamp)
+                for m in self.client.get_metric_history(run_id, key)]
 
     # --- logging ------------------------------------------------------------------------------
 
@@ -218,6 +246,11 @@ class Tracker:
             raise BenchError(f"run {run_id} has no artifact {artifact_path!r}: "
                              f"{_first_line(exc)}") from None
         return Path(local)
+
+
+def param_text(value: Any) -> str:
+    """A config value as it is stored as an MLflow param (before masking)."""
+    return _param_value(value)
 
 
 def _param_value(value: Any) -> str:

@@ -1,0 +1,67 @@
+"""The primary metric against NFE: one line per method on a log-2 NFE axis, the paper's numbers
+as dashed lines with open markers; PNG and SVG written without dates, so reruns match."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reports.tables import Table, metric_name, table_title
+
+
+def _pyplot():  # noqa: ANN202 - matplotlib's module type
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.hashsalt"] = "cmbench"
+    return plt
+
+
+def series(table: Table, paper: bool) -> dict[str, list[tuple[int, float]]]:
+    """label -> sorted (NFE, value) points of the primary metric (ours, or the paper's)."""
+    key = f"paper:{table.primary}" if paper else table.primary
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in table.rows:
+        if key in row.values:
+            out.setdefault(row.label, []).append((row.nfe, row.values[key]))
+    return {label: sorted(points) for label, points in out.items()}
+
+
+def plot_metric_vs_nfe(table: Table, png: Path, svg: Path) -> None:
+    """Write the dataset's primary-metric-vs-NFE plot as PNG and SVG."""
+    from matplotlib.ticker import FuncFormatter
+
+    plt = _pyplot()
+    ours, paper = series(table, False), series(table, True)
+    fig, ax = plt.subplots(figsize=(7.5, 4.0), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(r.label for r in table.rows if r.label in ours or r.label in paper))
+    for i, label in enumerate(labels):
+        color = colors[i % len(colors)]
+        if label in ours:
+            x, y = zip(*ours[label], strict=True)
+            ax.plot(x, y, marker="o", color=color, label=label)
+        if label in paper:
+            x, y = zip(*paper[label], strict=True)
+            ax.plot(x, y, marker="o", linestyle="--", color=color, markerfacecolor="none",
+                    label=f"{label} (paper)")
+    values = [v for pts in (*ours.values(), *paper.values()) for _, v in pts]
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.set_xscale("log", base=2)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.yaxis.set_major_formatter(plain)
+    ax.set_xlabel("NFE")
+    arrow = "lower is better" if table.columns[0].lower_is_better else "higher is better"
+    ax.set_ylabel(f"{metric_name(table.primary)} ({arrow})")
+    ax.set_title(table_title(table), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if labels:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, metadata={"Software": None}, bbox_inches="tight")
+    fig.savefig(svg, metadata={"Date": None, "Creator": None}, bbox_inches="tight")
+    plt.close(fig)

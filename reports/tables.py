@@ -1,0 +1,374 @@
+"""Paper-style tables: methods down the side grouped as in Song et al. 2023 (diffusion baselines,
+distillation, direct training), NFE and the metrics across, the best value per column in bold,
+the paper's numbers beside ours; rendered as Markdown, LaTeX (booktabs), CSV, HTML and rich.
+
+Everything is sorted and nothing depends on the clock, so the same store gives the same files.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from bench.evaluation import LOWER_IS_BETTER
+from bench.tracking import RUN_ID_PATTERN
+from reports.paper import paper_numbers, paper_sources
+from reports.store import RunInfo, Selection
+
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Diffusion baselines", ("edm", "ddim")),
+    ("Distillation", ("pd", "cd")),
+    ("Direct training", ("ct", "ict")),
+)
+OTHER_GROUP = "Other"
+LABELS = {"edm": "EDM", "ddim": "DDIM", "pd": "PD", "cd": "CD", "ct": "CT", "ict": "iCT"}
+DEFAULT_SAMPLER = {"edm": "heun", "ddim": "euler"}  # the ODE baselines name their sampler
+METRIC_ORDER = ("fid", "fcd", "w2", "fd", "swd", "nll", "mode_recall", "hq_fraction", "is",
+                "kid", "precision", "recall")
+PAPER_PREFIX = "paper:"
+MISSING = "–"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A numeric column: a metric of ours or the paper's number of one."""
+
+    key: str  # metric name, or "paper:<metric>"
+    metric: str  # the metric it holds
+    lower_is_better: bool
+
+    @property
+    def is_paper(self) -> bool:
+        """Whether the column holds published numbers."""
+        return self.key.startswith(PAPER_PREFIX)
+
+    @property
+    def arrow(self) -> str:
+        """↓ when lower is better, ↑ otherwise."""
+        return "↓" if self.lower_is_better else "↑"
+
+    @property
+    def header(self) -> str:
+        """Plain-text header, e.g. 'FID (paper) ↓'."""
+        return f"{metric_name(self.metric)}{' (paper)' if self.is_paper else ''} {self.arrow}"
+
+
+@dataclass
+class Row:
+    """One (method, NFE) line."""
+
+    group: str
+    method: str
+    label: str  # e.g. "EDM (Heun)"
+    nfe: int
+    values: dict[str, float] = field(default_factory=dict)  # column key -> number
+    text: dict[str, str] = field(default_factory=dict)  # column key -> as displayed
+    teacher: str = ""  # as displayed; "" = no run
+    teacher_logged: str = ""  # the run's `teacher` tag as logged
+    run_id: str = ""  # full id; "" = paper only
+    extra: dict[str, float] = field(default_factory=dict)  # CSV-only numbers
+
+
+@dataclass
+class Table:
+    """A dataset's table, independent of the output format."""
+
+    dataset: str
+    primary: str
+    select: str
+    columns: list[Column]
+    rows: list[Row]
+    bold: set[tuple[int, str]]  # (row index, column key)
+    notes: list[str]
+
+    def groups(self) -> list[tuple[str, list[tuple[int, Row]]]]:
+        """Rows grouped in display order, with their indices."""
+        out: list[tuple[str, list[tuple[int, Row]]]] = []
+        for i, row in enumerate(self.rows):
+            if not out or out[-1][0] != row.group:
+                out.append((row.group, []))
+            out[-1][1].append((i, row))
+        return out
+
+    def cell(self, index: int, key: str) -> str:
+        """A numeric cell as displayed (MISSING when empty)."""
+        return self.rows[index].text.get(key, MISSING)
+
+
+def metric_name(metric: str) -> str:
+    """How a metric is written in headers and titles: FID, FCD, IS, KID, w2, ..."""
+    return metric.upper() if metric in ("fid", "fcd", "is", "kid") else metric
+
+
+def table_title(table: Table) -> str:
+    """'cifar10: FID against NFE'."""
+    return f"{table.dataset}: {metric_name(table.primary)} against NFE"
+
+
+def run_text(row: Row) -> str:
+    """The run id's first 8 characters, or 'paper' for a row only the paper has."""
+    return row.run_id[:8] if row.run_id else "paper"
+
+
+def format_value(value: float) -> str:
+    """Three decimals below 10, fewer above, so columns stay narrow and comparable."""
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:.0f}"
+    if magnitude >= 100:
+        return f"{value:.1f}"
+    if magnitude >= 10:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def group_of(method: str) -> tuple[int, str, int]:
+    """(group position, group name, position in group); unknown methods go last."""
+    for g, (name, methods) in enumerate(GROUPS):
+        if method in methods:
+            return g, name, methods.index(method)
+    return len(GROUPS), OTHER_GROUP, 0
+
+
+def method_label(method: str, sampler: str) -> str:
+    """'EDM (Heun)', 'DDIM (Euler)', 'CD', ..."""
+    label = LABELS.get(method, method)
+    default = DEFAULT_SAMPLER.get(method)
+    if default is not None:
+        label += f" ({(sampler or default).capitalize()})"
+    return label
+
+
+def teacher_text(teacher: str) -> str:
+    """'analytic', 'run 1a2b3c4d', a checkpoint's file name, or '-' for none."""
+    if teacher in ("", "none"):
+        return "-"
+    if RUN_ID_PATTERN.match(teacher):
+        return f"run {teacher[:8]}"
+    if teacher == "analytic":
+        return teacher
+    return Path(teacher).name
+
+
+def _metric_columns(metrics: set[str], primary: str, with_paper: bool) -> list[Column]:
+    ordered = [m for m in METRIC_ORDER if m in metrics and m != primary]
+    ordered += sorted(metrics - set(METRIC_ORDER) - {primary})
+    columns = [Column(primary, primary, LOWER_IS_BETTER.get(primary, True))]
+    if with_paper:
+        columns.append(Column(f"{PAPER_PREFIX}fid", "fid", True))
+    columns += [Column(m, m, LOWER_IS_BETTER.get(m, True)) for m in ordered]
+    return columns
+
+
+def _bold(rows: list[Row], columns: list[Column]) -> set[tuple[int, str]]:
+    """The best displayed value of each column (every tie is bold)."""
+    marks: set[tuple[int, str]] = set()
+    for column in columns:
+        shown = {i: float(r.text[column.key]) for i, r in enumerate(rows) if column.key in r.text}
+        if not shown:
+            continue
+        best = min(shown.values()) if column.lower_is_better else max(shown.values())
+        marks |= {(i, column.key) for i, v in shown.items() if v == best}
+    return marks
+
+
+def build_table(selection: Selection, dataset: str) -> Table:
+    """The dataset's table from the selected runs and the paper's numbers."""
+    primary = selection.primary[dataset]
+    results = selection.results.filter(pl.col("dataset") == dataset)
+    paper = paper_numbers(dataset) if primary == "fid" else []
+    shown_metrics = set(results["metric"].unique().to_list()) & set(LOWER_IS_BETTER)
+    shown_metrics.add(primary)
+    columns = _metric_columns(shown_metrics, primary, bool(paper))
+    rows: dict[tuple[str, int], Row] = {}
+
+    def row_for(method: str, nfe: int, info: RunInfo | None) -> Row:
+        key = (method, nfe)
+        if key not in rows:
+            _, group, _ = group_of(method)
+            rows[key] = Row(group, method, method_label(method, info.sampler if info else ""),
+                            nfe)
+        return rows[key]
+
+    for method, run_id, nfe, metric, value in results.select(
+            "method", "run_id", "nfe", "metric", "value").iter_rows():
+        info = selection.runs[(dataset, method)]
+        row = row_for(method, nfe, info)
+        row.run_id, row.teacher, row.teacher_logged = run_id, teacher_text(info.teacher), \
+            info.teacher
+        if metric in shown_metrics:
+            row.values[metric] = value
+            row.text[metric] = format_value(value)
+        else:
+            row.extra[metric] = value
+    for number in paper:
+        info = selection.runs.get((dataset, number.method))
+        row = row_for(number.method, number.nfe, info)
+        row.values[f"{PAPER_PREFIX}fid"] = number.value
+        row.text[f"{PAPER_PREFIX}fid"] = number.fid
+    ordered = sorted(rows.values(), key=lambda r: (*group_of(r.method)[::2], r.method, r.nfe))
+    return Table(dataset, primary, selection.select, columns, ordered,
+                 _bold(ordered, columns), _notes(dataset, primary, selection.select, bool(paper)))
+
+
+def _notes(dataset: str, primary: str, select: str, with_paper: bool) -> list[str]:
+    rule = {"latest": "the newest finished run that is not a sweep trial, if there is one",
+            "best": f"the finished run with the best {primary} at the smallest NFE all "
+                    "candidates were evaluated at"}.get(select, select)
+    notes = [
+        f"One run per method ({rule}; a re-evaluated NFE counts with its newest value); "
+        "its rows are the NFEs it was evaluated at, NFE as measured (network calls per sample).",
+        "Bold: the best displayed value of each column (↓ lower is better, ↑ higher is better).",
+        "Teacher: what a row's method sampled or distilled: analytic = the exact denoiser of the "
+        "mixture, run = the tracked EDM run with that id prefix, - = none (trained from data).",
+    ]
+    if with_paper:
+        notes.append("FID (paper): " + "; ".join(paper_sources(dataset)) + ". Ours are "
+                     "comparable only at the paper's scale (networks, iterations, 50,000 "
+                     "samples, the same Inception features).")
+    return notes
+
+
+# --- renderers ----------------------------------------------------------------------------------
+
+
+def to_markdown(table: Table) -> str:
+    """A GitHub-flavoured Markdown table with group rows and bold best values."""
+
+    def esc(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    headers = ["Method", "NFE", *(c.header for c in table.columns), "Teacher", "Run"]
+    align = [":--", "--:", *("--:" for _ in table.columns), ":--", ":--"]
+    lines = [f"### {table_title(table)}", "",
+             "| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    blanks = " |" * (len(headers) - 1)
+    for group, members in table.groups():
+        lines.append(f"| *{group}* |{blanks}")
+        for i, row in members:
+            cells = []
+            for c in table.columns:
+                text = table.cell(i, c.key)
+                cells.append(f"**{text}**" if (i, c.key) in table.bold else text)
+            lines.append("| " + " | ".join([esc(row.label), str(row.nfe), *cells,
+                                            esc(row.teacher), run_text(row)]) + " |")
+    lines.append("")
+    lines += [f"- {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = re.compile(r"([&%$#_{}])")
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX's special characters in plain text."""
+    text = text.replace("\\", r"\textbackslash{}").replace("~", r"\textasciitilde{}")
+    text = _LATEX_SPECIAL.sub(r"\\\1", text).replace("^", r"\textasciicircum{}")
+    return text.replace("–", "--").replace("↓", r"$\downarrow$").replace("↑", r"$\uparrow$")
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs table (needs \\usepackage{booktabs}); best values in \\textbf."""
+    width = 4 + len(table.columns)
+    spec = "lr" + "r" * len(table.columns) + "ll"
+    headers = ["Method", "NFE", *(c.header for c in table.columns), "Teacher", "Run"]
+    lines = [
+        f"% {table_title(table)} (cmbench report, select={table.select})",
+        "% needs \\usepackage{booktabs}",
+        "\\begin{table}[t]",
+        "\\centering",
+        f"\\caption{{{latex_escape(table_title(table))}.}}",
+        f"\\label{{tab:cmbench-{re.sub(r'[^a-zA-Z0-9-]', '-', table.dataset)}}}",
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+        " & ".join(latex_escape(h) for h in headers) + " \\\\",
+    ]
+    for group, members in table.groups():
+        lines.append("\\midrule")
+        lines.append(f"\\multicolumn{{{width}}}{{l}}{{\\textit{{{latex_escape(group)}}}}} \\\\")
+        for i, row in members:
+            cells = []
+            for c in table.columns:
+                text = latex_escape(table.cell(i, c.key))
+                cells.append(f"\\textbf{{{text}}}" if (i, c.key) in table.bold else text)
+            teacher = latex_escape(row.teacher)
+            run = f"\\texttt{{{row.run_id[:8]}}}" if row.run_id else "paper"
+            lines.append(" & ".join([latex_escape(row.label), str(row.nfe), *cells, teacher,
+                                     run]) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    lines += [f"% {latex_escape(note)}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """Full-precision numbers, one line per row, full run ids and the teacher as logged."""
+    extra = sorted({k for r in table.rows for k in r.extra})
+    header = ["dataset", "group", "method", "label", "nfe", *(c.key for c in table.columns),
+              *extra, "teacher", "run_id"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in table.rows:
+        numbers = []
+        for c in table.columns:
+            if c.is_paper:
+                numbers.append(row.text.get(c.key, ""))
+            else:
+                numbers.append(repr(row.values[c.key]) if c.key in row.values else "")
+        numbers += [repr(row.extra[k]) if k in row.extra else "" for k in extra]
+        writer.writerow([table.dataset, row.group, row.method, row.label, row.nfe, *numbers,
+                         row.teacher_logged, row.run_id])
+    return buffer.getvalue()
+
+
+def to_html(table: Table) -> str:
+    """An HTML <table> (no page around it); best values in <b>."""
+    esc = html.escape
+    headers = ["Method", "NFE", *(c.header for c in table.columns), "Teacher", "Run"]
+    out = ["<table>", "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers)
+           + "</tr></thead>", "<tbody>"]
+    for group, members in table.groups():
+        out.append(f'<tr class="group"><td colspan="{len(headers)}">{esc(group)}</td></tr>')
+        for i, row in members:
+            cells = []
+            for c in table.columns:
+                text = esc(table.cell(i, c.key))
+                cls = ' class="paper"' if c.is_paper else ""
+                cells.append(f"<td{cls}><b>{text}</b></td>" if (i, c.key) in table.bold
+                             else f"<td{cls}>{text}</td>")
+            out.append("<tr>" + f"<td>{esc(row.label)}</td><td>{row.nfe}</td>" + "".join(cells)
+                       + f"<td>{esc(row.teacher)}</td>"
+                       + f"<td><code>{esc(run_text(row))}</code></td></tr>")
+    out += ["</tbody>", "</table>"]
+    return "\n".join(out) + "\n"
+
+
+def to_rich(table: Table) -> Any:
+    """A rich Table for the terminal (run ids are in the files and the suite's summary)."""
+    from rich.markup import escape
+    from rich.table import Table as RichTable
+
+    out = RichTable(title=table_title(table))
+    out.add_column("Method", no_wrap=True)
+    out.add_column("NFE", justify="right")
+    for c in table.columns:
+        out.add_column(c.header, justify="right")
+    out.add_column("Teacher")
+    for g, (group, members) in enumerate(table.groups()):
+        if g:
+            out.add_section()
+        out.add_row(f"[italic]{escape(group)}[/italic]")
+        for i, row in members:
+            cells = []
+            for c in table.columns:
+                text = escape(table.cell(i, c.key))
+                cells.append(f"[bold]{text}[/bold]" if (i, c.key) in table.bold else text)
+            out.add_row(escape(row.label), str(row.nfe), *cells, escape(row.teacher))
+    return out
