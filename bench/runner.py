@@ -174,10 +174,6 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived."""
 
 
-class RunInterrupted(BenchError):
-    """The run was ended by Ctrl-C or SIGTERM; its checkpoint is kept."""
-
-
 class StopRun(Exception):
     """Raised by an observer to end a run early on purpose (a pruned sweep trial, say)."""
 
