@@ -230,7 +230,7 @@ class RunConfig:
             (self.ct.p_std > 0, "ct.p_std must be > 0"),
             (0.0 <= self.cd.target_mu < 1.0, "cd.target_mu must be in [0, 1)"),
             (0.0 < self.ct.mu0 < 1.0, "ct.mu0 must be in (0, 1)"),
-            (1 <= self.ct.s0 <= self.ct.s1, "ct.s0 and ct.s1 must satisfy 1 <= s0 <= s1"),
+            (2 <= self.ct.s0 <= self.ct.s1, "ct.s0 and ct.s1 must satisfy 2 <= s0 <= s1"),
             (1 <= self.ict.s0 <= self.ict.s1, "ict.s0 and ict.s1 must satisfy 1 <= s0 <= s1"),
             (self.ict.p_std > 0, "ict.p_std must be > 0"),
             (min(self.cd.huber_c, self.ct.huber_c, self.ict.huber_c) >= 0,

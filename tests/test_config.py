@@ -142,3 +142,10 @@ def test_lr_schedules() -> None:
     assert lr_at(110, train("linear"), 110) == 0.0
     with pytest.raises(UsageError, match="train.lr_schedule"):
         train("step")
+
+
+def test_ct_needs_at_least_two_levels_at_the_start() -> None:
+    with pytest.raises(UsageError, match="ct.s0"):
+        resolve(bench_files=[], flags={"method": "ct", "dataset": "gmm8"}, sets=["ct.s0=1"])
+    cfg = resolve(bench_files=[], flags={"method": "ct", "dataset": "gmm8"}, sets=["ct.s0=2"])
+    assert cfg.config.ct.s0 == 2
