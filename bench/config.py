@@ -26,6 +26,7 @@ ALL = "*"  # preset key matching every method ([preset."*".<dataset>]) or every 
 LR_SCHEDULES = ("constant", "cosine", "linear")  # learning rate after warm-up
 INDEX_SAMPLINGS = ("uniform", "lognormal")  # how the consistency index n is drawn
 WEIGHTINGS = ("uniform", "inverse_gap")  # consistency-loss weightings lambda(t_n)
+EVAL_NOISES = ("auto", "random", "qmc")  # evaluation noise: eval.noise
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")  # consistency-loss distances
 
 
@@ -83,6 +84,7 @@ class EvalConfig:
     batch_size: int = 1000  # samples per generation batch
     metrics: list[str] = field(default_factory=list)  # [] = the dataset's default metrics
     seed: int = 0  # sampling seed: sample i uses (seed, i), identical across methods
+    noise: str = "auto"  # "random", "qmc" (scrambled Sobol, 2-D data only), "auto" = qmc on 2-D
     reference_seed: int = 1  # seed of the reference draw of the data
     inception_weights: str = ""  # local Inception-v3 weights for FID ("" = torch hub cache)
     metric_tool: str = "torch-fidelity"  # image metrics: "torch-fidelity" or "clean-fid"
@@ -200,6 +202,8 @@ class RunConfig:
             (self.eval.num_samples >= 2, "eval.num_samples must be >= 2"),
             (self.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
             (self.eval.seed >= 0 and self.eval.reference_seed >= 0, "eval seeds must be >= 0"),
+            (self.eval.noise in EVAL_NOISES,
+             f"eval.noise must be one of {', '.join(EVAL_NOISES)}"),
             (all(s > 0 for s in self.sample.sigmas), "sample.sigmas must be > 0"),
             (
                 0 < self.diffusion.sigma_min < self.diffusion.sigma_max,

@@ -36,6 +36,7 @@ FOLDER_PREFIX = "folder:"
 
 _TRAIN_STREAM = 0  # seed-stream tags keep training and reference draws disjoint
 _REFERENCE_STREAM = 1
+_QMC_REFERENCE_STREAM = 2
 _TRAIN_SEED = 20230301  # fixed seed of every embedded training set
 
 
@@ -56,6 +57,11 @@ def _seeded_generator(name: str, stream: int, seed: int) -> torch.Generator:
     entropy = [zlib.crc32(name.encode()), stream, seed]
     state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state) >> 1)
+
+
+def _normal(u: Tensor) -> Tensor:
+    """Standard normals from uniforms in [0, 1) by the inverse CDF (0 maps to a finite value)."""
+    return torch.special.ndtri(u.clamp(2.0**-60, 1.0 - 2.0**-53))
 
 
 def _to_float(pixels: Tensor) -> Tensor:
@@ -122,9 +128,15 @@ class PointsDataset(Dataset):
         self.description = description
         self._train: Tensor | None = None
 
+    uniform_dims: int  # uniforms per point that from_uniform maps to one sample
+
     @abstractmethod
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """Draw n float32 points (n, 2) from the generating process."""
+
+    @abstractmethod
+    def from_uniform(self, u: Tensor) -> Tensor:
+        """The same law as a transform: u (n, uniform_dims), float64 in [0, 1) -> (n, 2)."""
 
     def train(self) -> Tensor:
         """The TRAIN_SIZE training points, identical in every call and every process."""
@@ -138,6 +150,16 @@ class PointsDataset(Dataset):
         if n < 0:
             raise UsageError(f"{self.name}: number of reference samples must be >= 0, got {n}")
         return self.sample(n, _seeded_generator(self.name, _REFERENCE_STREAM, seed))
+
+    def reference_qmc(self, n: int, seed: int) -> Tensor:
+        """n points of a stratified reference: a scrambled Sobol set through from_uniform, so
+        each mixture component, moon or square gets its share of points up to a few, and the
+        points cover it evenly. Paired with quasi-random sampling noise (eval.noise = "qmc")."""
+        if n < 0:
+            raise UsageError(f"{self.name}: number of reference samples must be >= 0, got {n}")
+        scramble = _seeded_generator(self.name, _QMC_REFERENCE_STREAM, seed).initial_seed()
+        engine = torch.quasirandom.SobolEngine(self.uniform_dims, scramble=True, seed=scramble)
+        return self.from_uniform(engine.draw(n, dtype=torch.float64))
 
     def known_size(self) -> int | None:
         """Always TRAIN_SIZE."""
@@ -169,6 +191,7 @@ class GaussianMixture(PointsDataset):
         variance = (weights[:, None] * (means - mean) ** 2).sum(0) + std**2
         super().__init__(name, round(float(variance.mean().sqrt()), 3), description)
         self.shape = (means.shape[1],)
+        self.uniform_dims = 1 + means.shape[1]
         self.means = means
         self.std = float(std)
         self.weights = weights
@@ -192,6 +215,13 @@ class GaussianMixture(PointsDataset):
         component = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         noise = torch.randn(n, self.shape[0], generator=generator, dtype=torch.float64)
         return (self.means[component] + self.std * noise).to(torch.float32)
+
+    def from_uniform(self, u: Tensor) -> Tensor:
+        """u[:, 0] picks the component by the inverse CDF of the weights; the rest are normals."""
+        edges = torch.cumsum(self.weights, 0)
+        component = torch.searchsorted(edges, u[:, 0].contiguous(), right=True)
+        component = component.clamp(max=self.means.shape[0] - 1)
+        return (self.means[component] + self.std * _normal(u[:, 1:])).to(torch.float32)
 
     def _component_logits(self, x: Tensor, variance: Tensor) -> Tensor:
         """log w_k + log N(x; m_k, variance I) for every point and component, (N, K)."""
@@ -250,6 +280,7 @@ class Moons(PointsDataset):
     """Two interleaved half circles (as sklearn's make_moons), noise 0.05, centred at 0."""
 
     noise = 0.05
+    uniform_dims = 4
 
     def __init__(self) -> None:
         """Exact RMS per-coordinate std: sqrt((0.7525 + 0.2467) / 2) = 0.707."""
@@ -259,9 +290,17 @@ class Moons(PointsDataset):
         """Pick a moon, an angle uniform in [0, pi], then add Gaussian noise."""
         inner = torch.randint(0, 2, (n,), generator=generator, dtype=torch.bool)
         angle = torch.rand(n, generator=generator, dtype=torch.float64) * math.pi
+        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return self._place(inner, angle, noise)
+
+    def from_uniform(self, u: Tensor) -> Tensor:
+        """u[:, 0] picks the moon, u[:, 1] the angle, u[:, 2:] the noise."""
+        return self._place(u[:, 0] < 0.5, u[:, 1] * math.pi, _normal(u[:, 2:]))
+
+    def _place(self, inner: Tensor, angle: Tensor, noise: Tensor) -> Tensor:
+        """Point on the chosen moon at `angle`, plus scaled noise."""
         x = torch.where(inner, 1 - torch.cos(angle), torch.cos(angle)) - 0.5
         y = torch.where(inner, 0.5 - torch.sin(angle), torch.sin(angle)) - 0.25
-        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
         return (torch.stack([x, y], dim=1) + self.noise * noise).to(torch.float32)
 
 
@@ -269,6 +308,7 @@ class SwissRoll(PointsDataset):
     """2-D Swiss roll (x, z of sklearn's make_swiss_roll) scaled by 1/10 and centred."""
 
     noise = 0.025  # after scaling
+    uniform_dims = 3
 
     def __init__(self) -> None:
         """Exact RMS per-coordinate std (numerical quadrature): 0.679."""
@@ -277,14 +317,24 @@ class SwissRoll(PointsDataset):
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """t uniform in [1.5 pi, 4.5 pi]; the exact mean (2, 2 / (3 pi)) / 10 is subtracted."""
         t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator, dtype=torch.float64))
+        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return self._place(t, noise)
+
+    def from_uniform(self, u: Tensor) -> Tensor:
+        """u[:, 0] places t on [1.5 pi, 4.5 pi], u[:, 1:] the noise."""
+        return self._place(1.5 * math.pi * (1 + 2 * u[:, 0]), _normal(u[:, 1:]))
+
+    def _place(self, t: Tensor, noise: Tensor) -> Tensor:
+        """The roll's point at t, centred, plus scaled noise."""
         x = (t * torch.cos(t) - 2.0) / 10
         y = (t * torch.sin(t) - 2 / (3 * math.pi)) / 10
-        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
         return (torch.stack([x, y], dim=1) + self.noise * noise).to(torch.float32)
 
 
 class Checkerboard(PointsDataset):
     """Uniform on the 8 dark squares of a 4x4 checkerboard covering [-1, 1]^2."""
+
+    uniform_dims = 3
 
     def __init__(self) -> None:
         """Each coordinate is uniform on [-1, 1]: std 1 / sqrt(3) = 0.577."""
@@ -294,8 +344,19 @@ class Checkerboard(PointsDataset):
         """Column uniform, row of matching parity uniform, then uniform within the square."""
         column = torch.randint(0, 4, (n,), generator=generator)
         row = 2 * torch.randint(0, 2, (n,), generator=generator) + column % 2
-        cell = torch.stack([column, row], dim=1).to(torch.float64)
         offset = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        return self._place(column, row, offset)
+
+    def from_uniform(self, u: Tensor) -> Tensor:
+        """u[:, 0] picks one of the 8 dark squares, u[:, 1:] the offset inside it."""
+        square = (u[:, 0] * 8).long().clamp(max=7)
+        column = square % 4
+        return self._place(column, 2 * (square // 4) + column % 2, u[:, 1:])
+
+    @staticmethod
+    def _place(column: Tensor, row: Tensor, offset: Tensor) -> Tensor:
+        """The point at `offset` (in [0, 1)^2) inside square (column, row), in [-1, 1]^2."""
+        cell = torch.stack([column, row], dim=1).to(torch.float64)
         return ((cell + offset) * 0.5 - 1.0).to(torch.float32)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bench.config import RunConfig
-from bench.datasets import Dataset, Digits, GaussianMixture
+from bench.datasets import Dataset, Digits, GaussianMixture, PointsDataset
 from bench.errors import UsageError
 from bench.metrics import (
     POINT_METRICS,
@@ -22,7 +22,7 @@ from bench.metrics import (
     feature_stats,
     load_or_train_digits_classifier,
 )
-from bench.rng import StackedGenerator, sample_seed
+from bench.rng import SobolGenerator, StackedGenerator, sample_seed
 from bench.samplers import CallCounter
 from methods.base import Method
 
@@ -44,6 +44,22 @@ def default_metrics(dataset: Dataset) -> list[str]:
     return ["fid"]
 
 
+def uses_qmc(dataset: Dataset, cfg: RunConfig) -> bool:
+    """Whether evaluation draws quasi-random noise (eval.noise; "auto" = on for 2-D data)."""
+    if cfg.eval.noise == "qmc" and not isinstance(dataset, PointsDataset):
+        raise UsageError(f"eval.noise = qmc is for 2-D datasets; {dataset.name} is not one "
+                         "(use random)")
+    return cfg.eval.noise == "qmc" or (cfg.eval.noise == "auto"
+                                       and isinstance(dataset, PointsDataset))
+
+
+def points_reference(dataset: PointsDataset, cfg: RunConfig, n: int) -> torch.Tensor:
+    """The reference draw the metrics compare with: stratified when the noise is quasi-random."""
+    if uses_qmc(dataset, cfg):
+        return dataset.reference_qmc(n, cfg.eval.reference_seed)
+    return dataset.reference(n, cfg.eval.reference_seed)
+
+
 @dataclass
 class MetricSuite:
     """Builds fresh accumulators for each NFE; the expensive reference work is done once."""
@@ -55,6 +71,7 @@ class MetricSuite:
 
 def prepare_metrics(dataset: Dataset, cfg: RunConfig, cache_dir: Path) -> MetricSuite:
     """Validate the requested metrics and precompute reference statistics."""
+    uses_qmc(dataset, cfg)  # an impossible eval.noise fails here, before any training
     names = list(cfg.eval.metrics) or default_metrics(dataset)
     valid = default_metrics(dataset)
     if dataset.kind == "points":
@@ -65,8 +82,8 @@ def prepare_metrics(dataset: Dataset, cfg: RunConfig, cache_dir: Path) -> Metric
     if unknown:
         raise UsageError(f"metric(s) {', '.join(unknown)} not available for {dataset.name}; "
                          f"valid: {', '.join(valid)}")
-    if dataset.kind == "points":
-        reference = dataset.reference(cfg.eval.num_samples, cfg.eval.reference_seed)
+    if isinstance(dataset, PointsDataset):
+        reference = points_reference(dataset, cfg, cfg.eval.num_samples)
         gmm = dataset if isinstance(dataset, GaussianMixture) else None
 
         def new_points() -> list[MetricAccumulator]:
@@ -124,16 +141,19 @@ def generate(
     device: torch.device,
     conditional: bool,
     consume: Callable[[torch.Tensor], None],
+    qmc: bool = False,
 ) -> tuple[int, float]:
     """Generate num_samples in batches into `consume`, clipped to the dataset's range when it
-    has one (images); return (calls per sample, seconds of sampling)."""
+    has one (images); return (calls per sample, seconds of sampling). With qmc, sample i's
+    noise is point i of a scrambled Sobol sequence (SobolGenerator), still per-sample."""
     calls = 0
     batches = 0
     seconds = 0.0
     model.eval()
     for start in range(0, num_samples, batch_size):
         indices = range(start, min(start + batch_size, num_samples))
-        rng = StackedGenerator(seed, indices, device)
+        rng = (SobolGenerator(seed, indices, device) if qmc
+               else StackedGenerator(seed, indices, device))
         noise = rng.randn(dataset.shape)
         labels = (sample_labels(seed, indices, dataset.num_classes).to(device)
                   if conditional else None)
@@ -170,6 +190,7 @@ def evaluate(
     results = []
     conditional = cfg.net.class_conditional and dataset.num_classes > 0
     keep = PREVIEW_POINTS if dataset.kind == "points" else PREVIEW_IMAGES
+    qmc = uses_qmc(dataset, cfg)
     for nfe in nfes:
         accumulators = suite.new()
         preview: list[torch.Tensor] = []
@@ -185,7 +206,7 @@ def evaluate(
         model = method.evaluation_model(ema, nfe)
         measured, seconds = generate(method, model, dataset, nfe, cfg.eval.num_samples,
                                      cfg.eval.batch_size, cfg.eval.seed, device, conditional,
-                                     consume)
+                                     consume, qmc)
         metrics: dict[str, float] = {}
         for acc in accumulators:
             metrics.update(acc.compute())

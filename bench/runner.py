@@ -27,9 +27,15 @@ from bench.artifacts import (
 )
 from bench.checkpoint import load_checkpoint, save_checkpoint
 from bench.config import RunConfig, dumps, flatten, from_dict, read_toml, to_dict
-from bench.datasets import Dataset, get_dataset
+from bench.datasets import Dataset, PointsDataset, get_dataset
 from bench.errors import BenchError, RunInterrupted, UsageError
-from bench.evaluation import EvalResult, MetricSuite, evaluate, prepare_metrics
+from bench.evaluation import (
+    EvalResult,
+    MetricSuite,
+    evaluate,
+    points_reference,
+    prepare_metrics,
+)
 from bench.models import model_spec, new_raw_net, sigma_data_of
 from bench.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
 from bench.tracking import Tracker, git_commit, package_versions
@@ -331,8 +337,8 @@ def log_eval_artifacts(tracker: Tracker, run_id: str, p: Prepared,
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "samples").mkdir()
-        reference = (p.dataset.reference(len(results[0].preview), cfg.eval.reference_seed)
-                     if p.dataset.kind == "points" and results else None)
+        reference = (points_reference(p.dataset, cfg, len(results[0].preview))
+                     if isinstance(p.dataset, PointsDataset) and results else None)
         for r in results:
             name = out / "samples" / f"nfe{r.nfe_measured:03d}.png"
             title = f"{cfg.method} on {p.dataset.name}, NFE {r.nfe_measured}"

@@ -572,3 +572,44 @@ def test_list_datasets(tmp_path):
     imagenet = infos["imagenet64"]
     assert not imagenet.available and imagenet.size is None and imagenet.shape == (3, 64, 64)
     assert "set data.path" in imagenet.note and "\n" not in imagenet.note
+
+
+@pytest.mark.parametrize("name", POINTS)
+def test_from_uniform_has_the_sampler_law(name):
+    from bench.metrics import swd
+
+    dataset = get_dataset(name)
+    u = torch.rand(20000, dataset.uniform_dims, generator=torch.Generator().manual_seed(0),
+                   dtype=torch.float64)
+    mapped = dataset.from_uniform(u)
+    assert mapped.shape == (20000, 2) and mapped.dtype == torch.float32
+    drawn = dataset.reference(20000, seed=0)
+    torch.testing.assert_close(mapped.mean(0), drawn.mean(0), rtol=0, atol=0.03)
+    torch.testing.assert_close(mapped.std(0), drawn.std(0), rtol=0, atol=0.03)
+    # about as close to a draw of the data as another draw of the data is
+    assert swd(mapped, drawn) < 2.5 * swd(dataset.reference(20000, seed=1), drawn)
+
+
+@pytest.mark.parametrize("name", POINTS)
+def test_stratified_reference(name):
+    dataset = get_dataset(name)
+    a = dataset.reference_qmc(2000, seed=1)
+    assert a.shape == (2000, 2) and torch.isfinite(a).all()
+    assert torch.equal(a, dataset.reference_qmc(2000, seed=1))
+    assert not torch.equal(a, dataset.reference_qmc(2000, seed=2))
+    with pytest.raises(UsageError):
+        dataset.reference_qmc(10, seed=-1)
+
+
+def test_stratified_reference_balances_the_modes():
+    from bench.metrics import w2
+
+    dataset = get_dataset("gmm8")
+    mode, _ = dataset.nearest_mode(dataset.reference_qmc(2000, seed=1).double())
+    assert torch.bincount(mode, minlength=8).tolist() == [250] * 8
+    random_mode, _ = dataset.nearest_mode(dataset.reference(2000, seed=1).double())
+    assert torch.bincount(random_mode, minlength=8).sub(250).abs().max() > 5
+    # two stratified draws are far closer to each other than two random draws
+    qmc = w2(dataset.reference_qmc(2000, seed=1), dataset.reference_qmc(2000, seed=2))
+    random = w2(dataset.reference(2000, seed=1), dataset.reference(2000, seed=2))
+    assert qmc < 0.03 < 0.08 < random

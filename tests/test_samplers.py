@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.denoiser import AnalyticDenoiser, Denoiser, cm_scalings, edm_scalings
-from bench.rng import StackedGenerator
+from bench.rng import SobolGenerator, StackedGenerator
 from bench.samplers import CallCounter, sample_consistency, sample_euler, sample_heun
 from bench.schedules import karras_sigmas, sampling_sigmas
 
@@ -124,3 +124,38 @@ def test_per_sample_noise_is_standard_normal_and_independent() -> None:
     again = rng.randn((8,)).double()
     for a, b in ((z[:, 0], z[:, 1]), (z[:-1, 0], z[1:, 0]), (z[:, 0], again[:, 0])):
         assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.03
+
+
+def test_sobol_noise_is_per_sample_and_normal() -> None:
+    from scipy import stats
+
+    whole = SobolGenerator(3, range(4096))
+    first, second = whole.randn((2,)).double(), whole.randn((2,)).double()
+    part = SobolGenerator(3, range(1000, 1500))
+    assert torch.equal(part.randn((2,)).double(), first[1000:1500])  # batch never matters
+    assert torch.equal(part.randn((2,)).double(), second[1000:1500])
+    assert not torch.equal(SobolGenerator(4, range(4096)).randn((2,)).double(), first)
+    with pytest.raises(ValueError, match="contiguous"):
+        SobolGenerator(3, [0, 2, 4])
+    joint = torch.cat([first, second], dim=1)
+    for column in joint.T:
+        assert stats.kstest(column.numpy(), "norm").pvalue > 1e-3
+    assert torch.corrcoef(joint.T).sub(torch.eye(4)).abs().max() < 0.03
+    # the point of quasi-random noise: 2-D quadrant counts of 4096 points are almost exact
+    quadrant = (first[:, 0] > 0).long() * 2 + (first[:, 1] > 0).long()
+    counts = torch.bincount(quadrant, minlength=4)
+    assert (counts - 1024).abs().max() <= 4
+    plain = StackedGenerator(3, range(4096)).randn((2,)).double()
+    plain_counts = torch.bincount((plain[:, 0] > 0).long() * 2 + (plain[:, 1] > 0).long())
+    assert (plain_counts - 1024).abs().max() > (counts - 1024).abs().max()
+
+
+def test_sobol_noise_falls_back_to_streams_beyond_its_coordinates() -> None:
+    rng = SobolGenerator(5, range(6), dims=4)
+    rng.randn((2,))
+    rng.randn((2,))  # the four Sobol coordinates are used up
+    extra = rng.randn((2,))
+    assert torch.isfinite(extra).all() and extra.shape == (6, 2)
+    again = SobolGenerator(5, range(6), dims=4)
+    again.randn((4,))
+    assert torch.equal(again.randn((2,)), extra)  # the fallback streams are per-sample too
