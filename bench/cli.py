@@ -270,6 +270,49 @@ def ode_error(
 
 
 @app.command()
+def edit(
+    run_id: Annotated[str, typer.Option("--run", help="MLflow run id of a cd, ct or ict run.")],
+    task: Annotated[str, typer.Option(
+        help="inpaint, colorize, superres, denoise, interpolate or stroke.")],
+    n: Annotated[int, typer.Option("--n", help="Images to edit (2-D data: observed points).",
+                                   min=1)] = 16,
+    mask: Annotated[str, typer.Option(help="Inpainting mask: center, half or random.")
+                    ] = "center",
+    nfe: NfeOption = None,
+    factor: Annotated[int, typer.Option(help="Super-resolution / stroke patch size.", min=2)
+                      ] = 2,
+    sigma: Annotated[float | None, typer.Option(
+        help="denoise: noise level (0.5); stroke: start level (1.0); inpaint, colorize, "
+             "superres: first level t_1 (default: the run's sampling levels).")] = None,
+    seed: Annotated[int, typer.Option(help="Editing seed: image i uses (seed, i).", min=0)] = 0,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Zero-shot editing (Song et al. 2023, Algorithm 4), scored and logged as a nested run."""
+    from rich.table import Table
+
+    from bench.edit_run import EditRequest, edit_run
+
+    nfes = parse_nfe(nfe)
+    request = EditRequest(run_id=run_id, task=task, n=n, mask=mask,
+                          nfe=tuple(nfes) if nfes else None, factor=factor, sigma=sigma,
+                          seed=seed)
+    outcome = edit_run(_tracker(tracking_uri), request, _report)
+    table = Table(title=f"{outcome.task} on {outcome.dataset} with run {outcome.source_run} "
+                        f"(baseline: {outcome.baseline})")
+    metrics = list(dict.fromkeys(k for r in outcome.results for k in r.metrics))
+    table.add_column("NFE", justify="right")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    table.add_column("s/sample", justify="right")
+    for r in outcome.results:
+        table.add_row(str(r.nfe), *(f"{r.metrics[m]:.4f}" if m in r.metrics else "-"
+                                    for m in metrics), f"{r.seconds_per_sample:.2e}")
+    console = _console()
+    console.print(table)
+    console.print(f"run id: {outcome.run_id}  ({outcome.seconds:.1f} s)")
+
+
+@app.command()
 def refstats(
     dataset: Annotated[str, typer.Option(help="Dataset (see `bench datasets`) or folder:PATH.")],
     config: Annotated[Path | None, typer.Option("--config", help="A config.toml.")] = None,
