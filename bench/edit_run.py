@@ -241,8 +241,8 @@ def held_out(dataset: Dataset, n: int, seed: int) -> tuple[Tensor, Tensor | None
 
 @dataclass
 class _Batch:
-    observation: Tensor  # what the editor is given, as a picture
-    baseline: Tensor  # the no-model answer
+    observation: Tensor  # the observation as a picture (unknown coefficients 0)
+    baseline: Tensor  # the no-model answer (for Algorithm 4 also the editor's input)
     result: Tensor  # the edit
 
 
@@ -314,9 +314,9 @@ class _ImageEditor:
             ends = slerped[:, [0, -1]].flatten(0, 1)
             return _Batch(ends, lerped.flatten(0, 1), slerped.flatten(0, 1))
         replacement = self.replacement(indices)
-        observation = replacement.observe(y, self.mean)
-        return _Batch(observation, observation,
-                      edit_consistency(model, observation, replacement, sigmas, rng,
+        mean_fill = replacement.observe(y, self.mean)
+        return _Batch(replacement.observe(y, torch.zeros_like(self.mean)), mean_fill,
+                      edit_consistency(model, mean_fill, replacement, sigmas, rng,
                                        m.sigma_min, self.clamp))
 
     def run(self, nfe: int) -> EditResult:
@@ -355,7 +355,7 @@ class _ImageEditor:
         return EditResult(measured, metrics, seconds / n, sigmas)
 
     def picture(self, nfe: int, observation: Tensor, baseline: Tensor, result: Tensor) -> None:
-        """truth | observation | result (| baseline when it differs from the observation)."""
+        """truth | observation | baseline | result."""
         task = self.request.task
         path = self.out / f"nfe{nfe:03d}.png"
         if task == "interpolate":
@@ -365,10 +365,10 @@ class _ImageEditor:
             return
         k = min(self.request.n, GRID_IMAGES)
         cols = max(1, round(k ** 0.5))
-        panels = [("truth", self.truth[:k]), (f"observed ({task})", observation[:k]),
-                  (f"edit, NFE {nfe}", result[:k])]
-        if task == "denoise":
-            panels.insert(2, ("noisy, clipped", baseline[:k]))
+        panels = [("truth", self.truth[:k]), (f"observed ({task})", observation[:k])]
+        if task not in ("stroke", "denoise"):  # their baseline is the observation itself
+            panels.append((BASELINES[task], baseline[:k]))
+        panels.append((f"edit, NFE {nfe}", result[:k]))
         save_panels(panels, cols, path, self.clamp)
 
 

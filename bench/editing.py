@@ -135,10 +135,10 @@ class Replacement:
     known: Tensor
 
     def observe(self, y: Tensor, fill: Tensor) -> Tensor:
-        """A^T[(A y) on the known coefficients, (A fill) elsewhere]: what the editor is given.
+        """A^T[(A y) on the known coefficients, (A fill) elsewhere].
 
-        Algorithm 4 fills the unknown coefficients with 0 (the mean of centred data); here they
-        take those of `fill` (the training mean), which is the mean-fill baseline as well."""
+        fill = 0 is line 2 of Algorithm 4 (0 is the mean of centred data); bench edit passes
+        the training mean, which makes the mean-fill baseline and the editor's input."""
         a_fill = self.basis.encode(fill.expand_as(y))
         return self.basis.decode(torch.where(self.known, self.basis.encode(y), a_fill))
 
