@@ -109,6 +109,14 @@ def test_algorithm4_keeps_the_observation_and_spends_one_call_per_level() -> Non
     out = edit_consistency(toy_model, y, sr, sigmas[:2], StackedGenerator(0, range(5)), 0.002)
     pool = torch.nn.functional.avg_pool2d
     torch.testing.assert_close(pool(out, 2), pool(truth, 2), atol=1e-5, rtol=0)
+    # colorisation: the result has the grey image's luminance
+    rgb = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    colour = Replacement(ColourBasis(), colour_known())
+    y = colour.observe(rgb, torch.zeros(1, 3, 8, 8))
+    out = edit_consistency(toy_model, y, colour, sigmas[:3], StackedGenerator(0, range(3)), 0.002)
+    weights = torch.tensor([0.2989, 0.5870, 0.1140]).reshape(1, 3, 1, 1)
+    torch.testing.assert_close((out * weights).sum(1), (rgb * weights).sum(1), atol=1e-5, rtol=0)
+    assert not torch.allclose(out, rgb, atol=1e-2)
 
 
 def test_random_masks_depend_on_the_image_index_only() -> None:
