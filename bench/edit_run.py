@@ -163,6 +163,8 @@ def edit_run(tracker: Tracker, request: EditRequest, report: Reporter) -> EditOu
     source = tracker.get_run(request.run_id)
     if source.status != "FINISHED":
         report(f"run {request.run_id} is {source.status}: editing with its last checkpoint")
+    if not isinstance(dataset, PointsDataset):
+        held_out(dataset, request.n, request.seed)  # a bad --n fails before any loading
     nfes = list(request.nfe or ([1] if request.task in ONE_CALL_TASKS else cfg.eval.nfe))
     p, state = load_run(tracker, request.run_id, report, nfes)
     method = p.method
@@ -173,24 +175,25 @@ def edit_run(tracker: Tracker, request: EditRequest, report: Reporter) -> EditOu
                          f"got {sigma:g}")
     outcome = EditOutcome("", request.run_id, request.task, dataset.name,
                           BASELINES[request.task])
-    tags = {"edit": request.task, "source_run": request.run_id, "source_method": cfg.method,
-            "dataset": dataset.name, "edit_baseline": outcome.baseline,
-            "device": str(p.device), "git_commit": git_commit(), "versions": package_versions()}
-    run_id = tracker.start_run(experiment=dataset.name, run_name=f"edit-{request.task}",
-                               tags=tags, parent_run_id=request.run_id)
-    outcome.run_id = run_id
-    report(f"edit run {run_id} (nested under {request.run_id})")
-    try:
-        tracker.log_params(run_id, {
-            "edit.task": request.task, "edit.n": request.n, "edit.nfe": nfes,
-            "edit.mask": request.mask if request.task == "inpaint" else "-",
-            "edit.factor": request.factor if request.task in ("superres", "stroke") else "-",
-            "edit.sigma": "-" if sigma is None else sigma, "edit.seed": request.seed})
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "edit"
-            out.mkdir()
-            editor = (_PointsEditor if isinstance(dataset, GaussianMixture) else _ImageEditor)(
-                p, state.ema, request, sigma, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "edit"
+        out.mkdir()
+        editor = (_PointsEditor if isinstance(dataset, GaussianMixture) else _ImageEditor)(
+            p, state.ema, request, sigma, out)
+        tags = {"edit": request.task, "source_run": request.run_id,
+                "source_method": cfg.method, "dataset": dataset.name,
+                "edit_baseline": outcome.baseline, "device": str(p.device),
+                "git_commit": git_commit(), "versions": package_versions()}
+        run_id = tracker.start_run(experiment=dataset.name, run_name=f"edit-{request.task}",
+                                   tags=tags, parent_run_id=request.run_id)
+        outcome.run_id = run_id
+        report(f"edit run {run_id} (nested under {request.run_id})")
+        try:
+            tracker.log_params(run_id, {
+                "edit.task": request.task, "edit.n": request.n, "edit.nfe": nfes,
+                "edit.mask": request.mask if request.task == "inpaint" else "-",
+                "edit.factor": request.factor if request.task in ("superres", "stroke") else "-",
+                "edit.sigma": "-" if sigma is None else sigma, "edit.seed": request.seed})
             for nfe in nfes:
                 result = editor.run(nfe)
                 tracker.log_metrics(run_id, {**result.metrics,
@@ -205,11 +208,12 @@ def edit_run(tracker: Tracker, request: EditRequest, report: Reporter) -> EditOu
                 f"{request.task},{r.nfe},{k},{v!r}\n" for r in outcome.results
                 for k, v in r.metrics.items()))
             tracker.log_artifact(run_id, out, "edit")
-    except BaseException as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}"})
-        tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
+        except BaseException as exc:
+            message = (str(exc).strip().splitlines()[0] if str(exc).strip()
+                       else type(exc).__name__)
+            tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}"})
+            tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
     tracker.end_run(run_id, "FINISHED")
     outcome.seconds = time.perf_counter() - t0
     return outcome

@@ -267,12 +267,15 @@ def test_bench_edit_on_digits_logs_a_nested_run(bench, tmp_path: Path) -> None: 
     for args, code, fragment in (
             (["--run", cd_id, "--task", "colorize"], 2, "colorisation needs a colour dataset"),
             (["--run", edm_id, "--task", "inpaint"], 2, "is edm"),
-            (["--run", cd_id, "--task", "interpolate", "--nfe", "2"], 2, "exactly one")):
+            (["--run", cd_id, "--task", "interpolate", "--nfe", "2"], 2, "exactly one"),
+            (["--run", cd_id, "--task", "inpaint", "--n", "400"], 2, "355 held-out images")):
         result = bench("edit", *args)
         assert result.returncode == code, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and fragment in lines[0], result.stderr
         assert "Traceback" not in result.stderr
+    edit_runs = client.search_runs([run.info.experiment_id], "tags.edit != ''")
+    assert len(edit_runs) == 2 and {r.info.status for r in edit_runs} == {"FINISHED"}
 
 
 @pytest.mark.slow
