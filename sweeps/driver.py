@@ -13,12 +13,15 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from bench.errors import BenchError, UsageError
@@ -628,9 +631,15 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
     return summary
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM to the sweep is handled as Ctrl-C: its workers are stopped, not orphaned."""
+    raise KeyboardInterrupt
+
+
 def _run_processes(plan: WorkerPlan, workers: int, study: Any, tracker: Tracker,
                    report: Reporter, pids: set[int]) -> list[str]:
-    """K worker processes sharing the storage; the trials of one that dies are failed."""
+    """K worker processes sharing the storage; the trials of one that dies are failed.
+    Ctrl-C or SIGTERM stops the workers (their trials are failed, their runs KILLED)."""
     procs: list[subprocess.Popen[bytes]] = []
     warnings = []
     for k in range(workers):
@@ -642,6 +651,8 @@ def _run_processes(plan: WorkerPlan, workers: int, study: Any, tracker: Tracker,
         procs[-1].stdin.close()
     pids.update(p.pid for p in procs)
     report(f"workers: pids {', '.join(str(p.pid) for p in procs)}")
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
         pending = dict(enumerate(procs, start=1))
         while pending:
@@ -667,6 +678,9 @@ def _run_processes(plan: WorkerPlan, workers: int, study: Any, tracker: Tracker,
                 proc.kill()
         close_stale(study, tracker, plan.stale_seconds, report)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return warnings
 
 

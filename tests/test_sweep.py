@@ -341,3 +341,20 @@ def test_timeout_stops_starting_trials(bench, tmp_path: Path) -> None:
                               storage=journal(tmp_path / "runs" / "optuna.journal"))
     assert len(study.trials) < 50
     assert client_for(tmp_path).get_run(run_id_of(result.stdout)).info.status == "KILLED"
+
+
+def test_sigterm_to_the_sweep_stops_its_workers(tmp_path: Path) -> None:
+    args = [*CT, "--trials", "2", "--workers", "2", "--pruner", "none", *TINY,
+            "--set", "train.steps=400"]
+    path = tmp_path / "runs" / "optuna.journal"
+    proc = start_sweep(tmp_path, args)
+    victim = wait_for_running(path, "ct-gmm8-ct-schedule", 1)[0]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "sweep interrupted" in err
+    with pytest.raises(ProcessLookupError):  # the worker was stopped and reaped, not orphaned
+        os.kill(victim.user_attrs["pid"], 0)
+    study = optuna.load_study(study_name="ct-gmm8-ct-schedule", storage=journal(path))
+    assert study.trials[victim.number].state == TrialState.FAIL
+    client = client_for(tmp_path)
+    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
