@@ -106,21 +106,29 @@ class _Progress:
         self.progress.update(self.task, completed=step, loss=loss, rate=rate)
 
 
-def _print_outcome(outcome: Any) -> None:
+def _print_metric_table(title: str, rows: list[tuple[int, dict[str, float], float]],
+                        run_id: str, seconds: float) -> None:
+    """One row per NFE (nfe, metrics, seconds per sample), then the run id and duration."""
     from rich.table import Table
 
-    table = Table(title=f"{outcome.method} on {outcome.dataset}")
-    metrics = list(dict.fromkeys(k for r in outcome.results for k in r.metrics))
+    table = Table(title=title)
+    metrics = list(dict.fromkeys(k for _, values, _ in rows for k in values))
     table.add_column("NFE", justify="right")
     for m in metrics:
         table.add_column(m, justify="right")
     table.add_column("s/sample", justify="right")
-    for r in outcome.results:
-        cells = [f"{r.metrics[m]:.4f}" if m in r.metrics else "-" for m in metrics]
-        table.add_row(str(r.nfe_measured), *cells, f"{r.seconds_per_sample:.2e}")
+    for nfe, values, per_sample in rows:
+        cells = [f"{values[m]:.4f}" if m in values else "-" for m in metrics]
+        table.add_row(str(nfe), *cells, f"{per_sample:.2e}")
     console = _console()
     console.print(table)
-    console.print(f"run id: {outcome.run_id}  ({outcome.seconds:.1f} s)")
+    console.print(f"run id: {run_id}  ({seconds:.1f} s)")
+
+
+def _print_outcome(outcome: Any) -> None:
+    rows = [(r.nfe_measured, r.metrics, r.seconds_per_sample) for r in outcome.results]
+    _print_metric_table(f"{outcome.method} on {outcome.dataset}", rows, outcome.run_id,
+                        outcome.seconds)
 
 
 @app.command()
@@ -288,7 +296,6 @@ def edit(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Zero-shot editing (Song et al. 2023, Algorithm 4), scored and logged as a nested run."""
-    from rich.table import Table
 
     from bench.edit_run import EditRequest, edit_run
 
@@ -297,19 +304,9 @@ def edit(
                           nfe=tuple(nfes) if nfes else None, factor=factor, sigma=sigma,
                           seed=seed)
     outcome = edit_run(_tracker(tracking_uri), request, _report)
-    table = Table(title=f"{outcome.task} on {outcome.dataset} with run {outcome.source_run} "
-                        f"(baseline: {outcome.baseline})")
-    metrics = list(dict.fromkeys(k for r in outcome.results for k in r.metrics))
-    table.add_column("NFE", justify="right")
-    for m in metrics:
-        table.add_column(m, justify="right")
-    table.add_column("s/sample", justify="right")
-    for r in outcome.results:
-        table.add_row(str(r.nfe), *(f"{r.metrics[m]:.4f}" if m in r.metrics else "-"
-                                    for m in metrics), f"{r.seconds_per_sample:.2e}")
-    console = _console()
-    console.print(table)
-    console.print(f"run id: {outcome.run_id}  ({outcome.seconds:.1f} s)")
+    rows = [(r.nfe, r.metrics, r.seconds_per_sample) for r in outcome.results]
+    _print_metric_table(f"{outcome.task} on {outcome.dataset} with run {outcome.source_run} "
+                        f"(baseline: {outcome.baseline})", rows, outcome.run_id, outcome.seconds)
 
 
 @app.command()
