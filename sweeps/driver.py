@@ -631,6 +631,13 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
     return summary
 
 
+def _cpu_count() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGTERM to the sweep is handled as Ctrl-C: its workers are stopped, not orphaned."""
     raise KeyboardInterrupt
@@ -642,10 +649,13 @@ def _run_processes(plan: WorkerPlan, workers: int, study: Any, tracker: Tracker,
     Ctrl-C or SIGTERM stops the workers (their trials are failed, their runs KILLED)."""
     procs: list[subprocess.Popen[bytes]] = []
     warnings = []
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # K workers share the cores instead of each taking all
+        env["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // workers))
     for k in range(workers):
         one = WorkerPlan(**{**asdict(plan), "worker": k + 1})
         procs.append(subprocess.Popen([sys.executable, "-m", "sweeps.worker"],
-                                      stdin=subprocess.PIPE))
+                                      stdin=subprocess.PIPE, env=env))
         assert procs[-1].stdin is not None
         procs[-1].stdin.write(json.dumps(asdict(one)).encode())
         procs[-1].stdin.close()
