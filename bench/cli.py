@@ -291,7 +291,8 @@ def edit(
                       ] = 2,
     sigma: Annotated[float | None, typer.Option(
         help="denoise: noise level (0.5); stroke: start level (1.0); inpaint, colorize, "
-             "superres: first level t_1 (default: the run's sampling levels).")] = None,
+             "superres: first level t_1 (default: half the dataset's sigma_data; 80 for "
+             "the paper's sigma_max start).")] = None,
     seed: Annotated[int, typer.Option(help="Editing seed: image i uses (seed, i).", min=0)] = 0,
     tracking_uri: TrackingOption = None,
 ) -> None:

@@ -65,6 +65,12 @@ Reporter = Callable[[str], None]
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
 ONE_CALL_TASKS = ("denoise", "interpolate")  # always exactly one network call
 DEFAULT_SIGMA = {"denoise": 0.5, "stroke": 1.0}  # observation noise / SDEdit start level
+REPLACEMENT_TASKS = ("inpaint", "colorize", "superres")  # Algorithm 4
+# Algorithm 4's default first level t_1 on images, in units of the data's std: low enough that the
+# observed part reaches the network (from sigma_max, 1 NFE is an unconditional sample), high
+# enough that the hidden part is generated rather than copied from the fill; `--sigma` moves
+# along that trade (see default_sigma).
+START_OVER_SIGMA_DATA = 0.5
 BASELINES = {"inpaint": "mean fill", "colorize": "mean fill", "superres": "mean fill",
              "denoise": "noisy input", "stroke": "stroke input", "interpolate": "lerp"}
 INTERPOLATION_POINTS = 8  # images per interpolation path, endpoints included
@@ -86,6 +92,7 @@ class EditRequest:
     nfe: tuple[int, ...] | None = None  # None: the run's eval.nfe (1 for one-call tasks)
     factor: int = 2  # super-resolution / stroke patch size
     sigma: float | None = None  # denoise: noise level; stroke: start level; Algorithm 4: t_1
+    # (None: the task's default, see default_sigma)
     seed: int = 0  # image / point i uses (seed, i) only
     batch_size: int = 256  # images per network call
 
@@ -151,6 +158,22 @@ def check_request(request: EditRequest, dataset: Dataset, method_name: str) -> N
                          f"got {request.factor}")
 
 
+def default_sigma(task: str, dataset: Dataset, sigma_max: float) -> float | None:
+    """The level a task starts from when --sigma is not given (None: interpolation, which
+    always starts at sigma_max).
+
+    Algorithm 4 on images starts at half sigma_data, where the edit is scored against the one
+    true image (PSNR) and the observation must reach the network; on 2-D mixtures it starts at
+    sigma_max, where the edit is scored as a sample of the exact conditional (W2): a low first
+    level there noises the observed coordinate enough to send the point to a mode that the
+    replacement then contradicts, while the hidden one cannot leave the fill."""
+    if task in REPLACEMENT_TASKS:
+        if isinstance(dataset, PointsDataset):
+            return sigma_max
+        return min(START_OVER_SIGMA_DATA * dataset.sigma_data, sigma_max)
+    return DEFAULT_SIGMA.get(task)
+
+
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -169,7 +192,8 @@ def edit_run(tracker: Tracker, request: EditRequest, report: Reporter) -> EditOu
     p, state = load_run(tracker, request.run_id, report, nfes)
     method = p.method
     assert isinstance(method, ConsistencyMethod)
-    sigma = request.sigma if request.sigma is not None else DEFAULT_SIGMA.get(request.task)
+    sigma = (request.sigma if request.sigma is not None
+             else default_sigma(request.task, dataset, method.sigma_max))
     if sigma is not None and not method.sigma_min < sigma <= method.sigma_max:
         raise UsageError(f"--sigma must lie in ({method.sigma_min:g}, {method.sigma_max:g}], "
                          f"got {sigma:g}")
@@ -270,16 +294,13 @@ class _ImageEditor:
         self.truth_metrics = _frechet(p.suite, [self.truth], "_truth")
 
     def levels(self, nfe: int) -> list[float]:
-        """Algorithm 4: the method's sampling levels, or from --sigma down; stroke: from
-        sigma down; denoise: [sigma]; interpolate: [sigma_max]."""
+        """Algorithm 4 and stroke: nfe levels from sigma down; denoise: [sigma]; interpolate:
+        [sigma_max]."""
         m = self.method
-        task = self.request.task
-        if task == "interpolate":
+        if self.sigma is None:  # interpolate
             return [m.sigma_max]
-        if task == "denoise":
-            return [float(self.sigma)]  # type: ignore[arg-type]
-        if self.sigma is None:
-            return m.sample_sigmas(nfe)
+        if self.request.task == "denoise":
+            return [self.sigma]
         return edit_levels(nfe, m.sigma_min, self.sigma, m.rho)
 
     def replacement(self, indices: range) -> Replacement:
@@ -414,8 +435,8 @@ class _PointsEditor:
     def run(self, nfe: int) -> EditResult:
         """EDIT_DRAWS edits and unconditional samples per observed point, scored by W2."""
         m, device = self.method, self.p.device
-        sigmas = (m.sample_sigmas(nfe) if self.sigma is None
-                  else edit_levels(nfe, m.sigma_min, self.sigma, m.rho))
+        assert self.sigma is not None  # inpaint always has a start level
+        sigmas = edit_levels(nfe, m.sigma_min, self.sigma, m.rho)
         model = m.evaluation_model(self.ema, nfe)
         model.eval()
         n, draws = self.request.n, EDIT_DRAWS

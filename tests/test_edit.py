@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.datasets import get_dataset
-from bench.edit_run import EditRequest, check_request
+from bench.edit_run import EditRequest, check_request, default_sigma
 from bench.editing import (
     ColourBasis,
     PatchBasis,
@@ -214,6 +214,22 @@ def test_bad_requests_are_usage_errors(task: str, dataset: str, method: str,
                       get_dataset("digits"), "cd")
 
 
+def test_default_start_levels() -> None:
+    # Algorithm 4 on images starts at half sigma_data (never above sigma_max), on 2-D mixtures
+    # at sigma_max; the one-call and stroke tasks keep their own
+    digits, gmm8 = get_dataset("digits"), get_dataset("gmm8")
+    for task in ("inpaint", "colorize", "superres"):
+        assert default_sigma(task, digits, 80.0) == pytest.approx(0.25)
+        assert default_sigma(task, digits, 0.1) == 0.1
+        assert default_sigma(task, gmm8, 80.0) == 80.0
+    assert default_sigma("denoise", digits, 80.0) == 0.5
+    assert default_sigma("stroke", digits, 80.0) == 1.0
+    assert default_sigma("interpolate", digits, 80.0) is None
+    levels = edit_levels(4, 0.002, 0.25, 7.0)
+    assert levels[0] == pytest.approx(0.25) and levels == sorted(levels, reverse=True)
+    assert len(levels) == 4 and levels[-1] > 0.002
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 TINY_NET = ["--set", "net.model_channels=8", "--set", "net.channel_mult=[1]",
@@ -252,6 +268,7 @@ def test_bench_edit_on_digits_logs_a_nested_run(bench, tmp_path: Path) -> None: 
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == cd_id
     assert run.data.tags["edit"] == "inpaint" and "method" not in run.data.tags
+    assert run.data.params["edit.sigma"] == "0.25" and run.data.tags["sigmas_nfe1"] == "[0.25]"
     assert run.info.experiment_id == client.get_run(cd_id).info.experiment_id
     for key in ("psnr", "psnr_baseline", "fcd", "fcd_baseline", "fcd_truth", "nfe_measured"):
         assert sorted(m.step for m in client.get_metric_history(edit_id, key)) == [1, 2], key
@@ -286,11 +303,14 @@ def test_gmm8_conditional_w2_beats_unconditional(bench, tmp_path: Path) -> None:
                    "--steps", "1500", "--nfe", "1", "--set", "eval.num_samples=500")
     assert result.returncode == 0, result.stderr
     result = bench("edit", "--run", run_id_of(result.stdout), "--task", "inpaint", "--n", "16",
-                   "--nfe", "1,2")
+                   "--nfe", "1,2,4,8")
     assert result.returncode == 0, result.stderr
     rid = run_id_of(result.stdout)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     w2 = {m.step: m.value for m in client.get_metric_history(rid, "w2")}
     free = {m.step: m.value for m in client.get_metric_history(rid, "w2_unconditional")}
-    for nfe in (1, 2):
+    # at 1 NFE from sigma_max the edit is the unconditional sample (the observed coordinate
+    # drowned in 80 z); each later level lets the replaced coordinate steer the hidden one
+    assert abs(w2[1] - free[1]) < 0.01, (w2, free)
+    for nfe in (2, 4, 8):
         assert w2[nfe] < free[nfe], (w2, free)
