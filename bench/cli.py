@@ -173,6 +173,27 @@ def run(
     _print_outcome(outcome)
 
 
+@app.command("import")
+def import_(
+    checkpoint: Annotated[Path, typer.Option(
+        help="A checkpoint released with the consistency-models PyTorch code (state dict).")],
+    kind: Annotated[str, typer.Option(help="What it is: edm (teacher), cd or ct.")],
+    dataset: Annotated[str, typer.Option(help="imagenet64, lsun-bedroom or lsun-cat.")],
+    name: Annotated[str | None, typer.Option(help="Run name.")] = None,
+    teacher: Annotated[str, typer.Option(
+        help="cd: the EDM teacher's run id, or auto (newest finished edm run).")] = "auto",
+    set_: SetOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Turn an official checkpoint into a finished run that `bench eval` can evaluate."""
+    from bench.importer import ImportRequest, import_checkpoint
+
+    request = ImportRequest(checkpoint=checkpoint, kind=kind, dataset=dataset, name=name,
+                            teacher=teacher, sets=tuple(set_ or ()))
+    run_id = import_checkpoint(_tracker(tracking_uri, set_), request, Path.cwd(), _report)
+    _console().print(f"run id: {run_id}")
+
+
 @app.command()
 def sweep(
     method: Annotated[str, typer.Option(help="Method (see `bench methods`).")],

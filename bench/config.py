@@ -28,6 +28,7 @@ INDEX_SAMPLINGS = ("uniform", "lognormal")  # how the consistency index n is dra
 WEIGHTINGS = ("uniform", "inverse_gap")  # consistency-loss weightings lambda(t_n)
 EVAL_NOISES = ("auto", "random", "qmc")  # evaluation noise: eval.noise
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")  # consistency-loss distances
+NET_KINDS = ("auto", "mlp", "unet", "adm", "ddpmpp", "ncsnpp")  # net.kind (bench.nets)
 
 
 @dataclass
@@ -37,16 +38,20 @@ class DataConfig:
 
 @dataclass
 class NetConfig:
-    kind: str = "auto"  # "mlp" (2-D data), "unet" (images) or "auto" (by dataset kind)
+    kind: str = "auto"  # "mlp", "unet", "adm", "ddpmpp", "ncsnpp"; "auto": mlp/unet by data
     width: int = 128  # MLP hidden width
     depth: int = 3  # MLP residual blocks
     emb_dim: int = 0  # noise-embedding width; 0 = 128 (MLP) or 4 * model_channels (UNet)
     model_channels: int = 64  # UNet base channels
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # UNet per-level widths
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # per-level widths;
+    # [] = the official ADM default for the resolution (adm) or [2, 2, 2] (ddpmpp, ncsnpp)
     num_res_blocks: int = 2  # UNet residual blocks per level
     attn_resolutions: list[int] = field(default_factory=lambda: [16])  # UNet attention levels
     dropout: float = 0.0  # dropout probability inside blocks
     num_heads: int = 1  # attention heads
+    num_head_channels: int = 0  # adm: channels per attention head (> 0 overrides num_heads)
+    scale_shift_norm: bool = True  # unet, adm: embedding as GroupNorm scale and shift
+    resblock_updown: bool = False  # adm: residual blocks for up/downsampling
     class_conditional: bool = False  # condition on labels when the dataset has them
 
 
@@ -182,7 +187,8 @@ class RunConfig:
         checks: list[tuple[bool, str]] = [
             (self.seed >= 0, "seed must be >= 0"),
             (self.sampler in ("", "euler", "heun"), "sampler must be 'euler' or 'heun'"),
-            (self.net.kind in ("auto", "mlp", "unet"), "net.kind must be auto, mlp or unet"),
+            (self.net.kind in NET_KINDS, f"net.kind must be one of {', '.join(NET_KINDS)}"),
+            (self.net.num_head_channels >= 0, "net.num_head_channels must be >= 0"),
             (0.0 <= self.net.dropout < 1.0, "net.dropout must be in [0, 1)"),
             (self.train.steps >= 0, "train.steps must be >= 0"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),

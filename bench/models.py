@@ -12,7 +12,15 @@ from bench.config import NetConfig, RunConfig
 from bench.datasets import Dataset
 from bench.denoiser import Denoiser
 from bench.errors import BenchError
-from bench.nets import NetOptions, build_net
+from bench.nets import NetOptions, build_net, count_parameters
+
+NET_TITLES = {  # how `bench run` names each net kind when it reports the network it built
+    "mlp": "residual MLP",
+    "unet": "UNet",
+    "adm": "ADM UNet (Dhariwal & Nichol 2021)",
+    "ddpmpp": "DDPM++ (Song et al. 2021)",
+    "ncsnpp": "NCSN++ (Song et al. 2021)",
+}
 
 
 def net_kind(cfg: NetConfig, dataset: Dataset) -> str:
@@ -34,6 +42,9 @@ def net_options(cfg: NetConfig) -> NetOptions:
         attn_resolutions=tuple(cfg.attn_resolutions),
         dropout=cfg.dropout,
         num_heads=cfg.num_heads,
+        num_head_channels=cfg.num_head_channels,
+        scale_shift_norm=cfg.scale_shift_norm,
+        resblock_updown=cfg.resblock_updown,
     )
 
 
@@ -62,6 +73,15 @@ def new_raw_net(spec: dict[str, Any], seed: int) -> nn.Module:
     options = net_options(NetConfig(**spec["net"]))
     return build_net(spec["kind"], tuple(spec["shape"]), int(spec["num_classes"]), options,
                      seed=seed)
+
+
+def net_summary(spec: dict[str, Any], model: nn.Module) -> str:
+    """One line naming the network of a model spec and its parameter count."""
+    kind = str(spec["kind"])
+    classes = int(spec["num_classes"])
+    conditioning = f", class-conditional ({classes} classes)" if classes else ""
+    return (f"net: {kind} - {NET_TITLES.get(kind, kind)}{conditioning}, "
+            f"{count_parameters(model):,} parameters")
 
 
 def denoiser_from_spec(spec: dict[str, Any], seed: int = 0) -> Denoiser:

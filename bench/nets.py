@@ -1,4 +1,6 @@
-"""Raw networks F(x_in, c_noise, class_labels): a residual MLP for 2-D data and a small UNet.
+"""Raw networks F(x_in, c_noise, class_labels): a residual MLP for 2-D data, a small UNet, and
+(registered here, defined in bench.adm and bench.songunet) the paper's networks: the ADM UNet
+(`adm`, ImageNet-64 and LSUN-256) and DDPM++ / NCSN++ (`ddpmpp`, `ncsnpp`, CIFAR-10).
 
 Preconditioning (c_skip, c_out, c_in, c_noise) lives in `bench.denoiser.Denoiser`; the networks
 here only map (x_in, c_noise, class_labels) to an output of x_in's shape. Initialisation follows
@@ -32,7 +34,8 @@ __all__ = [
     "count_parameters",
 ]
 
-NetKind = Literal["mlp", "unet"]
+NetKind = Literal["mlp", "unet", "adm", "ddpmpp", "ncsnpp"]
+NET_KINDS: tuple[str, ...] = ("mlp", "unet", "adm", "ddpmpp", "ncsnpp")
 
 ZERO_INIT_SCALE = 1e-5  # EDM's `init_zero`: near-zero weights that close residual branches
 ATTN_INIT_SCALE = math.sqrt(0.2)  # EDM's `init_attn` for the qkv projection
@@ -42,17 +45,31 @@ SKIP_SCALE = math.sqrt(0.5)  # DDPM++ residual scaling: (branch + skip) / sqrt(2
 # --- layers with generator-driven initialisation -------------------------------------------------
 
 
-def _xavier_uniform_(
+def xavier_uniform_(
     weight: Tensor, fan_in: int, fan_out: int, scale: float, gen: torch.Generator
 ) -> None:
-    """Fill weight in place with Xavier-uniform values times scale, drawn from gen."""
+    """Fill weight in place with Xavier-uniform values times scale, drawn from gen.
+
+    Weights on the meta device (a net built under `torch.device("meta")` to count its
+    parameters) are left alone.
+    """
+    if weight.is_meta:
+        return
     bound = scale * math.sqrt(6.0 / (fan_in + fan_out))
     with torch.no_grad():
         sample = torch.rand(weight.shape, generator=gen, dtype=torch.float32)
         weight.copy_((2.0 * sample - 1.0) * bound)
 
 
-class Linear(nn.Module):
+class GeneratorInit(nn.Module):
+    """A layer whose weights are drawn from an explicit generator by reset_parameters."""
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Redraw the weights from generator."""
+        raise NotImplementedError
+
+
+class Linear(GeneratorInit):
     """Affine layer with Xavier-uniform weights scaled by init_scale and a zero bias (EDM)."""
 
     def __init__(self, in_features: int, out_features: int, init_scale: float = 1.0) -> None:
@@ -65,7 +82,7 @@ class Linear(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Redraw the weights from generator and zero the bias."""
-        _xavier_uniform_(
+        xavier_uniform_(
             self.weight, self.in_features, self.out_features, self.init_scale, generator
         )
         nn.init.zeros_(self.bias)
@@ -75,7 +92,7 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class Conv2d(nn.Module):
+class Conv2d(GeneratorInit):
     """Square 'same'-padded convolution with EDM's Xavier-uniform init scaled by init_scale."""
 
     def __init__(
@@ -98,7 +115,7 @@ class Conv2d(nn.Module):
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Redraw the weights from generator and zero the bias."""
         area = self.kernel * self.kernel
-        _xavier_uniform_(
+        xavier_uniform_(
             self.weight,
             self.in_channels * area,
             self.out_channels * area,
@@ -112,7 +129,7 @@ class Conv2d(nn.Module):
         return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.kernel // 2)
 
 
-class Embedding(nn.Module):
+class Embedding(GeneratorInit):
     """Lookup table of class vectors drawn from N(0, 1), as nn.Embedding's default."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
@@ -120,7 +137,9 @@ class Embedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Redraw the table from generator."""
+        """Redraw the table from generator (left alone on the meta device)."""
+        if self.weight.is_meta:
+            return
         with torch.no_grad():
             self.weight.copy_(torch.randn(self.weight.shape, generator=generator))
 
@@ -129,16 +148,16 @@ class Embedding(nn.Module):
         return F.embedding(labels, self.weight)
 
 
-def _reset_all(root: nn.Module, generator: torch.Generator) -> None:
+def reset_all(root: nn.Module, generator: torch.Generator) -> None:
     """Reinitialise every layer of root, in registration order, from generator."""
     for module in root.modules():
-        if isinstance(module, Linear | Conv2d | Embedding):
+        if isinstance(module, GeneratorInit):
             module.reset_parameters(generator)
         elif isinstance(module, nn.GroupNorm | nn.LayerNorm):
             module.reset_parameters()
 
 
-def _seeded(seed: int) -> torch.Generator:
+def seeded(seed: int) -> torch.Generator:
     """A CPU generator seeded with seed."""
     return torch.Generator(device="cpu").manual_seed(seed)
 
@@ -154,7 +173,14 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups(channels), channels, eps=1e-6)
 
 
-def _check_inputs(
+def check_image(x: Tensor, channels: int, resolution: int, name: str) -> None:
+    """Raise ValueError unless x is a batch of (channels, resolution, resolution) images."""
+    expected = (channels, resolution, resolution)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"{name} expects x of shape (B, {expected}), got {tuple(x.shape)}")
+
+
+def check_inputs(
     x: Tensor, c_noise: Tensor, class_labels: Tensor | None, num_classes: int
 ) -> tuple[Tensor, Tensor | None]:
     """Validate the shared forward inputs; return c_noise as float32 (B,) and the labels to use."""
@@ -266,17 +292,17 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(MLPBlock(width, emb_dim, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
         self.output = Linear(width, dim, init_scale=ZERO_INIT_SCALE)
-        self.reset_parameters(_seeded(seed))
+        self.reset_parameters(seeded(seed))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Reinitialise every weight from generator."""
-        _reset_all(self, generator)
+        reset_all(self, generator)
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """F(x, c_noise, class_labels) with x (B, dim), c_noise (B,), labels (B,) or None."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLP expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
-        c_noise, class_labels = _check_inputs(x, c_noise, class_labels, self.num_classes)
+        c_noise, class_labels = check_inputs(x, c_noise, class_labels, self.num_classes)
         emb = _condition(self.noise_embedding, self.class_embedding, c_noise, class_labels)
         h = self.input(x)
         for block in self.blocks:
@@ -287,7 +313,11 @@ class MLP(nn.Module):
 # --- UNet for images -----------------------------------------------------------------------------
 
 
-class ResBlock(nn.Module):
+class EmbedBlock(nn.Module):
+    """A block whose forward takes (x, emb): EmbedSequential passes it the embedding."""
+
+
+class ResBlock(EmbedBlock):
     """DDPM++/ADM residual block with the embedding injected by scale-shift or by addition."""
 
     def __init__(
@@ -373,9 +403,9 @@ class EmbedSequential(nn.ModuleList):
     """Layers applied in order; residual blocks also receive the embedding."""
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """Apply every layer to x, passing emb to the ResBlocks."""
+        """Apply every layer to x, passing emb to the EmbedBlocks."""
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            x = layer(x, emb) if isinstance(layer, EmbedBlock) else layer(x)
         return x
 
 
@@ -458,18 +488,16 @@ class UNet(nn.Module):
 
         self.out_norm = _group_norm(channels)
         self.out_conv = Conv2d(channels, in_channels, 3, init_scale=ZERO_INIT_SCALE)
-        self.reset_parameters(_seeded(seed))
+        self.reset_parameters(seeded(seed))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Reinitialise every weight from generator."""
-        _reset_all(self, generator)
+        reset_all(self, generator)
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """F(x, c_noise, class_labels) with x (B, C, H, W), c_noise (B,), labels (B,) or None."""
-        expected = (self.in_channels, self.resolution, self.resolution)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"UNet expects x of shape (B, {expected}), got {tuple(x.shape)}")
-        c_noise, class_labels = _check_inputs(x, c_noise, class_labels, self.num_classes)
+        check_image(x, self.in_channels, self.resolution, "UNet")
+        c_noise, class_labels = check_inputs(x, c_noise, class_labels, self.num_classes)
         emb = _condition(self.noise_embedding, self.class_embedding, c_noise, class_labels)
         skips = []
         h = x
@@ -498,7 +526,9 @@ class NetOptions:
     attn_resolutions: tuple[int, ...] = (16,)  # UNet: resolutions with self-attention
     dropout: float = 0.0  # both: dropout probability inside the blocks
     num_heads: int = 1  # UNet: attention heads
-    scale_shift_norm: bool = True  # UNet: embedding as GroupNorm scale/shift (else added)
+    scale_shift_norm: bool = True  # UNet, ADM: embedding as GroupNorm scale/shift (else added)
+    num_head_channels: int = 0  # ADM: channels per attention head (> 0 overrides num_heads)
+    resblock_updown: bool = False  # ADM: residual blocks for up/downsampling
 
     def __post_init__(self) -> None:
         """Accept lists for the tuple fields (as TOML gives them) and validate every field."""
@@ -516,8 +546,8 @@ class NetOptions:
                 f"net model_channels must be >= 1, got {self.model_channels}",
             ),
             (
-                len(self.channel_mult) >= 1 and min(self.channel_mult) >= 1,
-                f"net channel_mult must be non-empty positive ints, got {self.channel_mult}",
+                all(m >= 1 for m in self.channel_mult),
+                f"net channel_mult must be positive ints, got {self.channel_mult}",
             ),
             (
                 self.num_res_blocks >= 1,
@@ -525,6 +555,8 @@ class NetOptions:
             ),
             (0.0 <= self.dropout < 1.0, f"net dropout must be in [0, 1), got {self.dropout}"),
             (self.num_heads >= 1, f"net num_heads must be >= 1, got {self.num_heads}"),
+            (self.num_head_channels >= 0,
+             f"net num_head_channels must be >= 0, got {self.num_head_channels}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -552,8 +584,9 @@ def build_net(
             seed=seed,
         )
     if kind == "unet":
-        if len(shape) != 3 or shape[1] != shape[2]:
-            raise UsageError(f"net 'unet' needs square images of shape (C, H, H), got {shape}")
+        _require_square(kind, shape)
+        if not options.channel_mult:
+            raise UsageError("net 'unet' needs a non-empty net.channel_mult")
         levels = len(options.channel_mult)
         if shape[1] % (2 ** (levels - 1)):
             raise UsageError(
@@ -580,7 +613,53 @@ def build_net(
             scale_shift_norm=options.scale_shift_norm,
             seed=seed,
         )
-    raise unknown_name("net", str(kind), ["mlp", "unet"])
+    if kind in ("adm", "ddpmpp", "ncsnpp"):
+        return _build_paper_net(kind, shape, num_classes, options, seed)
+    raise unknown_name("net", str(kind), list(NET_KINDS))
+
+
+def _require_square(kind: str, shape: tuple[int, ...]) -> None:
+    """Image nets take square images (C, H, H)."""
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise UsageError(f"net {kind!r} needs square images of shape (C, H, H), got {shape}")
+
+
+def _build_paper_net(kind: str, shape: tuple[int, ...], num_classes: int, options: NetOptions,
+                     seed: int) -> nn.Module:
+    """The ADM UNet or DDPM++ / NCSN++ from options (imported here: they import this module)."""
+    _require_square(kind, shape)
+    if kind == "adm":
+        from bench.adm import ADMUNet
+
+        return ADMUNet(
+            shape[0],
+            shape[1],
+            model_channels=options.model_channels,
+            channel_mult=options.channel_mult,
+            num_res_blocks=options.num_res_blocks,
+            attn_resolutions=options.attn_resolutions,
+            dropout=options.dropout,
+            num_classes=num_classes,
+            num_heads=options.num_heads,
+            num_head_channels=options.num_head_channels,
+            scale_shift_norm=options.scale_shift_norm,
+            resblock_updown=options.resblock_updown,
+            seed=seed,
+        )
+    from bench.songunet import SongUNet
+
+    return SongUNet(
+        "ncsnpp" if kind == "ncsnpp" else "ddpmpp",
+        shape[0],
+        shape[1],
+        model_channels=options.model_channels,
+        channel_mult=options.channel_mult or (2, 2, 2),
+        num_blocks=options.num_res_blocks,
+        attn_resolutions=options.attn_resolutions,
+        dropout=options.dropout,
+        num_classes=num_classes,
+        seed=seed,
+    )
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -36,7 +36,7 @@ from bench.evaluation import (
     points_reference,
     prepare_metrics,
 )
-from bench.models import model_spec, new_raw_net, sigma_data_of
+from bench.models import model_spec, net_summary, new_raw_net, sigma_data_of
 from bench.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
 from bench.tracking import Tracker, git_commit, package_versions
 from bench.training import (
@@ -115,6 +115,8 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
                        metric_mode(cfg.eval.metric_tool, cfg.eval.clean_fid_mode),
                        cfg.eval.inception_weights)
     method = method_cls(ctx)
+    if method.student is not None:
+        report(net_summary(spec, method.student))
     for nfe in cfg.eval.nfe:
         method.check_nfe(nfe)
     if teacher_model is not None:

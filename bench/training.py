@@ -153,8 +153,10 @@ def load_loop_state(state: LoopState, saved: dict[str, Any]) -> None:
         state.optimizer.load_state_dict(saved["optimizer"])
     if state.ema is not None and saved.get("ema"):
         state.ema.load_state_dict(saved["ema"])
-    state.generator.set_state(saved["generator"].cpu() if state.generator.device.type == "cpu"
-                              else saved["generator"])
+    if saved["generator"].numel():  # empty: an imported run, no RNG state to restore
+        state.generator.set_state(saved["generator"].cpu()
+                                  if state.generator.device.type == "cpu"
+                                  else saved["generator"])
 
 
 @dataclass

@@ -273,7 +273,7 @@ def test_build_net_picks_sizes_from_options():
 
 
 def test_build_net_rejects_bad_arguments():
-    with pytest.raises(UsageError, match="valid: mlp, unet"):
+    with pytest.raises(UsageError, match="valid: adm, ddpmpp, mlp, ncsnpp, unet"):
         build_net("transformer", (2,), 0, NetOptions())  # type: ignore[arg-type]
     with pytest.raises(UsageError, match=r"shape \(D,\)"):
         build_net("mlp", (1, 8, 8), 0, NetOptions())
@@ -293,12 +293,16 @@ def test_net_options_validate_and_accept_lists():
     for bad in [
         {"width": 0},
         {"dropout": 1.0},
-        {"channel_mult": ()},
+        {"channel_mult": (0, 2)},
         {"num_heads": 0},
         {"emb_dim": 0},
+        {"num_head_channels": -1},
     ]:
         with pytest.raises(UsageError):
             NetOptions(**bad)
+    # () is the official per-resolution default of adm; the small UNet has none
+    with pytest.raises(UsageError, match="non-empty net.channel_mult"):
+        build_net("unet", (3, 8, 8), 0, NetOptions(channel_mult=()))
 
 
 def test_count_parameters():
