@@ -281,3 +281,48 @@ def test_bench_import_makes_a_finished_run_whose_checkpoint_exports_back(tmp_pat
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "input_blocks.0.0.weight has shape (32, 3, 5, 5)" in lines[0]
     assert len(tracker.search("imagenet64", "")) == 1  # the failed import created no run
+
+
+def _imagenet_folder(root: Path) -> Path:
+    """Four 64x64 images as a downsampled-ImageNet batch: data uint8 (N, 12288), labels 1-based."""
+    import numpy as np
+
+    folder = root / "imagenet64"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(folder / "train_data_batch_1.npz",
+             data=rng.integers(0, 256, (4, 3 * 64 * 64), dtype=np.uint8),
+             labels=np.array([1, 5, 1000, 7]))
+    return folder
+
+
+@pytest.mark.slow
+def test_full_adm_runs_one_iteration_of_edm_then_cd_on_imagenet64_npz(tmp_path):
+    """The must-show of the paper-scale issue: the ImageNet-64 presets build the full ADM
+    (295.90M parameters), print it, and run one iteration and a 1-NFE evaluation on the CPU.
+
+    FID needs Inception weights, which cannot be downloaded here: the run gets a random-weights
+    file of torch-fidelity's architecture (as tests/test_fid.py does) through
+    eval.inception_weights, so the real FID code path runs on 2 samples. CD uses
+    cd.distance=l2 (the paper's CD-l2 model) because LPIPS needs the lpips package and VGG
+    weights, which this machine lacks.
+    """
+    from tests.test_fid import torch_fidelity_shell_state
+
+    folder = _imagenet_folder(tmp_path)
+    torch.save(torch_fidelity_shell_state(0), tmp_path / "inception.pth")
+    common = ["--dataset", "imagenet64", "--set", f"data.path={folder}", "--steps", "1",
+              "--set", "train.batch_size=2", "--nfe", "1", "--set", "eval.num_samples=2",
+              "--set", "eval.batch_size=2", "--set", "eval.inception_weights=inception.pth"]
+    expected = f"{295_899_267:,} parameters"
+    edm = run_bench(["run", "--method", "edm", *common], tmp_path, timeout=1800)
+    assert edm.returncode == 0, edm.stderr
+    assert "presets: *.imagenet64, edm.*, edm.imagenet64" in edm.stderr
+    assert "net: adm - ADM UNet" in edm.stderr and "class-conditional (1000 classes)" in edm.stderr
+    assert expected in edm.stderr.replace("\n", " ")
+    cd = run_bench(["run", "--method", "cd", "--teacher", "auto", *common,
+                    "--set", "cd.distance=l2"], tmp_path, timeout=1800)
+    assert cd.returncode == 0, cd.stderr
+    assert "presets: *.imagenet64, cd.imagenet64" in cd.stderr
+    assert "net: adm - ADM UNet" in cd.stderr and expected in cd.stderr.replace("\n", " ")
+    assert "fid" in cd.stdout and "run id: " in cd.stdout
