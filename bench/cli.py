@@ -411,15 +411,25 @@ def ui(
 @app.command()
 def perf(
     out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON.")] = None,
-    iters: Annotated[int, typer.Option(help="Timed iterations per figure.", min=5)] = 30,
+    rounds: Annotated[int, typer.Option(
+        help="Timed rounds per side and figure (medians over at least this many).", min=3)
+    ] = 20,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
-    """Measure bench's overhead over bare PyTorch loops (training and sampling)."""
-    from bench.perf import print_rows, run_perf, write_json
+    """Overhead of training, sampling and evaluation over bare PyTorch loops, and peak memory."""
+    import time
 
-    rows = run_perf(iters, _report)
+    from bench.perf import print_rows, run_perf, write_json
+    from bench.runner import resolve_device
+
+    start = time.perf_counter()
+    rows = run_perf(rounds, _report, resolve_device(device))
+    seconds = time.perf_counter() - start
     print_rows(rows, _console())
+    _report(f"{seconds:.0f} s")
     if out is not None:
-        write_json(rows, out)
+        write_json(rows, out, resolve_device(device), seconds)
+        _report(f"wrote {out}")
 
 
 @app.command()

@@ -149,7 +149,8 @@ def generate(
     calls = 0
     batches = 0
     seconds = 0.0
-    model.eval()
+    if model.training:  # Module.eval() walks every submodule: not on every call
+        model.eval()
     for start in range(0, num_samples, batch_size):
         indices = range(start, min(start + batch_size, num_samples))
         rng = (SobolGenerator(seed, indices, device) if qmc

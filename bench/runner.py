@@ -270,8 +270,8 @@ def execute(
         if remote:
             tracker.log_artifact(run_id, ckpt_path, "checkpoints")
 
-    def log(metrics: dict[str, float], step: int) -> None:
-        tracker.log_metrics(run_id, metrics, step)
+    def log(metrics: dict[str, float], step: int) -> None:  # queued: off the training path
+        tracker.log_metrics(run_id, metrics, step, wait=False)
 
     def intermediate_eval(s: LoopState) -> None:
         results = evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device)

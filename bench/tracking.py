@@ -85,6 +85,7 @@ class Tracker:
 
         self.uri = uri
         self.runs_dir = runs_dir
+        self._pending: dict[str, list[Any]] = {}  # run id -> MLflow RunOperations in flight
         if uri.startswith("sqlite:///"):
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -134,7 +135,8 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        """Close a run as FINISHED, FAILED or KILLED."""
+        """Close a run as FINISHED, FAILED or KILLED, once its queued metrics are stored."""
+        self.flush(run_id)
         self.client.set_terminated(run_id, status=status)
 
     def get_run(self, run_id: str) -> RunRecord:
@@ -143,6 +145,7 @@ class Tracker:
 
         if not RUN_ID_PATTERN.match(run_id):
             raise BenchError(f"unknown run id {run_id!r} (run ids are 32 hex characters)")
+        self.flush(run_id)
         try:
             run = self.client.get_run(run_id)
         except MlflowException:
@@ -189,6 +192,7 @@ class Tracker:
 
     def metric_points(self, run_id: str, key: str) -> list[MetricPoint]:
         """Every logged value of one metric with its step and timestamp."""
+        self.flush(run_id)
         return [MetricPoint(m.step, m.value, m.timestamp)
                 for m in self.client.get_metric_history(run_id, key)]
 
@@ -217,17 +221,37 @@ class Tracker:
         with contextlib.suppress(MlflowException):
             self.client.delete_tag(run_id, key)
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        """Log several metrics at one step."""
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int,
+                    wait: bool = True) -> None:
+        """Log several metrics at one step.
+
+        wait=False queues them on MLflow's asynchronous logging thread, so a training loop
+        does not wait for the store; end_run and the readers of the run wait for the queue.
+        """
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        if items:
+        if not items:
+            return
+        if wait:
             self.client.log_batch(run_id, metrics=items, synchronous=True)
+            return
+        queued = self._pending.setdefault(run_id, [])
+        if len(queued) >= 64:  # long done by now: collect them (and any error)
+            for pending in queued[:32]:
+                pending.wait()
+            del queued[:32]
+        queued.append(self.client.log_batch(run_id, metrics=items, synchronous=False))
+
+    def flush(self, run_id: str) -> None:
+        """Wait until the run's queued metrics are in the store (an error surfaces here)."""
+        for pending in self._pending.pop(run_id, []):
+            pending.wait()
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """(step, value) pairs of one metric."""
+        self.flush(run_id)
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:

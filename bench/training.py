@@ -177,18 +177,55 @@ def train_loop(
     hooks: LoopHooks,
     until: int | None = None,
 ) -> LoopState:
-    """Run optimizer iterations from state.step to method.total_steps() (or `until`)."""
+    """Run optimizer iterations from state.step to method.total_steps() (or `until`).
+
+    train.nonfinite = "stop" never waits for the device inside an iteration: the first
+    non-finite iteration is kept on the device and checked where the loop syncs anyway (the
+    log), before a checkpoint or an evaluation, and when the loop ends or is interrupted, so
+    weights that went non-finite are never kept. "skip" needs the answer at once (one sync).
+    """
+    first_bad = torch.full((), _NO_ITERATION, dtype=torch.int64, device=stream.device)
+    try:
+        _iterate(method, cfg, stream, state, hooks, until, first_bad)
+    except KeyboardInterrupt:
+        _check_finite(first_bad)
+        raise
+    _check_finite(first_bad)
+    return state
+
+
+_NO_ITERATION = 2**62  # first_bad before any non-finite iteration
+
+
+def _check_finite(first_bad: torch.Tensor) -> None:
+    """Raise NonFiniteLoss naming the first non-finite iteration, if there was one (a sync)."""
+    bad = int(first_bad)
+    if bad != _NO_ITERATION:
+        raise NonFiniteLoss(f"non-finite loss at iteration {bad}")
+
+
+def _iterate(
+    method: Method,
+    cfg: TrainConfig,
+    stream: BatchStream,
+    state: LoopState,
+    hooks: LoopHooks,
+    until: int | None,
+    first_bad: torch.Tensor,
+) -> None:
+    """The iterations of train_loop; records the first non-finite one in first_bad."""
     student = method.student
     total = method.total_steps()
     stop = total if until is None else min(until, total)
     if student is None or state.optimizer is None or state.step >= stop:
-        return state
+        return
     optimizer = state.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ema = ParamAverage(state.ema, student) if state.ema is not None else None
     student.train()
     loss_sum = torch.zeros((), device=stream.device)
     loss_count = 0
+    deferred = cfg.nonfinite == "stop"
     window_start = time.perf_counter()
     window_steps = 0
     while state.step < stop:
@@ -197,17 +234,17 @@ def train_loop(
         for group in optimizer.param_groups:
             group["lr"] = lr
         x0, labels = stream.batch(step)
+        optimizer.zero_grad(set_to_none=True)  # before the forward: no old gradients at its peak
         loss = method.loss(x0, labels, step, state.generator).mean()
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
             finite = torch.isfinite(grad_norm)
         else:
             finite = torch.isfinite(loss.detach())
-        if not bool(finite):
-            if cfg.nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss at iteration {step}")
+        if deferred:
+            torch.minimum(first_bad, torch.where(finite, _NO_ITERATION, step), out=first_bad)
+        if not deferred and not bool(finite):
             optimizer.zero_grad(set_to_none=True)
         else:
             optimizer.step()
@@ -219,10 +256,11 @@ def train_loop(
         state.step = step + 1
         window_steps += 1
         if state.step % cfg.log_every == 0 or state.step == total:
+            _check_finite(first_bad)
             mean_loss = float(loss_sum) / max(loss_count, 1)
-            elapsed = time.perf_counter() - window_start
-            metrics = {"loss": mean_loss, "lr": lr,
-                       "iters_per_second": window_steps / max(elapsed, 1e-9)}
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            metrics = {"loss": mean_loss, "lr": lr, "iters_per_second": window_steps / elapsed,
+                       "images_per_second": window_steps * stream.batch_size / elapsed}
             metrics.update(method.schedule_values(step))
             if hooks.log is not None:
                 hooks.log(metrics, state.step)
@@ -232,14 +270,13 @@ def train_loop(
             loss_count = 0
             window_start = time.perf_counter()
             window_steps = 0
-            if not math.isfinite(mean_loss) and cfg.nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss at iteration {step}")
         if hooks.checkpoint is not None and _due(state.step, cfg.checkpoint_every, total):
+            _check_finite(first_bad)
             hooks.checkpoint(state)
         if hooks.evaluate is not None and _due(state.step, cfg.eval_every, total):
+            _check_finite(first_bad)
             hooks.evaluate(state)
             student.train()
-    return state
 
 
 def _due(step: int, every: int, total: int) -> bool:

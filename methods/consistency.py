@@ -195,12 +195,14 @@ class ConsistencyMethod(Method):
         x = x0 + sigma_next.reshape(-1, *([1] * (x0.ndim - 1))) * z
         dropout = self.config.net.dropout > 0
         rng_state = _rng_state(x0.device) if dropout else None
-        online = self._student(x, sigma_next, labels)
+        # the no-grad passes first, so that their activations never sit on top of the
+        # student's autograd graph; the student then replays the target's dropout RNG state
         with torch.no_grad():
             x_hat = self.x_hat(x0, x, z, sigma_next, sigma, labels)
             target = self.target if self.target is not None else self._student
             with _replayed(rng_state, x0.device) if dropout else nullcontext():
                 wanted = target(x_hat, sigma, labels)
+        online = self._student(x, sigma_next, labels)
         per_sample = self.distance(online, wanted)
         weight = self.weight(sigma_next, sigma)
         return per_sample if weight is None else weight * per_sample
@@ -247,7 +249,8 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 
 class _replayed:
-    """Run a block with the RNG rewound to `state`, then put the advanced state back."""
+    """Run a block with the RNG set to `state`, then put back the state from before the block
+    (so the next random draws, the student's dropout, see `state` again)."""
 
     def __init__(self, state: dict[str, Any] | None, device: torch.device) -> None:
         self.state = state

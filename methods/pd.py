@@ -121,6 +121,7 @@ class PD(Method):
         self._stage_teacher_steps = 0  # which snapshot _stage_teacher holds (0 = none)
         self._snapshots: dict[int, StateDict] = {}  # student steps -> stage-end weights (CPU)
         self._snapshot_models: dict[int, nn.Module] = {}  # built lazily for evaluation
+        self._loss_grids: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     @staticmethod
     def _check_architecture(teacher: Denoiser, ctx: MethodContext) -> None:
@@ -169,6 +170,13 @@ class PD(Method):
         d = self.config.diffusion
         return nested_sigmas(n_steps, d.sigma_min, d.sigma_max, d.rho)
 
+    def _loss_grid(self, n_steps: int, like: torch.Tensor) -> torch.Tensor:
+        """grid(n_steps) on like's device and dtype, made once per stage, not per iteration."""
+        key = (n_steps, like.device, like.dtype)
+        if key not in self._loss_grids:
+            self._loss_grids[key] = self.grid(n_steps).to(device=like.device, dtype=like.dtype)
+        return self._loss_grids[key]
+
     def _teacher_of(self, stage: int) -> nn.Module:
         """The original teacher for stage 0; the previous stage's snapshot afterwards."""
         if stage == 0:
@@ -202,7 +210,7 @@ class PD(Method):
         """Truncated-SNR weighted L2 to the two-teacher-step x0 target at a random student step."""
         stage = self.stage_of(step)
         n = self.student_steps(stage)
-        grid = self.grid(2 * n).to(device=x0.device, dtype=x0.dtype)
+        grid = self._loss_grid(2 * n, x0)
         b = x0.shape[0]
         i = torch.randint(n, (b,), generator=generator, device=x0.device)
         t, t2, t3 = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
