@@ -310,8 +310,9 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
                       **method.schedule_values(0)}
     for step in range(4):  # the first call starts MLflow's logging thread
         log(sample_metrics, -1 - step)
-    bench_block(2)  # warm-up: the first optimizer step allocates its state
-    block = _block(bare_block(2) / 2)
+    bench_block(1)  # warm-up: the first optimizer step allocates its state
+    bare_block(1)
+    block = _block(bare_block(1))
     del log_seconds[:1]
     log_share = statistics.mean(log_seconds) / cfg.train.log_every
     bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block + log_share,

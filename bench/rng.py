@@ -7,6 +7,8 @@ tensor ops (no per-sample generator objects), and the values are the same on eve
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from collections.abc import Sequence
 
@@ -37,14 +39,47 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def mix32_int(x: int) -> int:
+    """mix32 of one 32-bit Python int, with no tensor ops (the same values as mix32)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def mix32_np(x: np.ndarray) -> np.ndarray:
+    """mix32 on uint32 arrays, whose products wrap modulo 2^32 natively (the same values)."""
+    x = x ^ (x >> np.uint32(16))
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
 def _fold(value: int) -> int:
     """A 32-bit digest of an arbitrary non-negative Python int."""
     out = 0x2545F491
     while True:
-        out = int(mix32(torch.tensor((out ^ (value & MASK32)) & MASK32)))
+        out = mix32_int((out ^ (value & MASK32)) & MASK32)
         value >>= 32
         if value == 0:
             return out
+
+
+def _index_array(indices: Sequence[int]) -> np.ndarray:
+    """Sample indices as uint32, checked to lie in [0, 2^32); a range costs no Python loop."""
+    if isinstance(indices, range):
+        idx = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64)
+        ends = (indices[0], indices[-1]) if len(indices) else (0, 0)
+        low, high = min(ends), max(ends)
+    else:
+        idx = np.asarray(list(indices), dtype=np.int64)
+        low, high = (int(idx.min()), int(idx.max())) if idx.size else (0, 0)
+    if low < 0 or high > MASK32:
+        raise ValueError("sample indices must lie in [0, 2^32)")
+    return idx.astype(np.uint32)
 
 
 class StackedGenerator:
@@ -53,30 +88,45 @@ class StackedGenerator:
     def __init__(self, seed: int, indices: Sequence[int], device: torch.device | str = "cpu",
                  ) -> None:
         self.device = torch.device(device)
-        idx = torch.as_tensor(list(indices), dtype=torch.int64)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) > MASK32):
-            raise ValueError("sample indices must lie in [0, 2^32)")
-        seed_key = _fold(seed)
-        self._key1 = mix32(mix32(idx ^ seed_key) ^ 0x68E31DA4).to(self.device)
-        self._key2 = mix32(self._key1 ^ 0xB5297A4D)
+        idx = _index_array(indices)
+        seed_key = np.uint32(_fold(seed))
+        # the same hashes as mix32 on int64 tensors, in numpy's wrapping uint32 arithmetic: a
+        # few array ops instead of dozens of tensor ops (on the CPU the noise is made there too)
+        key1 = mix32_np(mix32_np(idx ^ seed_key) ^ np.uint32(0x68E31DA4))
+        self._np_keys = (key1, mix32_np(key1 ^ np.uint32(0xB5297A4D)))
+        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # on a GPU: on the device
+        if self.device.type != "cpu":
+            self._keys = (torch.from_numpy(key1.astype(np.int64)).to(self.device),
+                          torch.from_numpy(self._np_keys[1].astype(np.int64)).to(self.device))
         self._draws = 0  # number of randn calls so far: each call is a fresh block of the stream
 
     def __len__(self) -> int:
-        return int(self._key1.shape[0])
+        return int(self._np_keys[0].shape[0])
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal noise of shape (len(self), *shape), by Box-Muller in float64."""
         per_sample = math.prod(shape)
-        draw = int(mix32(torch.tensor(self._draws * 0x9E3779B9 & MASK32)))
+        draw = mix32_int(self._draws * 0x9E3779B9 & MASK32)
         self._draws += 1
-        element = torch.arange(per_sample, dtype=torch.int64, device=self.device)
-        h = mix32((element[None, :] * 0x27D4EB2F & MASK32) ^ self._key1[:, None] ^ draw)
-        u1 = mix32(h ^ self._key2[:, None])
-        u2 = mix32(u1 ^ 0x165667B1)
+        if self._keys is None:
+            key1, key2 = self._np_keys
+            element = np.arange(per_sample, dtype=np.uint32) * np.uint32(0x27D4EB2F)
+            h = mix32_np((element[None, :] ^ key1[:, None]) ^ np.uint32(draw))
+            u1_np = mix32_np(h ^ key2[:, None])
+            u1 = torch.from_numpy(u1_np)
+            u2 = torch.from_numpy(mix32_np(u1_np ^ np.uint32(0x165667B1)))
+        else:
+            key1_t, key2_t = self._keys
+            element = torch.arange(per_sample, dtype=torch.int64, device=self.device)
+            h = mix32((element[None, :] * 0x27D4EB2F & MASK32) ^ key1_t[:, None] ^ draw)
+            u1 = mix32(h ^ key2_t[:, None])
+            u2 = mix32(u1 ^ 0x165667B1)
         scale = 1.0 / 4294967296.0
-        r = torch.sqrt(-2.0 * torch.log((u1.to(torch.float64) + 0.5) * scale))
-        z = r * torch.cos(2.0 * math.pi * (u2.to(torch.float64) + 0.5) * scale)
-        return z.to(dtype).reshape(len(self), *shape)
+        # in place, in the same order as sqrt(-2 log((u1 + 0.5) s)) cos(2 pi (u2 + 0.5) s):
+        # the same values without a fresh buffer per step
+        r = u1.to(torch.float64).add_(0.5).mul_(scale).log_().mul_(-2.0).sqrt_()
+        c = u2.to(torch.float64).add_(0.5).mul_(2.0 * math.pi).mul_(scale).cos_()
+        return r.mul_(c).to(dtype).reshape(len(self), *shape)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         """Noise shaped like the batch x, one stream per row."""
@@ -87,6 +137,13 @@ class StackedGenerator:
 
 SOBOL_DIMS = 256  # Sobol coordinates per sample path: 128 draws of 2-D noise
 _SOBOL_STREAM = MASK32  # stream tag of the scramble seed (sample streams use 0 .. 2^32 - 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _scrambled_sobol(seed: int, dims: int) -> torch.quasirandom.SobolEngine:
+    """The scrambled engine of a seed, made once: scrambling costs far more than drawing."""
+    return torch.quasirandom.SobolEngine(dims, scramble=True,
+                                         seed=sample_seed(seed, _SOBOL_STREAM))
 
 
 class SobolGenerator(StackedGenerator):
@@ -108,8 +165,7 @@ class SobolGenerator(StackedGenerator):
             raise ValueError("quasi-random noise needs a contiguous range of sample indices")
         if not 1 <= dims <= torch.quasirandom.SobolEngine.MAXDIM:
             raise ValueError(f"dims must be in [1, {torch.quasirandom.SobolEngine.MAXDIM}]")
-        engine = torch.quasirandom.SobolEngine(dims, scramble=True,
-                                               seed=sample_seed(seed, _SOBOL_STREAM))
+        engine = copy.deepcopy(_scrambled_sobol(seed, dims))
         if idx:
             engine.fast_forward(idx[0])
         self._points = engine.draw(len(idx), dtype=torch.float64)

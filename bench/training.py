@@ -184,24 +184,26 @@ def train_loop(
     log), before a checkpoint or an evaluation, and when the loop ends or is interrupted, so
     weights that went non-finite are never kept. "skip" needs the answer at once (one sync).
     """
-    first_bad = torch.full((), _NO_ITERATION, dtype=torch.int64, device=stream.device)
+    unchecked: list[tuple[int, torch.Tensor]] = []  # (iteration, finite) not yet looked at
     try:
-        _iterate(method, cfg, stream, state, hooks, until, first_bad)
+        _iterate(method, cfg, stream, state, hooks, until, unchecked)
     except KeyboardInterrupt:
-        _check_finite(first_bad)
+        _check_finite(unchecked)
         raise
-    _check_finite(first_bad)
+    _check_finite(unchecked)
     return state
 
 
-_NO_ITERATION = 2**62  # first_bad before any non-finite iteration
-
-
-def _check_finite(first_bad: torch.Tensor) -> None:
-    """Raise NonFiniteLoss naming the first non-finite iteration, if there was one (a sync)."""
-    bad = int(first_bad)
-    if bad != _NO_ITERATION:
-        raise NonFiniteLoss(f"non-finite loss at iteration {bad}")
+def _check_finite(unchecked: list[tuple[int, torch.Tensor]]) -> None:
+    """Raise NonFiniteLoss naming the first non-finite iteration among the unchecked ones (one
+    sync for all of them); forget them when all were finite."""
+    if not unchecked:
+        return
+    finite = torch.stack([flag for _, flag in unchecked]).cpu()
+    if not bool(finite.all()):
+        first = unchecked[int(finite.logical_not().nonzero()[0, 0])][0]
+        raise NonFiniteLoss(f"non-finite loss at iteration {first}")
+    unchecked.clear()
 
 
 def _iterate(
@@ -211,9 +213,10 @@ def _iterate(
     state: LoopState,
     hooks: LoopHooks,
     until: int | None,
-    first_bad: torch.Tensor,
+    unchecked: list[tuple[int, torch.Tensor]],
 ) -> None:
-    """The iterations of train_loop; records the first non-finite one in first_bad."""
+    """The iterations of train_loop; with train.nonfinite = "stop" each one's finiteness
+    flag is appended to unchecked (on the device)."""
     student = method.student
     total = method.total_steps()
     stop = total if until is None else min(until, total)
@@ -243,7 +246,9 @@ def _iterate(
         else:
             finite = torch.isfinite(loss.detach())
         if deferred:
-            torch.minimum(first_bad, torch.where(finite, _NO_ITERATION, step), out=first_bad)
+            unchecked.append((step, finite))
+            if len(unchecked) >= 1024:  # however rarely the loop logs
+                _check_finite(unchecked)
         if not deferred and not bool(finite):
             optimizer.zero_grad(set_to_none=True)
         else:
@@ -256,7 +261,7 @@ def _iterate(
         state.step = step + 1
         window_steps += 1
         if state.step % cfg.log_every == 0 or state.step == total:
-            _check_finite(first_bad)
+            _check_finite(unchecked)
             mean_loss = float(loss_sum) / max(loss_count, 1)
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             metrics = {"loss": mean_loss, "lr": lr, "iters_per_second": window_steps / elapsed,
@@ -271,10 +276,10 @@ def _iterate(
             window_start = time.perf_counter()
             window_steps = 0
         if hooks.checkpoint is not None and _due(state.step, cfg.checkpoint_every, total):
-            _check_finite(first_bad)
+            _check_finite(unchecked)
             hooks.checkpoint(state)
         if hooks.evaluate is not None and _due(state.step, cfg.eval_every, total):
-            _check_finite(first_bad)
+            _check_finite(unchecked)
             hooks.evaluate(state)
             student.train()
 

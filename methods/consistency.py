@@ -98,6 +98,7 @@ class ConsistencyMethod(Method):
             self._target_average = ParamAverage(self.target, self._student)
         self._grids: dict[int, torch.Tensor] = {}
         self._index_probs: dict[int, torch.Tensor] = {}
+        self._sample_sigmas: dict[int, torch.Tensor] = {}  # per NFE, made once
 
     def initial_student(self) -> Denoiser:
         """A fresh network (CT); CD overrides this to start from the teacher."""
@@ -235,7 +236,9 @@ class ConsistencyMethod(Method):
     def sample(self, model: Model, noise: torch.Tensor, nfe: int, rng: StackedGenerator,
                ) -> torch.Tensor:
         """Multistep consistency sampling (Song et al. 2023, Algorithm 1)."""
-        sigmas = torch.tensor(self.sample_sigmas(nfe))
+        if nfe not in self._sample_sigmas:
+            self._sample_sigmas[nfe] = torch.tensor(self.sample_sigmas(nfe))
+        sigmas = self._sample_sigmas[nfe]
         return sample_consistency(model, noise * float(sigmas[0]), sigmas, rng, self.sigma_min,
                                   self.ctx.dataset.clamp)
 
