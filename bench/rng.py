@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
+_SCALE = 1.0 / 4294967296.0  # 2^-32: uint32 -> (0, 1)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -109,24 +110,38 @@ class StackedGenerator:
         draw = mix32_int(self._draws * 0x9E3779B9 & MASK32)
         self._draws += 1
         if self._keys is None:
-            key1, key2 = self._np_keys
-            element = np.arange(per_sample, dtype=np.uint32) * np.uint32(0x27D4EB2F)
-            h = mix32_np((element[None, :] ^ key1[:, None]) ^ np.uint32(draw))
-            u1_np = mix32_np(h ^ key2[:, None])
-            u1 = torch.from_numpy(u1_np)
-            u2 = torch.from_numpy(mix32_np(u1_np ^ np.uint32(0x165667B1)))
-        else:
-            key1_t, key2_t = self._keys
-            element = torch.arange(per_sample, dtype=torch.int64, device=self.device)
-            h = mix32((element[None, :] * 0x27D4EB2F & MASK32) ^ key1_t[:, None] ^ draw)
-            u1 = mix32(h ^ key2_t[:, None])
-            u2 = mix32(u1 ^ 0x165667B1)
-        scale = 1.0 / 4294967296.0
-        # in place, in the same order as sqrt(-2 log((u1 + 0.5) s)) cos(2 pi (u2 + 0.5) s):
-        # the same values without a fresh buffer per step
-        r = u1.to(torch.float64).add_(0.5).mul_(scale).log_().mul_(-2.0).sqrt_()
-        c = u2.to(torch.float64).add_(0.5).mul_(2.0 * math.pi).mul_(scale).cos_()
+            return self._randn_numpy(per_sample, draw).to(dtype).reshape(len(self), *shape)
+        key1_t, key2_t = self._keys
+        element = torch.arange(per_sample, dtype=torch.int64, device=self.device)
+        h = mix32((element[None, :] * 0x27D4EB2F & MASK32) ^ key1_t[:, None] ^ draw)
+        u1 = mix32(h ^ key2_t[:, None])
+        u2 = mix32(u1 ^ 0x165667B1)
+        # in place, in the same order as sqrt(-2 log((u1 + 0.5) s)) cos(2 pi (u2 + 0.5) s)
+        r = u1.to(torch.float64).add_(0.5).mul_(_SCALE).log_().mul_(-2.0).sqrt_()
+        c = u2.to(torch.float64).add_(0.5).mul_(2.0 * math.pi).mul_(_SCALE).cos_()
         return r.mul_(c).to(dtype).reshape(len(self), *shape)
+
+    def _randn_numpy(self, per_sample: int, draw: int) -> torch.Tensor:
+        """randn on the CPU: the hashes and the float64 + and x in numpy, log, sqrt and cos by
+        torch's kernels as on any device: the same values, fewer dispatches."""
+        key1, key2 = self._np_keys
+        element = np.arange(per_sample, dtype=np.uint32) * np.uint32(0x27D4EB2F)
+        h = mix32_np((element[None, :] ^ key1[:, None]) ^ np.uint32(draw))
+        u1 = mix32_np(h ^ key2[:, None])
+        u2 = mix32_np(u1 ^ np.uint32(0x165667B1))
+        r = u1.astype(np.float64)
+        r += 0.5
+        r *= _SCALE
+        torch.from_numpy(r).log_()
+        r *= -2.0
+        torch.from_numpy(r).sqrt_()
+        c = u2.astype(np.float64)
+        c += 0.5
+        c *= 2.0 * math.pi
+        c *= _SCALE
+        torch.from_numpy(c).cos_()
+        r *= c
+        return torch.from_numpy(r)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         """Noise shaped like the batch x, one stream per row."""

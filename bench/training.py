@@ -46,6 +46,62 @@ def _can_fuse(params: list[nn.Parameter]) -> bool:
             and all(p.is_floating_point() for p in params))
 
 
+class FusedAdamStep:
+    """optimizer.step() of a fused Adam or AdamW with one parameter group, calling torch's own
+    kernels with the tensor lists built once: torch's step regroups every tensor on every call,
+    which on a small net takes about as long as the kernel itself. Anything else (RAdam, an
+    unfused optimizer, parameters without gradients) goes through optimizer.step(). Build a new
+    one whenever the optimizer's state is replaced (load_state_dict)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._lists: tuple[list[torch.Tensor], ...] | None = None
+        self._first = True
+
+    def __call__(self) -> None:
+        """One optimizer step."""
+        lists = self._lists
+        if lists is None:
+            self.optimizer.step()
+            if self._first:  # the first step creates the state the lists point at
+                self._first = False
+                self._lists = self._fast_lists()
+            return
+        params, exp_avgs, exp_avg_sqs, steps = lists
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            self.optimizer.step()
+            return
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+        torch._foreach_add_(steps, 1)
+        fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
+              beta1=float(beta1), beta2=float(beta2), weight_decay=group["weight_decay"],
+              eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
+
+    def _fast_lists(self) -> tuple[list[torch.Tensor], ...] | None:
+        """(params, exp_avgs, exp_avg_sqs, steps) when the fast path applies, else None."""
+        opt = self.optimizer
+        if not isinstance(opt, torch.optim.Adam) or len(opt.param_groups) != 1:
+            return None
+        group = opt.param_groups[0]
+        if (not group.get("fused") or group["amsgrad"] or group["maximize"]
+                or group["capturable"] or group["differentiable"]
+                or isinstance(group["lr"], torch.Tensor)
+                or any(isinstance(b, torch.Tensor) for b in group["betas"])
+                or "decoupled_weight_decay" not in group):
+            return None
+        params = list(group["params"])
+        states = [opt.state.get(p, {}) for p in params]
+        if not params or not all({"exp_avg", "exp_avg_sq", "step"} <= set(s) for s in states):
+            return None
+        if len({(p.device, p.dtype) for p in params}) != 1:
+            return None
+        return (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states])
+
+
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     """Learning rate at iteration step of total: linear warm-up to cfg.lr, then constant, or
     decaying to 0 at the last iteration (cosine or linear) over the iterations after warm-up."""
@@ -224,6 +280,7 @@ def _iterate(
         return
     optimizer = state.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizer_step = FusedAdamStep(optimizer)
     ema = ParamAverage(state.ema, student) if state.ema is not None else None
     student.train()
     loss_sum = torch.zeros((), device=stream.device)
@@ -252,7 +309,7 @@ def _iterate(
         if not deferred and not bool(finite):
             optimizer.zero_grad(set_to_none=True)
         else:
-            optimizer.step()
+            optimizer_step()
             if ema is not None:
                 ema.update(cfg.ema_rate)
             method.after_step(step, state.ema)

@@ -73,3 +73,54 @@ def test_a_non_finite_loss_stops_the_loop_before_any_checkpoint(tmp_path: Path) 
         train_loop(_Exploding(method, 6), train, stream, state, hooks,  # type: ignore[arg-type]
                    until=20)
     assert saved == [4]  # the checkpoint due at 8 would hold non-finite weights: never written
+
+
+def test_cpu_noise_path_equals_the_tensor_path() -> None:
+    """On the CPU the per-sample noise is hashed in numpy (the fast path); any other device runs
+    the same hash as tensor ops. Both must give the same values, in float32 and float64."""
+    import numpy as np
+
+    from bench.rng import StackedGenerator, mix32, mix32_np
+
+    edge = np.array([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789], dtype=np.uint32)
+    assert np.array_equal(mix32_np(edge).astype(np.int64),
+                          mix32(torch.from_numpy(edge.astype(np.int64))).numpy())
+    for seed, indices in ((0, range(0, 50)), (2**40 + 3, [7, 2**32 - 1, 0, 5])):
+        fast = StackedGenerator(seed, indices)
+        tensor_path = StackedGenerator(seed, indices)
+        key1, key2 = tensor_path._np_keys
+        tensor_path._keys = (torch.from_numpy(key1.astype(np.int64)),
+                             torch.from_numpy(key2.astype(np.int64)))
+        for shape, dtype in (((3, 8, 8), torch.float32), ((2,), torch.float64),
+                             ((3, 8, 8), torch.float64)):
+            assert torch.equal(fast.randn(shape, dtype), tensor_path.randn(shape, dtype))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "radam"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_fused_adam_step_equals_optimizer_step(optimizer: str, weight_decay: float) -> None:
+    """The training loop's optimizer step (lists built once for fused Adam/AdamW) leaves the
+    same weights and the same optimizer state as optimizer.step()."""
+    from bench.config import TrainConfig
+    from bench.training import FusedAdamStep, make_optimizer
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))]
+    nets.append(__import__("copy").deepcopy(nets[0]))
+    cfg = TrainConfig(optimizer=optimizer, weight_decay=weight_decay, lr=1e-2)
+    optimizers = [make_optimizer(list(net.parameters()), cfg) for net in nets]
+    fast = FusedAdamStep(optimizers[1])
+    for step in range(5):
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
+        for net, opt in zip(nets, optimizers, strict=True):
+            opt.param_groups[0]["lr"] = 1e-2 / (step + 1)
+            opt.zero_grad(set_to_none=True)
+            net(x).square().mean().backward()
+        optimizers[0].step()
+        fast()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    state_a, state_b = optimizers[0].state_dict()["state"], optimizers[1].state_dict()["state"]
+    for key in state_a:
+        for name in state_a[key]:
+            assert torch.equal(state_a[key][name], state_b[key][name]), (key, name)
