@@ -17,9 +17,10 @@ Every figure is a ratio bench / bare (lower is better; 1 = no overhead):
   stands in for Inception, so that the evaluation's own cost is not hidden behind a large net)
   or, for 2-D data, the same metric functions on the same samples.
 - peak_memory_ratio (cd): peak memory of CD iterations / that of bare student forward+backward
-  plus the bytes of the tensors CD keeps besides (teacher, target, EMA, optimizer state). Each
-  side runs in its own child process: on the CPU the peak resident set (VmHWM, reset once the
-  child is warm) above the resident set before any network is built, with glibc's mmap
+  plus the bytes of the tensors CD keeps besides (teacher, target, EMA, optimizer state),
+  measured in a fresh child process per case, each side after a warm-up on throwaway networks
+  of its own: on the CPU the peak resident set (VmHWM, reset once warm) above the resident set
+  before the side's networks are built, with glibc's mmap
   threshold fixed at 64 KiB so that freed tensors leave the resident set; on CUDA
   torch.cuda.max_memory_allocated above the allocated memory before.
 
@@ -206,9 +207,9 @@ def _paired_medians(bench_fn: Callable[[], float], bare_fn: Callable[[], float],
     return statistics.median(bench_times), statistics.median(bare_times), len(bench_times)
 
 
-def _block(seconds_per_unit: float) -> int:
-    """Units per round so that a round lasts about BLOCK_SECONDS."""
-    return max(1, round(BLOCK_SECONDS / max(seconds_per_unit, 1e-9)))
+def _block(seconds_per_unit: float, block_seconds: float) -> int:
+    """Units per round so that a round lasts about block_seconds."""
+    return max(1, round(block_seconds / max(seconds_per_unit, 1e-9)))
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -271,7 +272,8 @@ def bare_training_passes(method: Any, name: str, x0: torch.Tensor,
 
 
 def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
-                   device: torch.device, min_seconds: float = MIN_SECONDS) -> Row:
+                   device: torch.device, min_seconds: float = MIN_SECONDS,
+                   block_seconds: float = BLOCK_SECONDS) -> Row:
     """The real training loop vs the raw passes of its iteration, same net and batch."""
     cfg = _config(case, name, device)
     method = _method(case, name, cfg, device)
@@ -312,7 +314,7 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
         log(sample_metrics, -1 - step)
     bench_block(1)  # warm-up: the first optimizer step allocates its state
     bare_block(1)
-    block = _block(bare_block(1))
+    block = _block(bare_block(1), block_seconds)
     del log_seconds[:1]
     log_share = statistics.mean(log_seconds) / cfg.train.log_every
     bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block + log_share,
@@ -356,7 +358,8 @@ def _sampling_method(case: PerfCase, device: torch.device) -> tuple[Any, RunConf
 
 
 def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
-                    min_seconds: float = MIN_SECONDS) -> Row:
+                    min_seconds: float = MIN_SECONDS, block_seconds: float = BLOCK_SECONDS,
+                    ) -> Row:
     """`bench sample` (generate into host memory) vs the bare loop of the same network calls."""
     from bench.evaluation import generate
 
@@ -385,7 +388,7 @@ def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
         return lambda: sum(fn() for _ in range(k)) / k
 
     bench_once()
-    block = _block(bare_once())
+    block = _block(bare_once(), block_seconds)
     bench_s, bare_s, done = _paired_medians(blocked(bench_once, block),
                                             blocked(bare_once, block), rounds, min_seconds)
     return {"figure": "sample_overhead", "case": case.name, "method": "cd", "nfe": nfe,
@@ -515,10 +518,15 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_child(case_name: str, side: str, device_name: str) -> dict[str, int]:
-    """Peak memory of one side, in a fresh process (see the module docstring)."""
+def memory_child(case_name: str, device_name: str) -> dict[str, dict[str, int]]:
+    """Peak memory of both sides of a case, one after the other, in a fresh process."""
     device = torch.device(device_name)
     case = _case(case_name)
+    return {side: _side_memory(case, side, device) for side in ("bench", "bare")}
+
+
+def _side_memory(case: PerfCase, side: str, device: torch.device) -> dict[str, int]:
+    """Peak memory of one side above the memory before its networks (module docstring)."""
     torch.manual_seed(0)
     warm = _MemoryWork(case, side, device)  # the same code on throwaway networks: warm caches
     warm.run(2)
@@ -541,7 +549,10 @@ def memory_child(case_name: str, side: str, device_name: str) -> dict[str, int]:
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = _rss_kib("VmHWM") * 1024
-    return {"peak_bytes": peak - base, "extra_bytes": work.extra_bytes()}
+    result = {"peak_bytes": peak - base, "extra_bytes": work.extra_bytes()}
+    del work
+    gc.collect()
+    return result
 
 
 def _memory_supported(device: torch.device) -> bool:
@@ -550,7 +561,7 @@ def _memory_supported(device: torch.device) -> bool:
 
 
 def peak_memory(case_names: list[str], device: torch.device) -> list[Row]:
-    """CD's peak memory per case, each side in its own child process (all run at once)."""
+    """CD's peak memory per case, in a child process per case (all run at once)."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -558,19 +569,18 @@ def peak_memory(case_names: list[str], device: torch.device) -> list[Row]:
     # before; with a fixed 64 KiB mmap threshold every tensor block is unmapped when freed
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
 
-    def child(case_name: str, side: str) -> dict[str, int]:
-        out = subprocess.run([sys.executable, "-m", "bench.perf", case_name, side, device.type],
+    def child(case_name: str) -> dict[str, dict[str, int]]:
+        out = subprocess.run([sys.executable, "-m", "bench.perf", case_name, device.type],
                              env=env, capture_output=True, text=True, check=False)
         if out.returncode != 0:
-            raise RuntimeError(f"memory child {case_name}/{side} failed: {out.stderr[-2000:]}")
+            raise RuntimeError(f"memory child {case_name} failed: {out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    jobs = [(c, s) for c in case_names for s in ("bench", "bare")]
-    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        results = dict(zip(jobs, pool.map(lambda job: child(*job), jobs), strict=True))
+    with concurrent.futures.ThreadPoolExecutor(len(case_names)) as pool:
+        results = dict(zip(case_names, pool.map(child, case_names), strict=True))
     rows = []
     for name in case_names:
-        bench, bare = results[(name, "bench")], results[(name, "bare")]
+        bench, bare = results[name]["bench"], results[name]["bare"]
         bare_bytes = bare["peak_bytes"] + bench["extra_bytes"]
         rows.append({"figure": "peak_memory_ratio", "case": name, "method": "cd", "nfe": None,
                      "ratio": bench["peak_bytes"] / bare_bytes, "target": MEMORY_TARGET,
@@ -604,8 +614,9 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def run_perf(rounds: int, report: Report, device: torch.device | None = None,
              case_names: list[str] | None = None, min_seconds: float = MIN_SECONDS,
-             ) -> list[Row]:
-    """Every figure on every case (or the named ones), as rows."""
+             block_seconds: float = BLOCK_SECONDS) -> list[Row]:
+    """Every figure on every case (or the named ones), as rows (min_seconds and block_seconds
+    at 0 make the quickest run: single-unit rounds, `rounds` of them)."""
     device = device or torch.device("cpu")
     chosen = [c for c in cases() if case_names is None or c.name in case_names]
     rows: list[Row] = []
@@ -614,10 +625,12 @@ def run_perf(rounds: int, report: Report, device: torch.device | None = None,
         for case in chosen:
             for name in TRAIN_METHODS:
                 report(f"timing {name} training: {case.name}")
-                rows.append(train_overhead(case, name, rounds, tracker, device, min_seconds))
+                rows.append(train_overhead(case, name, rounds, tracker, device, min_seconds,
+                                           block_seconds))
             for nfe in SAMPLE_NFES:
                 report(f"timing sampling: {case.name}, NFE {nfe}")
-                rows.append(sample_overhead(case, nfe, rounds, device, min_seconds))
+                rows.append(sample_overhead(case, nfe, rounds, device, min_seconds,
+                                            block_seconds))
             report(f"timing an evaluation: {case.name}")
             rows.append(eval_overhead(case, rounds, device, Path(tmp) / "cache", min_seconds))
     if _memory_supported(device):
@@ -659,5 +672,5 @@ def write_json(rows: list[Row], path: Path, device: torch.device | None = None,
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
-if __name__ == "__main__":  # a memory child: python -m bench.perf CASE SIDE DEVICE
-    print(json.dumps(memory_child(sys.argv[1], sys.argv[2], sys.argv[3])))
+if __name__ == "__main__":  # a memory child: python -m bench.perf CASE DEVICE
+    print(json.dumps(memory_child(sys.argv[1], sys.argv[2])))

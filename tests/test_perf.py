@@ -4,19 +4,22 @@ check of the training loop."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
-from bench.perf import SAMPLE_NFES, TRAIN_METHODS, cases, run_perf, write_json
+from bench.perf import SAMPLE_NFES, TRAIN_METHODS, cases, print_rows, run_perf, write_json
 from bench.training import BatchStream, LoopHooks, NonFiniteLoss, new_loop_state, train_loop
 
 
 def test_every_figure_on_the_mlp_case(tmp_path: Path) -> None:
-    rows = run_perf(2, lambda line: None, case_names=["gmm8-mlp"], min_seconds=0.0)
+    rows = run_perf(2, lambda line: None, case_names=["gmm8-mlp"], min_seconds=0.0,
+                    block_seconds=0.0)
     keys = [(r["figure"], r["method"], r["nfe"]) for r in rows]
     expected = ([("train_overhead", m, None) for m in TRAIN_METHODS]
                 + [("sample_overhead", "cd", n) for n in SAMPLE_NFES]
@@ -33,6 +36,11 @@ def test_every_figure_on_the_mlp_case(tmp_path: Path) -> None:
         else:
             assert row["bench_seconds"] > 0 and row["bare_seconds"] > 0
         assert row["denominator"]
+    console = Console(file=io.StringIO(), width=160)
+    print_rows(rows, console)
+    table = console.file.getvalue()  # type: ignore[attr-defined]
+    assert all(figure in table for figure in ("train_overhead", "peak_memory_ratio"))
+    assert table.count("pass") + table.count("FAIL") == len(rows)
     path = tmp_path / "perf.json"
     write_json(rows, path, seconds=1.0)
     document = json.loads(path.read_text())
