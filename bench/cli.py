@@ -415,15 +415,22 @@ def perf(
         help="Timed rounds per side and figure (medians over at least this many).", min=3)
     ] = 20,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    case: Annotated[list[str] | None, typer.Option(
+        "--case", help="Only this configuration (repeatable): gmm8-mlp, unet16-c32.")] = None,
 ) -> None:
     """Overhead of training, sampling and evaluation over bare PyTorch loops, and peak memory."""
     import time
 
-    from bench.perf import print_rows, run_perf, write_json
+    from bench.errors import UsageError
+    from bench.perf import cases, print_rows, run_perf, write_json
     from bench.runner import resolve_device
 
+    known = [c.name for c in cases()]
+    unknown = [c for c in case or [] if c not in known]
+    if unknown:
+        raise UsageError(f"unknown case {unknown[0]!r}; valid: {', '.join(known)}")
     start = time.perf_counter()
-    rows = run_perf(rounds, _report, resolve_device(device))
+    rows = run_perf(rounds, _report, resolve_device(device), case or None)
     seconds = time.perf_counter() - start
     print_rows(rows, _console())
     _report(f"{seconds:.0f} s")

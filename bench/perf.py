@@ -641,13 +641,20 @@ def run_perf(rounds: int, report: Report, device: torch.device | None = None,
     return rows
 
 
+SHORT_FIGURES = {"train_overhead": "train", "sample_overhead": "sample",
+                 "eval_overhead": "eval", "peak_memory_ratio": "memory"}
+
+
 def print_rows(rows: list[Row], console: Any) -> None:
     """A rich table of the figures, pass/fail against each target."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="bench perf (ratio = bench / bare PyTorch; medians)")
-    for col in ("figure", "case", "method", "nfe", "bench", "bare", "ratio", "target", ""):
-        table.add_column(col, justify="left" if col in ("figure", "case") else "right")
+    table = Table(title="bench perf: ratio = bench / bare PyTorch (medians)", box=box.SIMPLE,
+                  padding=(0, 1), pad_edge=False)
+    for col in ("figure", "case", "method", "bench", "bare", "ratio", "target", ""):
+        table.add_column(col, justify="left" if col in ("figure", "case", "method") else "right",
+                         no_wrap=True)
     for r in rows:
         ok = r["ratio"] <= r["target"]
         style = "green" if ok else "red"
@@ -655,9 +662,10 @@ def print_rows(rows: list[Row], console: Any) -> None:
             bench, bare = (f"{r['bench_bytes'] / 2**20:.1f} MiB",
                            f"{r['bare_bytes'] / 2**20:.1f} MiB")
         else:
-            bench, bare = f"{r['bench_seconds']:.3e} s", f"{r['bare_seconds']:.3e} s"
-        table.add_row(r["figure"], r["case"], r["method"],
-                      "-" if r["nfe"] is None else str(r["nfe"]), bench, bare,
+            bench, bare = (f"{r['bench_seconds'] * 1e3:.2f} ms",
+                           f"{r['bare_seconds'] * 1e3:.2f} ms")
+        method = r["method"] if r["nfe"] is None else f"{r['method']} nfe {r['nfe']}"
+        table.add_row(SHORT_FIGURES[r["figure"]], r["case"], method, bench, bare,
                       f"[{style}]{r['ratio']:.3f}[/{style}]", f"{r['target']:.2f}",
                       f"[{style}]{'pass' if ok else 'FAIL'}[/{style}]")
     console.print(table)
