@@ -115,10 +115,10 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
                        metric_mode(cfg.eval.metric_tool, cfg.eval.clean_fid_mode),
                        cfg.eval.inception_weights)
     method = method_cls(ctx)
-    if method.student is not None:
-        report(net_summary(spec, method.student))
     for nfe in cfg.eval.nfe:
         method.check_nfe(nfe)
+    if method.student is not None:
+        report(net_summary(spec, method.student))
     if teacher_model is not None:
         report(f"teacher: {teacher_source}")
     suite = prepare_metrics(dataset, cfg, tracker.runs_dir / "cache")
