@@ -150,10 +150,16 @@ def run(
         help="Continue a killed or failed run (its id) from its last checkpoint.")] = None,
 ) -> None:
     """Train (if the method trains) and evaluate one method on one dataset."""
-    from bench import runner
     from bench.config import default_bench_files, resolve
+    from bench.tracking import RUN_ID_PATTERN
 
     if resume:
+        if not RUN_ID_PATTERN.match(resume):  # before the slow imports
+            from bench.errors import BenchError
+
+            raise BenchError(f"unknown run id {resume!r} (run ids are 32 hex characters)")
+        from bench import runner
+
         tracker = _tracker(tracking_uri)
         with _Progress() as progress:
             outcome = runner.resume(tracker, resume, _report, progress)
@@ -163,6 +169,8 @@ def run(
              "eval.nfe": parse_nfe(nfe), "train.steps": steps, "seed": seed, "device": device}
     resolved = resolve(bench_files=default_bench_files(Path.cwd()), config_file=config,
                        flags=flags, sets=set_ or [])
+    from bench import runner  # torch, mlflow: after the config is known to be valid
+
     announce = None
     if resolved.preset:
         announce = f"presets: {resolved.preset}" + (

@@ -159,7 +159,7 @@ class TrackingConfig:
 @dataclass
 class RunConfig:
     method: str = ""  # registered method name (bench methods)
-    dataset: str = ""  # registered dataset name or folder:PATH (bench datasets)
+    dataset: str = ""  # registered dataset name, folder:PATH or points:PATH (bench datasets)
     seed: int = 0  # training seed
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     teacher: str = "auto"  # run id, checkpoint path, "analytic" or "auto"
@@ -476,7 +476,8 @@ def resolve(
     for f in files:
         merge(data, f.settings, f.source)
         sources.append(f.source)
-    dataset_key = dataset.split(":", 1)[0] if dataset.startswith("folder:") else dataset
+    dataset_key = (dataset.split(":", 1)[0] if dataset.startswith(("folder:", "points:"))
+                   else dataset)
     for f in files:
         if dataset_key in f.data_tables:
             merge(data["data"], f.data_tables[dataset_key], f.source, "data.")
