@@ -223,7 +223,8 @@ def train_loop(
                 finite = torch.isfinite(loss.detach())
             if not bool(finite):
                 if cfg.nonfinite == "stop":
-                    raise NonFiniteLoss(f"non-finite loss ({float(loss):g}) at iteration {step}; "
+                    value = float(loss.detach())
+                    raise NonFiniteLoss(f"non-finite loss ({value:g}) at iteration {step}; "
                                         f"train.nonfinite = \"skip\" skips such iterations")
                 optimizer.zero_grad(set_to_none=True)
                 state.skipped += 1
