@@ -171,7 +171,7 @@ def restore(p: Prepared, state: LoopState, saved: dict[str, Any]) -> None:
         torch.set_rng_state(saved["torch_rng"].cpu())
 
 
-# --- signals ---------------------------------------------------------------------------------
+# --- observers and early stops ---------------------------------------------------------------
 
 
 class StopRun(Exception):

@@ -106,19 +106,58 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return out
 
 
-def test_sigint_then_kill9_then_resume_is_bit_exact(workdir) -> None:
-    # the uninterrupted reference
-    a = workdir("a")
-    done = run_bench(CT_ARGS, a)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, empty_store: Path,
+              ) -> tuple[Path, str]:
+    """The uninterrupted run every interrupted one is compared with: (folder, run id)."""
+    folder = tmp_path_factory.mktemp("reference")
+    (folder / "runs").mkdir()
+    shutil.copy(empty_store, folder / "runs" / "mlflow.db")
+    done = run_bench(CT_ARGS, folder)
     assert done.returncode == 0, done.stderr
-    ref_id = run_id_of(done.stdout)
+    return folder, run_id_of(done.stdout)
 
-    # Ctrl-C after the first checkpoint: KILLED, a final checkpoint, one line with the way on
+
+def assert_same_as_reference(reference: tuple[Path, str], cwd: Path, run_id: str) -> None:
+    """Bit-identical final checkpoint (student, EMA, target, optimizer, RNG) and metrics."""
+    folder, ref_id = reference
+    assert_same_checkpoint(checkpoint_of(folder), checkpoint_of(cwd))
+    client, ref = client_for(cwd), client_for(folder)
+    for key in ("loss", "lr", "w2", "fd"):
+        assert history(client, run_id, key) == history(ref, ref_id, key), key
+    assert max(history(client, run_id, "loss")) == STEPS
+
+
+def test_kill9_then_resume_is_bit_exact(workdir, reference) -> None:
     b = workdir("b")
     proc = spawn(CT_ARGS, b)
     wait_for_checkpoint(b, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    killed_at = int(load(checkpoint_of(b))["loop"]["step"])  # the last complete checkpoint
+    run_id = re.search(r"run ([0-9a-f]{32}) in experiment", err).group(1)
+    client = client_for(b)
+    assert killed_at < STEPS and client.get_run(run_id).info.status == "RUNNING"
+
+    done = run_bench(["run", "--resume", run_id], b)
+    assert done.returncode == 0, done.stderr
+    assert run_id_of(done.stdout) == run_id
+    assert "is marked RUNNING" in done.stderr
+    assert f"resuming run {run_id} at iteration {killed_at}" in done.stderr
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert_same_as_reference(reference, b, run_id)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_gives_a_killed_run_that_resumes_exactly(workdir, reference,
+                                                        signum: signal.Signals) -> None:
+    # a signal after the first checkpoint: KILLED, a final checkpoint, one line with the way on
+    b = workdir("b")
+    proc = spawn(CT_ARGS, b)
+    wait_for_checkpoint(b, proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     assert "Traceback" not in err
     run_id = re.search(r"run ([0-9a-f]{32}) in experiment", err).group(1)
@@ -126,18 +165,18 @@ def test_sigint_then_kill9_then_resume_is_bit_exact(workdir) -> None:
     client = client_for(b)
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
-    assert "interrupted (SIGINT) at iteration" in run.data.tags["error"]
     first = load(checkpoint_of(b))  # weights_only=True
     stopped_at = int(first["loop"]["step"])
     assert 40 <= stopped_at < STEPS
-    assert f"at iteration {stopped_at}" in run.data.tags["error"]
+    assert run.data.tags["error"] == f"interrupted ({signum.name}) at iteration {stopped_at}"
     assert set(first["modules"]) == {"student", "ema", "target"}
 
     # resume, then kill -9 once it has written a newer checkpoint: the run stays RUNNING
     proc = spawn(["run", "--resume", run_id], b)
-    killed_at = wait_for_checkpoint(b, proc, after=stopped_at)
+    wait_for_checkpoint(b, proc, after=stopped_at)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
+    killed_at = int(load(checkpoint_of(b))["loop"]["step"])
     assert f"resuming run {run_id} at iteration {stopped_at}" in err
     assert killed_at < STEPS and client.get_run(run_id).info.status == "RUNNING"
 
@@ -145,35 +184,8 @@ def test_sigint_then_kill9_then_resume_is_bit_exact(workdir) -> None:
     done = run_bench(["run", "--resume", run_id], b)
     assert done.returncode == 0, done.stderr
     assert run_id_of(done.stdout) == run_id
-    assert "is marked RUNNING" in done.stderr
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert_same_checkpoint(checkpoint_of(a), checkpoint_of(b))
-    ref = client_for(a)
-    for key in ("loss", "lr", "w2", "fd"):
-        assert history(client, run_id, key) == history(ref, ref_id, key), key
-    assert max(history(client, run_id, "loss")) == STEPS
-
-
-@pytest.mark.slow
-def test_sigterm_gives_a_killed_run_that_resumes_exactly(workdir) -> None:
-    a = workdir("a")
-    done = run_bench(CT_ARGS, a)
-    assert done.returncode == 0, done.stderr
-    b = workdir("b")
-    proc = spawn(CT_ARGS, b)
-    wait_for_checkpoint(b, proc, after=40)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in err
-    run_id = re.search(r"run ([0-9a-f]{32}) in experiment", err).group(1)
-    run = client_for(b).get_run(run_id)
-    assert run.info.status == "KILLED"
-    assert "interrupted (SIGTERM)" in run.data.tags["error"]
-    assert int(load(checkpoint_of(b))["loop"]["step"]) < STEPS
-    done = run_bench(["run", "--resume", run_id], b)
-    assert done.returncode == 0, done.stderr
-    assert client_for(b).get_run(run_id).info.status == "FINISHED"
-    assert_same_checkpoint(checkpoint_of(a), checkpoint_of(b))
+    assert_same_as_reference(reference, b, run_id)
 
     # a truncated checkpoint: one line at bench eval, exit 1
     path = checkpoint_of(b)
