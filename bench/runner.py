@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -37,8 +34,9 @@ from bench.evaluation import (
     prepare_metrics,
 )
 from bench.models import model_spec, net_summary, new_raw_net, sigma_data_of
+from bench.signals import SignalGuard
 from bench.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
-from bench.tracking import Tracker, git_commit, package_versions
+from bench.tracking import Tracker, git_commit, mask_credentials, package_versions
 from bench.training import (
     BatchStream,
     LoopHooks,
@@ -175,11 +173,7 @@ def restore(p: Prepared, state: LoopState, saved: dict[str, Any]) -> None:
         torch.set_rng_state(saved["torch_rng"].cpu())
 
 
-# --- signals ---------------------------------------------------------------------------------
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived."""
+# --- observers and early stops ---------------------------------------------------------------
 
 
 class StopRun(Exception):
@@ -197,20 +191,6 @@ class RunObserver:
 
     started: Callable[[str], None] | None = None  # the new run's id, before training
     evaluated: Callable[[int, list[EvalResult]], None] | None = None  # iteration, results
-
-
-@contextmanager
-def interrupts_as_exceptions() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so both end a run the same way."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -264,9 +244,11 @@ def execute(
     cfg = p.config
     ckpt_path = checkpoint_path(tracker, run_id)
     remote = tracker.get_run(run_id).local_artifact_dir is None
+    saved_at: list[int] = [state.step] if ckpt_path.is_file() else []  # last checkpoint
 
     def write_checkpoint(s: LoopState) -> None:
         save_checkpoint(checkpoint_state(p, s), ckpt_path)
+        saved_at[:] = [s.step]
         if remote:
             tracker.log_artifact(run_id, ckpt_path, "checkpoints")
 
@@ -274,7 +256,9 @@ def execute(
         tracker.log_metrics(run_id, metrics, step)
 
     def intermediate_eval(s: LoopState) -> None:
-        results = evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device)
+        with torch.random.fork_rng(devices=[]):  # training's global RNG stream stays untouched
+            results = evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
+                               p.device)
         for r in results:
             tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
                                 s.step)
@@ -285,13 +269,15 @@ def execute(
     size = len(p.dataset)
     stream = BatchStream(p.dataset.train_batch, size, labels, cfg.train.batch_size, cfg.seed,
                          p.device)
+    guard = SignalGuard()
     hooks = LoopHooks(log=log, checkpoint=write_checkpoint, evaluate=intermediate_eval,
-                      progress=progress)
+                      progress=progress, critical=guard.deferred)
     try:
-        with interrupts_as_exceptions():
+        with guard.installed():
             train_loop(p.method, cfg.train, stream, state, hooks)
             if p.method.trains:
-                write_checkpoint(state)
+                with guard.deferred():
+                    write_checkpoint(state)
             results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
                                p.device, on_result=lambda r: log_result(tracker, run_id, r))
             log_eval_artifacts(tracker, run_id, p, results)
@@ -301,11 +287,12 @@ def execute(
         tracker.end_run(run_id, "KILLED")
         raise
     except KeyboardInterrupt as exc:
-        if p.method.trains and state.step > 0:
-            write_checkpoint(state)
-        tracker.set_tags(run_id, {"error": f"interrupted ({exc or 'SIGINT'}) at iteration "
-                                           f"{state.step}"})
-        tracker.end_run(run_id, "KILLED")
+        with guard.installed(), guard.shielded():  # a second Ctrl-C cannot cut this short
+            if p.method.trains and state.step > 0:
+                write_checkpoint(state)
+            tracker.set_tags(run_id, {"error": f"interrupted ({exc or 'SIGINT'}) at iteration "
+                                               f"{state.step}"})
+            tracker.end_run(run_id, "KILLED")
         raise RunInterrupted(f"interrupted at iteration {state.step}; checkpoint kept; resume "
                              f"with `bench run --resume {run_id}`") from None
     except BaseException as exc:
@@ -313,8 +300,9 @@ def execute(
         tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}",
                                   "failed_at_iteration": state.step})
         tracker.end_run(run_id, "FAILED")
-        if isinstance(exc, BenchError) and ckpt_path.is_file():
-            raise BenchError(f"{message} (last good checkpoint: {ckpt_path})") from exc
+        if isinstance(exc, BenchError) and saved_at:
+            raise BenchError(f"{message} (last good checkpoint: {ckpt_path}, iteration "
+                             f"{saved_at[0]})") from exc
         raise
     tracker.end_run(run_id, "FINISHED")
     return RunOutcome(run_id, cfg.method, p.dataset.name, results, p.dataset.primary_metric,
@@ -394,7 +382,7 @@ def start(
         tracker.log_params(run_id, flatten(to_dict(p.config)))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "config.toml"
-            path.write_text(dumps(p.config))
+            path.write_text(mask_credentials(dumps(p.config)))  # no password in artifacts
             tracker.log_artifact(run_id, path)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
@@ -441,6 +429,7 @@ def resume(tracker: Tracker, run_id: str, report: Reporter,
     if record.status == "RUNNING":
         report(f"run {run_id} is marked RUNNING (its process died?); resuming it")
     cfg = run_config(tracker, run_id)
+    torch.manual_seed(cfg.seed)  # as `start` does: a run with no checkpoint restarts exactly
     p = prepare(cfg, tracker, report)
     state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
     ckpt = checkpoint_path(tracker, run_id)
@@ -448,7 +437,6 @@ def resume(tracker: Tracker, run_id: str, report: Reporter,
         restore(p, state, load_checkpoint(ckpt, map_location=p.device))
         report(f"resuming run {run_id} at iteration {state.step}")
     else:
-        torch.manual_seed(cfg.seed)
         report(f"run {run_id} has no checkpoint; restarting it from iteration 0")
     tracker.reopen(run_id)
     return execute(p, tracker, run_id, state, progress, report)

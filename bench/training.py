@@ -3,11 +3,13 @@ periodic atomic checkpoints, exact resume and a progress bar. It never branches 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -120,6 +122,11 @@ class LoopState:
     optimizer: torch.optim.Optimizer | None
     ema: nn.Module | None
     generator: torch.Generator
+    # the loss logged next is the mean over the iterations since the last log: kept here so
+    # that a run resumed between two logs logs the same values as one never interrupted
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float32))
+    loss_count: int = 0
+    skipped: int = 0  # iterations skipped for a non-finite loss (train.nonfinite = "skip")
 
 
 def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.device,
@@ -133,7 +140,8 @@ def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.de
         if cfg.ema_rate > 0:
             ema = copy.deepcopy(student).eval().requires_grad_(False)
     generator = torch.Generator(device=device).manual_seed(sample_seed(seed, 2**31))
-    return LoopState(0, optimizer, ema, generator)
+    return LoopState(0, optimizer, ema, generator,
+                     torch.zeros((), dtype=torch.float32, device=device))
 
 
 def loop_state_dict(state: LoopState) -> dict[str, Any]:
@@ -143,6 +151,9 @@ def loop_state_dict(state: LoopState) -> dict[str, Any]:
         "optimizer": state.optimizer.state_dict() if state.optimizer is not None else {},
         "ema": state.ema.state_dict() if state.ema is not None else {},
         "generator": state.generator.get_state(),
+        "loss_sum": state.loss_sum.detach().cpu(),
+        "loss_count": state.loss_count,
+        "skipped": state.skipped,
     }
 
 
@@ -157,6 +168,10 @@ def load_loop_state(state: LoopState, saved: dict[str, Any]) -> None:
         state.generator.set_state(saved["generator"].cpu()
                                   if state.generator.device.type == "cpu"
                                   else saved["generator"])
+    if "loss_sum" in saved:
+        state.loss_sum = saved["loss_sum"].to(state.loss_sum.device, state.loss_sum.dtype)
+        state.loss_count = int(saved["loss_count"])
+        state.skipped = int(saved.get("skipped", 0))
 
 
 @dataclass
@@ -167,6 +182,9 @@ class LoopHooks:
     checkpoint: Callable[[LoopState], None] | None = None  # write a checkpoint
     evaluate: Callable[[LoopState], None] | None = None  # intermediate evaluation
     progress: Callable[[int, int, float], None] | None = None  # step, total, loss
+    # entered around each iteration and its checkpoint: a block that must not be cut in half
+    # (the runner holds SIGINT/SIGTERM back until it ends)
+    critical: Callable[[], AbstractContextManager[None]] | None = None
 
 
 def train_loop(
@@ -187,55 +205,60 @@ def train_loop(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ema = ParamAverage(state.ema, student) if state.ema is not None else None
     student.train()
-    loss_sum = torch.zeros((), device=stream.device)
-    loss_count = 0
+    critical = hooks.critical or contextlib.nullcontext
     window_start = time.perf_counter()
     window_steps = 0
     while state.step < stop:
-        step = state.step
-        lr = lr_at(step, cfg, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x0, labels = stream.batch(step)
-        loss = method.loss(x0, labels, step, state.generator).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-            finite = torch.isfinite(grad_norm)
-        else:
-            finite = torch.isfinite(loss.detach())
-        if not bool(finite):
-            if cfg.nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss at iteration {step}")
+        with critical():
+            step = state.step
+            lr = lr_at(step, cfg, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x0, labels = stream.batch(step)
+            loss = method.loss(x0, labels, step, state.generator).mean()
             optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
-            if ema is not None:
-                ema.update(cfg.ema_rate)
-            method.after_step(step, state.ema)
-            loss_sum += loss.detach()
-            loss_count += 1
-        state.step = step + 1
-        window_steps += 1
-        if state.step % cfg.log_every == 0 or state.step == total:
-            mean_loss = float(loss_sum) / max(loss_count, 1)
-            elapsed = time.perf_counter() - window_start
-            metrics = {"loss": mean_loss, "lr": lr,
-                       "iters_per_second": window_steps / max(elapsed, 1e-9)}
-            metrics.update(method.schedule_values(step))
-            if hooks.log is not None:
-                hooks.log(metrics, state.step)
-            if hooks.progress is not None:
-                hooks.progress(state.step, total, mean_loss)
-            loss_sum.zero_()
-            loss_count = 0
-            window_start = time.perf_counter()
-            window_steps = 0
-            if not math.isfinite(mean_loss) and cfg.nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss at iteration {step}")
-        if hooks.checkpoint is not None and _due(state.step, cfg.checkpoint_every, total):
-            hooks.checkpoint(state)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+                finite = torch.isfinite(grad_norm)
+            else:
+                finite = torch.isfinite(loss.detach())
+            if not bool(finite):
+                if cfg.nonfinite == "stop":
+                    value = float(loss.detach())
+                    raise NonFiniteLoss(f"non-finite loss ({value:g}) at iteration {step}; "
+                                        f"train.nonfinite = \"skip\" skips such iterations")
+                optimizer.zero_grad(set_to_none=True)
+                state.skipped += 1
+            else:
+                optimizer.step()
+                if ema is not None:
+                    ema.update(cfg.ema_rate)
+                method.after_step(step, state.ema)
+                state.loss_sum += loss.detach()
+                state.loss_count += 1
+            state.step = step + 1
+            window_steps += 1
+            if state.step % cfg.log_every == 0 or state.step == total:
+                mean_loss = float(state.loss_sum) / max(state.loss_count, 1)
+                elapsed = time.perf_counter() - window_start
+                metrics = {"loss": mean_loss, "lr": lr,
+                           "iters_per_second": window_steps / max(elapsed, 1e-9)}
+                metrics.update(method.schedule_values(step))
+                if state.skipped:
+                    metrics["skipped_iterations"] = state.skipped
+                if hooks.log is not None:
+                    hooks.log(metrics, state.step)
+                if hooks.progress is not None:
+                    hooks.progress(state.step, total, mean_loss)
+                state.loss_sum.zero_()
+                state.loss_count = 0
+                window_start = time.perf_counter()
+                window_steps = 0
+                if not math.isfinite(mean_loss) and cfg.nonfinite == "stop":
+                    raise NonFiniteLoss(f"non-finite loss at iteration {step}")
+            if hooks.checkpoint is not None and _due(state.step, cfg.checkpoint_every, total):
+                hooks.checkpoint(state)
         if hooks.evaluate is not None and _due(state.step, cfg.eval_every, total):
             hooks.evaluate(state)
             student.train()
