@@ -14,6 +14,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each of K workers (and the bench processes it starts) gets
+    CPUs / K threads unless OMP_NUM_THREADS is set: K workers of CPUs threads each would
+    oversubscribe the cores many times over."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def bench_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a bench subprocess: no MLFLOW_TRACKING_URI of the caller, and the
     bench of this checkout on PYTHONPATH (not an installed one)."""
