@@ -115,8 +115,6 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
     method = method_cls(ctx)
     for nfe in cfg.eval.nfe:
         method.check_nfe(nfe)
-    if method.student is not None:
-        report(net_summary(spec, method.student))
     if teacher_model is not None:
         report(f"teacher: {teacher_source}")
     suite = prepare_metrics(dataset, cfg, tracker.runs_dir / "cache")
@@ -367,6 +365,8 @@ def start(
     p = prepare(cfg, tracker, report)
     if announce:
         report(announce)
+    if p.method.student is not None:
+        report(net_summary(p.spec, p.method.student))
     run_id = tracker.start_run(experiment=p.dataset.name,
                                run_name=run_name or f"{cfg.method}-{p.dataset.name}",
                                tags={**run_tags(p), **(extra_tags or {})},
