@@ -126,6 +126,15 @@ def broadcast(value: Any, shard: Shard) -> Any:
     return box[0]
 
 
+def gather_to_main(value: Any, shard: Shard) -> list[Any]:
+    """Every rank's value, in rank order, on rank 0; an empty list on the others."""
+    import torch.distributed as dist
+
+    out: list[Any] | None = [None] * shard.world_size if shard.is_main else None
+    dist.gather_object(value, out, dst=0)
+    return out if out is not None else []
+
+
 def main_first(shard: Shard, fn: Callable[[], Any]) -> Any:
     """Run fn on rank 0, then on the others: caches rank 0 fills (a teacher, a feature
     classifier) are read, never written twice. An error on rank 0 stops the others too."""

@@ -299,7 +299,7 @@ def execute(
     def intermediate_eval(s: LoopState) -> None:
         with torch.random.fork_rng(devices=[]):  # training's global RNG stream stays untouched
             results = evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
-                               p.device)
+                               p.device, shard=p.shard)
         for r in results:
             tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
                                 s.step)
@@ -318,7 +318,8 @@ def execute(
                 with guard.deferred():
                     write_checkpoint(state)
             results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
-                               p.device, on_result=lambda r: log_result(tracker, run_id, r))
+                               p.device, on_result=lambda r: log_result(tracker, run_id, r),
+                               shard=p.shard)
             log_eval_artifacts(tracker, run_id, p, results)
     except StopRun as exc:
         tracker.set_tags(run_id, {"stopped": f"{exc.reason} at iteration {state.step}",
@@ -349,14 +350,22 @@ def execute(
 
 
 def execute_worker(p: Prepared, run_id: str, state: LoopState) -> RunOutcome:
-    """A rank other than 0: train its shard in step with the others; no tracking, no
-    checkpoints, no evaluation (rank 0 does those)."""
+    """A rank other than 0: train its shard and generate its share of the evaluation samples
+    in step with the others; no tracking, no checkpoints, no scores (rank 0 does those)."""
     t0 = time.perf_counter()
+    cfg = p.config
+
+    def generate_share(s: LoopState) -> None:
+        with torch.random.fork_rng(devices=[]):
+            evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device,
+                     shard=p.shard)
+
     guard = SignalGuard()
-    hooks = LoopHooks(critical=guard.deferred, reduce=all_mean)
+    hooks = LoopHooks(evaluate=generate_share, critical=guard.deferred, reduce=all_mean)
     try:
         with guard.installed():
-            train_loop(p.method, p.config.train, batch_stream(p), state, hooks)
+            train_loop(p.method, cfg.train, batch_stream(p), state, hooks)
+            generate_share(state)
     except KeyboardInterrupt as exc:
         raise RunInterrupted(f"rank {p.shard.rank} interrupted ({exc or 'SIGINT'}) at "
                              f"iteration {state.step}") from None
