@@ -154,9 +154,27 @@ def generate(
     process) and rank 0 gathers them and consumes them in order, so the metrics are those of
     one process; the other ranks consume nothing. Seconds are summed over the ranks. `first`
     starts at that sample index (one rank's batch)."""
-    if shard.distributed:
-        return _generate_sharded(method, model, dataset, nfe, num_samples, batch_size, seed,
-                                 device, conditional, consume, qmc, shard)
+    if shard.distributed:  # round k: rank r makes batch k W + r, rank 0 gathers the round
+        starts = list(range(0, num_samples, batch_size))
+        calls, seconds = 0, 0.0
+        for k in range(0, len(starts), shard.world_size):
+            mine: list[torch.Tensor] = []
+            made = (0, 0.0)
+            if k + shard.rank < len(starts):
+                start = starts[k + shard.rank]
+                made = generate(method, model, dataset, nfe,
+                                min(start + batch_size, num_samples), batch_size, seed, device,
+                                conditional, mine.append, qmc, first=start)
+            for x, part_calls, part_seconds in gather_to_main(
+                    (mine[0].cpu() if mine else None, *made), shard):
+                if x is None:
+                    continue
+                if calls and part_calls != calls:
+                    raise RuntimeError(f"uneven network calls across batches: {part_calls} "
+                                       f"and {calls}")
+                consume(x.to(device))
+                calls, seconds = part_calls, seconds + part_seconds
+        return calls, seconds
     calls = 0
     batches = 0
     seconds = 0.0
@@ -185,45 +203,6 @@ def generate(
     if calls % batches:
         raise RuntimeError(f"uneven network calls across batches: {calls} over {batches}")
     return calls // batches, seconds
-
-
-def _generate_sharded(
-    method: Method,
-    model: nn.Module,
-    dataset: Dataset,
-    nfe: int,
-    num_samples: int,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-    conditional: bool,
-    consume: Callable[[torch.Tensor], None],
-    qmc: bool,
-    shard: Shard,
-) -> tuple[int, float]:
-    """generate() over the ranks: round k, rank r makes batch k W + r; rank 0 gathers."""
-    starts = list(range(0, num_samples, batch_size))
-    calls = 0
-    seconds = 0.0
-    for first in range(0, len(starts), shard.world_size):
-        mine: list[torch.Tensor] = []
-        made = (0, 0.0)
-        if first + shard.rank < len(starts):
-            start = starts[first + shard.rank]
-            count = min(batch_size, num_samples - start)
-            made = generate(method, model, dataset, nfe, start + count, count, seed, device,
-                            conditional, mine.append, qmc, first=start)
-        parts = gather_to_main((mine[0].cpu() if mine else None, *made), shard)
-        for part in parts:
-            if part[0] is None:
-                continue
-            consume(part[0].to(device))
-            if calls and part[1] != calls:
-                raise RuntimeError(f"uneven network calls across batches: {part[1]} and "
-                                   f"{calls}")
-            calls = part[1]
-            seconds += part[2]
-    return calls, seconds
 
 
 def evaluate(
