@@ -161,10 +161,6 @@ def run(
     if nproc is not None:
         _relaunch(nproc)
     shard = _shard()
-    if resume and shard.distributed:
-        from bench.errors import UsageError
-
-        raise UsageError("--resume runs in one process (resume without torchrun or --nproc)")
     if resume:
         if not RUN_ID_PATTERN.match(resume):  # before the slow imports
             from bench.errors import BenchError
@@ -173,8 +169,11 @@ def run(
         from bench import runner
 
         tracker = _tracker(tracking_uri)
+        if not shard.is_main:  # another rank of a torchrun: rank 0 reports
+            runner.resume(tracker, resume, _report, shard=shard)
+            return
         with _Progress() as progress:
-            outcome = runner.resume(tracker, resume, _report, progress)
+            outcome = runner.resume(tracker, resume, _report, progress, shard)
         _print_outcome(outcome)
         return
     flags = {"method": method, "dataset": dataset, "teacher": teacher,

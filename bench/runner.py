@@ -520,24 +520,41 @@ def load_run(tracker: Tracker, run_id: str, report: Reporter, nfe: list[int] | N
 
 
 def resume(tracker: Tracker, run_id: str, report: Reporter,
-           progress: Callable[[int, int, float], None] | None = None) -> RunOutcome:
-    """Continue a killed or failed run from its last checkpoint, under the same run id."""
+           progress: Callable[[int, int, float], None] | None = None,
+           shard: Shard = Shard()) -> RunOutcome:
+    """Continue a killed or failed run from its last checkpoint, under the same run id.
+
+    Under several processes every rank reads the run's config; rank 0 finds the checkpoint and
+    reopens the run, the others load the checkpoint it names."""
+    report = report if shard.is_main else _silent
     record = tracker.get_run(run_id)
     if record.status == "FINISHED":
         raise UsageError(f"run {run_id} already finished; nothing to resume")
     if record.status == "RUNNING":
         report(f"run {run_id} is marked RUNNING (its process died?); resuming it")
     cfg = run_config(tracker, run_id)
+    if not shard.distributed:
+        return _resume(tracker, run_id, cfg, report, progress, shard)
+    with process_group(shard, local_device(resolve_device(cfg.device))):
+        return _resume(tracker, run_id, cfg, report, progress, shard)
+
+
+def _resume(tracker: Tracker, run_id: str, cfg: RunConfig, report: Reporter,
+            progress: Callable[[int, int, float], None] | None, shard: Shard) -> RunOutcome:
+    """resume() inside the process group (if any)."""
     torch.manual_seed(cfg.seed)  # as `start` does: a run with no checkpoint restarts exactly
-    p = prepare(cfg, tracker, report)
+    p: Prepared = main_first(shard, lambda: prepare(cfg, tracker, report, shard))
     state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
-    ckpt = checkpoint_path(tracker, run_id)
+    ckpt = Path(broadcast(str(checkpoint_path(tracker, run_id)) if shard.is_main else None,
+                          shard))
     if p.method.trains and ckpt.is_file():
         restore(p, state, load_checkpoint(ckpt, map_location=p.device))
         report(f"resuming run {run_id} at iteration {state.step}")
     else:
         report(f"run {run_id} has no checkpoint; restarting it from iteration 0")
     accelerate(p)
+    if not shard.is_main:
+        return execute_worker(p, run_id, state)
     tracker.reopen(run_id)
     return execute(p, tracker, run_id, state, progress, report)
 

@@ -51,12 +51,15 @@ def checkpoint_of(folder: Path) -> dict:
     return torch.load(found[0], weights_only=True)
 
 
-def assert_same_weights(one: dict, two: dict) -> None:
-    assert one["loop"]["step"] == two["loop"]["step"] == 30
+def assert_same_weights(one: dict, two: dict, steps: int = 30, atol: float = 1e-5) -> None:
+    """Same iteration and, within atol, the same student and EMA. The sums over a batch are
+    reassociated across processes, and Adam carries the rounding on: 1e-7 after 30
+    iterations, 1.4e-4 after 400 (measured on gmm8)."""
+    assert one["loop"]["step"] == two["loop"]["step"] == steps
     assert one["modules"].keys() == two["modules"].keys() == {"student", "ema"}
     for name, module in one["modules"].items():
         for key, value in module.items():
-            assert torch.allclose(value, two["modules"][name][key], atol=1e-5), (name, key)
+            assert torch.allclose(value, two["modules"][name][key], atol=atol), (name, key)
 
 
 def runs_in(folder: Path) -> list:
@@ -172,3 +175,28 @@ def test_unknown_precision_is_refused(bench: Callable[..., subprocess.CompletedP
                  "train.precision=\"fp8\"")
     assert done.returncode == 2
     assert "train.precision must be one of fp32, bf16, fp16" in done.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_under_two_processes(workdir: Callable[[str], Path]) -> None:
+    """SIGTERM a one-process run mid-training, resume it under torchrun with two processes:
+    it ends with the weights of an uninterrupted one-process run."""
+    import signal
+
+    from tests.test_faults import spawn, wait_for_checkpoint
+
+    args = [*RUN[:RUN.index("--steps") + 1], "400", *RUN[RUN.index("--steps") + 2:]]
+    reference, killed = workdir("reference"), workdir("killed")
+    assert run_in(reference, [], args).returncode == 0
+    proc = spawn(args, killed)
+    wait_for_checkpoint(killed, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    (run,) = runs_in(killed)
+    assert run.info.status == "KILLED"
+    resumed = run_in(killed, torchrun(2), ["run", "--resume", run.info.run_id])
+    assert resumed.returncode == 0, resumed.stderr
+    (run,) = runs_in(killed)
+    assert run.info.status == "FINISHED"
+    assert_same_weights(checkpoint_of(reference), checkpoint_of(killed), 400, atol=1e-3)
