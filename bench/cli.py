@@ -150,11 +150,17 @@ def run(
     tracking_uri: TrackingOption = None,
     resume: Annotated[str | None, typer.Option(
         help="Continue a killed or failed run (its id) from its last checkpoint.")] = None,
+    nproc: Annotated[int | None, typer.Option(
+        help="Train with this many processes on this machine (DistributedDataParallel "
+             "under torchrun).", min=1)] = None,
 ) -> None:
     """Train (if the method trains) and evaluate one method on one dataset."""
     from bench.config import default_bench_files, resolve
     from bench.tracking import RUN_ID_PATTERN
 
+    if nproc is not None:
+        _relaunch(nproc)
+    shard = _shard()
     if resume:
         if not RUN_ID_PATTERN.match(resume):  # before the slow imports
             from bench.errors import BenchError
@@ -163,14 +169,18 @@ def run(
         from bench import runner
 
         tracker = _tracker(tracking_uri)
+        if not shard.is_main:  # another rank of a torchrun: rank 0 reports
+            runner.resume(tracker, resume, _report, shard=shard)
+            return
         with _Progress() as progress:
-            outcome = runner.resume(tracker, resume, _report, progress)
+            outcome = runner.resume(tracker, resume, _report, progress, shard)
         _print_outcome(outcome)
         return
     flags = {"method": method, "dataset": dataset, "teacher": teacher,
              "eval.nfe": parse_nfe(nfe), "train.steps": steps, "seed": seed, "device": device}
     resolved = resolve(bench_files=default_bench_files(Path.cwd()), config_file=config,
                        flags=flags, sets=set_ or [])
+    shard.local_size(resolved.config.train.batch_size)  # an uneven split fails at once
     from bench import runner  # torch, mlflow: after the config is known to be valid
 
     announce = None
@@ -178,9 +188,44 @@ def run(
         announce = f"presets: {resolved.preset}" + (
             f" ({resolved.preset_description})" if resolved.preset_description else "")
     tracker = _tracker(tracking_uri, set_)
+    if not shard.is_main:  # another rank of a torchrun: rank 0 reports
+        runner.start(resolved.config, tracker, _report, shard=shard)
+        return
     with _Progress() as progress:
-        outcome = runner.start(resolved.config, tracker, _report, progress, announce=announce)
+        outcome = runner.start(resolved.config, tracker, _report, progress, announce=announce,
+                               shard=shard)
     _print_outcome(outcome)
+
+
+def _shard() -> Any:
+    """This process's rank and the number of processes, from torchrun's environment."""
+    from bench.distributed import shard_from_env
+
+    return shard_from_env()
+
+
+def _relaunch(nproc: int) -> None:
+    """Run this same command again under torch.distributed.run with nproc processes on this
+    machine (a free rendezvous port is picked); --nproc 1 simply continues."""
+    from bench.errors import UsageError
+
+    if "WORLD_SIZE" in os.environ:
+        raise UsageError("--nproc inside torchrun: pass one or the other")
+    if nproc == 1:
+        return
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "bench", *args]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
 
 
 @app.command("import")

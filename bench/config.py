@@ -27,6 +27,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")  # learning rate after warm-up
 INDEX_SAMPLINGS = ("uniform", "lognormal")  # how the consistency index n is drawn
 WEIGHTINGS = ("uniform", "inverse_gap")  # consistency-loss weightings lambda(t_n)
 EVAL_NOISES = ("auto", "random", "qmc")  # evaluation noise: eval.noise
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision: autocast of the forward passes
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")  # consistency-loss distances
 NET_KINDS = ("auto", "mlp", "unet", "adm", "ddpmpp", "ncsnpp")  # net.kind (bench.nets)
 
@@ -80,6 +81,9 @@ class TrainConfig:
     log_every: int = 50  # iterations between logged training metrics
     eval_every: int = 0  # iterations between intermediate evaluations (0 = only at the end)
     nonfinite: str = "stop"  # on a non-finite loss: "stop" the run or "skip" the step
+    precision: str = "fp32"  # forward passes: "fp32", "bf16" autocast, "fp16" (CUDA, scaled)
+    channels_last: bool = False  # image networks and batches in NHWC memory order
+    compile: bool = False  # torch.compile the student's forward
 
 
 @dataclass
@@ -203,6 +207,8 @@ class RunConfig:
              f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (self.train.eval_every >= 0, "train.eval_every must be >= 0"),
             (self.train.nonfinite in ("stop", "skip"), "train.nonfinite must be stop or skip"),
+            (self.train.precision in PRECISIONS,
+             f"train.precision must be one of {', '.join(PRECISIONS)}"),
             (len(self.eval.nfe) > 0, "eval.nfe must not be empty"),
             (all(n >= 1 for n in self.eval.nfe), "eval.nfe values must be >= 1"),
             (self.eval.num_samples >= 2, "eval.num_samples must be >= 2"),

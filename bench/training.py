@@ -17,6 +17,7 @@ from torch import nn
 
 from bench.averaging import ParamAverage
 from bench.config import TrainConfig
+from bench.distributed import Shard
 from bench.errors import BenchError
 from bench.rng import sample_seed
 from methods.base import Method
@@ -63,7 +64,8 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 
 class BatchStream:
-    """Batch k is a pure function of (seed, k): epoch-wise permutations, so resume is exact."""
+    """Batch k is a pure function of (seed, k): epoch-wise permutations, so resume is exact.
+    Under several processes each takes its shard's rows of the same global batch."""
 
     def __init__(
         self,
@@ -73,6 +75,8 @@ class BatchStream:
         batch_size: int,
         seed: int,
         device: torch.device,
+        shard: Shard = Shard(),
+        channels_last: bool = False,
     ) -> None:
         self.fetch = fetch  # dataset indices -> float32 samples
         self.size = size
@@ -80,6 +84,8 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
+        self.rows = shard.rows(batch_size)  # this process's rows of each global batch
+        self.channels_last = channels_last  # image batches in NHWC memory order
         self._epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 
@@ -104,8 +110,10 @@ class BatchStream:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x0, labels) of batch `step` on the device."""
-        idx = self.indices(step)
+        idx = self.indices(step)[self.rows]
         x = self.fetch(idx).to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = None if self.labels is None else self.labels[idx].to(self.device)
         return x, y
 
@@ -127,6 +135,7 @@ class LoopState:
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float32))
     loss_count: int = 0
     skipped: int = 0  # iterations skipped for a non-finite loss (train.nonfinite = "skip")
+    scaler: torch.amp.GradScaler | None = None  # train.precision = "fp16": the loss scale
 
 
 def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.device,
@@ -140,8 +149,9 @@ def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.de
         if cfg.ema_rate > 0:
             ema = copy.deepcopy(student).eval().requires_grad_(False)
     generator = torch.Generator(device=device).manual_seed(sample_seed(seed, 2**31))
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     return LoopState(0, optimizer, ema, generator,
-                     torch.zeros((), dtype=torch.float32, device=device))
+                     torch.zeros((), dtype=torch.float32, device=device), scaler=scaler)
 
 
 def loop_state_dict(state: LoopState) -> dict[str, Any]:
@@ -154,6 +164,7 @@ def loop_state_dict(state: LoopState) -> dict[str, Any]:
         "loss_sum": state.loss_sum.detach().cpu(),
         "loss_count": state.loss_count,
         "skipped": state.skipped,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else {},
     }
 
 
@@ -172,6 +183,8 @@ def load_loop_state(state: LoopState, saved: dict[str, Any]) -> None:
         state.loss_sum = saved["loss_sum"].to(state.loss_sum.device, state.loss_sum.dtype)
         state.loss_count = int(saved["loss_count"])
         state.skipped = int(saved.get("skipped", 0))
+    if state.scaler is not None and saved.get("scaler"):
+        state.scaler.load_state_dict(saved["scaler"])
 
 
 @dataclass
@@ -185,6 +198,19 @@ class LoopHooks:
     # entered around each iteration and its checkpoint: a block that must not be cut in half
     # (the runner holds SIGINT/SIGTERM back until it ends)
     critical: Callable[[], AbstractContextManager[None]] | None = None
+    # the loss over all processes (a mean over the ranks), so every rank takes the same
+    # skip/stop decision and rank 0 logs the global batch's loss
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    """Autocast of the forward passes at train.precision ("fp32": none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def train_loop(
@@ -204,6 +230,7 @@ def train_loop(
     optimizer = state.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ema = ParamAverage(state.ema, student) if state.ema is not None else None
+    scaler = state.scaler
     student.train()
     critical = hooks.critical or contextlib.nullcontext
     window_start = time.perf_counter()
@@ -215,27 +242,35 @@ def train_loop(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x0, labels = stream.batch(step)
-            loss = method.loss(x0, labels, step, state.generator).mean()
+            with autocast(cfg.precision, x0.device):
+                loss = method.loss(x0, labels, step, state.generator).float().mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            seen = loss.detach() if hooks.reduce is None else hooks.reduce(loss)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # an overflow is the scaler's to skip, not an error
             if cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-                finite = torch.isfinite(grad_norm)
+                finite = torch.isfinite(grad_norm if scaler is None else seen)
             else:
-                finite = torch.isfinite(loss.detach())
+                finite = torch.isfinite(seen)
             if not bool(finite):
                 if cfg.nonfinite == "stop":
-                    value = float(loss.detach())
+                    value = float(seen)
                     raise NonFiniteLoss(f"non-finite loss ({value:g}) at iteration {step}; "
                                         f"train.nonfinite = \"skip\" skips such iterations")
                 optimizer.zero_grad(set_to_none=True)
                 state.skipped += 1
             else:
-                optimizer.step()
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
                 if ema is not None:
                     ema.update(cfg.ema_rate)
                 method.after_step(step, state.ema)
-                state.loss_sum += loss.detach()
+                state.loss_sum += seen
                 state.loss_count += 1
             state.step = step + 1
             window_steps += 1
