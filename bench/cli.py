@@ -51,7 +51,9 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _report(message: str) -> None:
-    _console(stderr=True).print(f"[dim]{message}[/dim]")
+    from bench.tracking import mask_credentials
+
+    _console(stderr=True).print(f"[dim]{mask_credentials(message)}[/dim]", markup=True)
 
 
 def _tracker(flag: str | None, sets: list[str] | None = None) -> Any:
@@ -148,29 +150,82 @@ def run(
     tracking_uri: TrackingOption = None,
     resume: Annotated[str | None, typer.Option(
         help="Continue a killed or failed run (its id) from its last checkpoint.")] = None,
+    nproc: Annotated[int | None, typer.Option(
+        help="Train with this many processes on this machine (DistributedDataParallel "
+             "under torchrun).", min=1)] = None,
 ) -> None:
     """Train (if the method trains) and evaluate one method on one dataset."""
-    from bench import runner
     from bench.config import default_bench_files, resolve
+    from bench.tracking import RUN_ID_PATTERN
 
+    if nproc is not None:
+        _relaunch(nproc)
+    shard = _shard()
     if resume:
+        if not RUN_ID_PATTERN.match(resume):  # before the slow imports
+            from bench.errors import BenchError
+
+            raise BenchError(f"unknown run id {resume!r} (run ids are 32 hex characters)")
+        from bench import runner
+
         tracker = _tracker(tracking_uri)
+        if not shard.is_main:  # another rank of a torchrun: rank 0 reports
+            runner.resume(tracker, resume, _report, shard=shard)
+            return
         with _Progress() as progress:
-            outcome = runner.resume(tracker, resume, _report, progress)
+            outcome = runner.resume(tracker, resume, _report, progress, shard)
         _print_outcome(outcome)
         return
     flags = {"method": method, "dataset": dataset, "teacher": teacher,
              "eval.nfe": parse_nfe(nfe), "train.steps": steps, "seed": seed, "device": device}
     resolved = resolve(bench_files=default_bench_files(Path.cwd()), config_file=config,
                        flags=flags, sets=set_ or [])
+    shard.local_size(resolved.config.train.batch_size)  # an uneven split fails at once
+    from bench import runner  # torch, mlflow: after the config is known to be valid
+
     announce = None
     if resolved.preset:
         announce = f"presets: {resolved.preset}" + (
             f" ({resolved.preset_description})" if resolved.preset_description else "")
     tracker = _tracker(tracking_uri, set_)
+    if not shard.is_main:  # another rank of a torchrun: rank 0 reports
+        runner.start(resolved.config, tracker, _report, shard=shard)
+        return
     with _Progress() as progress:
-        outcome = runner.start(resolved.config, tracker, _report, progress, announce=announce)
+        outcome = runner.start(resolved.config, tracker, _report, progress, announce=announce,
+                               shard=shard)
     _print_outcome(outcome)
+
+
+def _shard() -> Any:
+    """This process's rank and the number of processes, from torchrun's environment."""
+    from bench.distributed import shard_from_env
+
+    return shard_from_env()
+
+
+def _relaunch(nproc: int) -> None:
+    """Run this same command again under torch.distributed.run with nproc processes on this
+    machine (a free rendezvous port is picked); --nproc 1 simply continues."""
+    from bench.errors import UsageError
+
+    if "WORLD_SIZE" in os.environ:
+        raise UsageError("--nproc inside torchrun: pass one or the other")
+    if nproc == 1:
+        return
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "bench", *args]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
 
 
 @app.command("import")
@@ -401,11 +456,16 @@ def ui(
     import subprocess
 
     tracker = _tracker(tracking_uri)
-    artifacts = (tracker.runs_dir / "mlartifacts").resolve()
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracker.uri,
-           "--default-artifact-root", artifacts.as_uri(), "--host", host, "--port", str(port)]
+    cmd = ui_command(tracker.uri, tracker.runs_dir / "mlartifacts", host, port)
     _report(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call(cmd))
+
+
+def ui_command(store_uri: str, artifacts: Path, host: str, port: int) -> list[str]:
+    """The `mlflow ui` command line `bench ui` runs: bound to `host` only."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri,
+            "--default-artifact-root", artifacts.resolve().as_uri(), "--host", host,
+            "--port", str(port)]
 
 
 @app.command()
@@ -458,10 +518,11 @@ def report(
     from reports.tables import to_rich
 
     formats = parse_formats(format_)
+    chosen = check_select(select)
     for name in dataset or []:
         check_dataset_name(name)
     tracker = _tracker(tracking_uri)
-    output = build_report(tracker, dataset or None, check_select(select), formats,
+    output = build_report(tracker, dataset or None, chosen, formats,
                           out or tracker.runs_dir / "reports")
     console = _console()
     for table in output.tables:
@@ -517,7 +578,9 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `bench` alone: the help text
             print(exc.format_message())
             sys.exit(0)
-        print(f"bench: error: {exc.format_message()}", file=sys.stderr)
+        from bench.tracking import mask_credentials
+
+        print(f"bench: error: {mask_credentials(exc.format_message())}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         if debug:
@@ -526,14 +589,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception as exc:
         from bench.errors import BenchError
+        from bench.tracking import mask_credentials  # no password in any error line
 
         if debug:
             raise
         if isinstance(exc, BenchError):
-            print(f"bench: error: {exc}", file=sys.stderr)
+            print(f"bench: error: {mask_credentials(str(exc))}", file=sys.stderr)
             sys.exit(exc.exit_code)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"bench: internal error: {type(exc).__name__}: {first} "
+        print(f"bench: internal error: {type(exc).__name__}: {mask_credentials(first)} "
               f"(run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
 

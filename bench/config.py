@@ -27,6 +27,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")  # learning rate after warm-up
 INDEX_SAMPLINGS = ("uniform", "lognormal")  # how the consistency index n is drawn
 WEIGHTINGS = ("uniform", "inverse_gap")  # consistency-loss weightings lambda(t_n)
 EVAL_NOISES = ("auto", "random", "qmc")  # evaluation noise: eval.noise
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision: autocast of the forward passes
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")  # consistency-loss distances
 NET_KINDS = ("auto", "mlp", "unet", "adm", "ddpmpp", "ncsnpp")  # net.kind (bench.nets)
 
@@ -80,6 +81,9 @@ class TrainConfig:
     log_every: int = 50  # iterations between logged training metrics
     eval_every: int = 0  # iterations between intermediate evaluations (0 = only at the end)
     nonfinite: str = "stop"  # on a non-finite loss: "stop" the run or "skip" the step
+    precision: str = "fp32"  # forward passes: "fp32", "bf16" autocast, "fp16" (CUDA, scaled)
+    channels_last: bool = False  # image networks and batches in NHWC memory order
+    compile: bool = False  # torch.compile the student's forward
 
 
 @dataclass
@@ -164,7 +168,7 @@ class TrackingConfig:
 @dataclass
 class RunConfig:
     method: str = ""  # registered method name (bench methods)
-    dataset: str = ""  # registered dataset name or folder:PATH (bench datasets)
+    dataset: str = ""  # registered dataset name, folder:PATH or points:PATH (bench datasets)
     seed: int = 0  # training seed
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     teacher: str = "auto"  # run id, checkpoint path, "analytic" or "auto"
@@ -203,6 +207,8 @@ class RunConfig:
              f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (self.train.eval_every >= 0, "train.eval_every must be >= 0"),
             (self.train.nonfinite in ("stop", "skip"), "train.nonfinite must be stop or skip"),
+            (self.train.precision in PRECISIONS,
+             f"train.precision must be one of {', '.join(PRECISIONS)}"),
             (len(self.eval.nfe) > 0, "eval.nfe must not be empty"),
             (all(n >= 1 for n in self.eval.nfe), "eval.nfe values must be >= 1"),
             (self.eval.num_samples >= 2, "eval.num_samples must be >= 2"),
@@ -408,6 +414,8 @@ def load_bench_file(path: Path) -> BenchFile:
     """Parse a bench.toml into settings, per-dataset data tables and presets."""
     raw = read_toml(path, "bench.toml")
     settings = {k: v for k, v in raw.items() if k != "preset"}
+    if not isinstance(settings.get("data", {}), dict):
+        raise UsageError(f"{path}: [data] must be a table ([data.<dataset>] path = ...)")
     data = dict(settings.get("data", {}))
     known = {f.name for f in dataclasses.fields(DataConfig)}
     data_tables = {k: v for k, v in data.items() if k not in known and isinstance(v, dict)}
@@ -415,17 +423,28 @@ def load_bench_file(path: Path) -> BenchFile:
     presets = raw.get("preset", {})
     if not isinstance(presets, dict) or not all(isinstance(v, dict) for v in presets.values()):
         raise UsageError(f"{path}: [preset] must hold [preset.<method>.<dataset>] tables")
-    # check every table against the schema early, so a typo fails before any work starts
-    merge(defaults_dict(), settings, str(path))
+    # check every table against the schema (keys and types) early, so a typo fails before any
+    # work starts, even when a later layer overrides the value
+    _check_layer(settings, str(path))
     for name, table in data_tables.items():
-        merge(defaults_dict()["data"], table, str(path), f"data.{name}.")
+        _check_layer({"data": table}, f"{path} [data.{name}]")
     for method, per_dataset in presets.items():
         for dataset, table in per_dataset.items():
             if not isinstance(table, dict):
                 raise UsageError(f"{path}: preset.{method}.{dataset} must be a table")
             body = {k: v for k, v in table.items() if k != "description"}
-            merge(defaults_dict(), body, f"{path} [preset.{method}.{dataset}]")
+            _check_layer(body, f"{path} [preset.{method}.{dataset}]")
     return BenchFile(str(path), settings, data_tables, presets)
+
+
+def _check_layer(layer: Mapping[str, Any], source: str) -> None:
+    """Unknown keys and wrong types of one layer are errors naming the source and the key."""
+    data = defaults_dict()
+    merge(data, layer, source)
+    try:
+        _build(RunConfig, data, "")
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc}") from None
 
 
 def default_bench_files(cwd: Path) -> list[BenchFile]:
@@ -482,7 +501,8 @@ def resolve(
     for f in files:
         merge(data, f.settings, f.source)
         sources.append(f.source)
-    dataset_key = dataset.split(":", 1)[0] if dataset.startswith("folder:") else dataset
+    dataset_key = (dataset.split(":", 1)[0] if dataset.startswith(("folder:", "points:"))
+                   else dataset)
     for f in files:
         if dataset_key in f.data_tables:
             merge(data["data"], f.data_tables[dataset_key], f.source, "data.")

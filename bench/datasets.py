@@ -4,8 +4,9 @@ Embedded datasets need no files: `gmm8`, `gmm25` (Gaussian mixtures with exact d
 denoiser), `moons`, `swissroll`, `checkerboard` (2-D) and `digits` (scikit-learn's 8x8 digits).
 Path datasets read local files: `cifar10` (python pickle batches, through a restricted
 unpickler), `imagenet64` (.npz batches or a class-per-subfolder image folder), `lsun-bedroom`,
-`lsun-cat` and `folder:PATH` (image folders). Opening a path dataset is cheap; pixels are read on
-first use and kept in memory as uint8, converted to float32 in [-1, 1] on request.
+`lsun-cat`, `folder:PATH` (image folders) and `points:PATH` (2-D points). Opening a path
+dataset is cheap; pixels are read on first use and kept in memory as uint8, converted to float32
+in [-1, 1] on request.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bench.errors import BenchError, UsageError, unknown_name
 TRAIN_SIZE = 100_000  # training points drawn for each embedded 2-D dataset
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FOLDER_PREFIX = "folder:"
+POINTS_PREFIX = "points:"
 
 _TRAIN_STREAM = 0  # seed-stream tags keep training and reference draws disjoint
 _REFERENCE_STREAM = 1
@@ -358,6 +360,77 @@ class Checkerboard(PointsDataset):
         """The point at `offset` (in [0, 1)^2) inside square (column, row), in [-1, 1]^2."""
         cell = torch.stack([column, row], dim=1).to(torch.float64)
         return ((cell + offset) * 0.5 - 1.0).to(torch.float32)
+
+
+class PointsFile(PointsDataset):
+    """`points:PATH`: your own 2-D points, an .npy array (N, 2) or an .npz with an array `x`
+    (what `bench sample` writes). Read without unpickling; the rows are the training set and,
+    drawn uniformly, the evaluation reference. Data is expected at about unit scale
+    (sigma_data 0.5; `diffusion.sigma_data` sets another)."""
+
+    uniform_dims = 1
+
+    def __init__(self, path: str) -> None:
+        """Nothing is read until the data is needed (unavailable_reason checks the file)."""
+        super().__init__(f"{POINTS_PREFIX}{path}", 0.5, f"2-D points from {path}")
+        self.path = Path(path).expanduser()
+
+    def unavailable_reason(self) -> str | None:
+        """A missing or unreadable file, a wrong shape or a non-finite value, in one line."""
+        if not self.path.is_file():
+            return f"{self.name}: no file at '{self.path}' - give an .npy (N, 2) or .npz (x)"
+        try:
+            self.train()
+        except BenchError as err:
+            return str(err)
+        return None
+
+    def train(self) -> Tensor:
+        """The file's rows as float32 (N, 2), validated once."""
+        if self._train is None:
+            self._train = torch.from_numpy(self._read())
+        return self._train
+
+    def _read(self) -> np.ndarray:
+        file = self.path
+        if file.suffix == ".npz":
+            array = _npz_member(file, "x")
+        else:
+            with file.open("rb") as fh:
+                if fh.read(6) != b"\x93NUMPY":
+                    raise BenchError(f"'{file}' is not an .npy file (nor an .npz by its name)")
+            try:
+                array = np.load(file, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as err:
+                raise BenchError(f"cannot read '{file}' as an .npy array: {_one_line(err)}"
+                                 ) from None
+        if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] != 2:
+            shape = getattr(array, "shape", "?")
+            raise BenchError(f"'{file}': points must be an array of shape (N, 2), got {shape}")
+        if not (np.issubdtype(array.dtype, np.floating)
+                or np.issubdtype(array.dtype, np.integer)):
+            raise BenchError(f"'{file}': points must be numbers, got dtype {array.dtype}")
+        if array.shape[0] < 2:
+            raise BenchError(f"'{file}': needs at least 2 points, got {array.shape[0]}")
+        bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+        if bad.size:
+            raise BenchError(f"'{file}': row {bad[0]} is not finite ({array[bad[0]].tolist()})")
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """n rows drawn uniformly with replacement."""
+        data = self.train()
+        return data[torch.randint(0, data.shape[0], (n,), generator=generator)]
+
+    def from_uniform(self, u: Tensor) -> Tensor:
+        """Row floor(u N) for each uniform u (a stratified choice of rows)."""
+        data = self.train()
+        index = (u[:, 0] * data.shape[0]).long().clamp_(0, data.shape[0] - 1)
+        return data[index]
+
+    def known_size(self) -> int | None:
+        """Unknown until the file is read."""
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1010,10 +1083,16 @@ def get_dataset(name: str, path: str | None = None, *, resolution: int | None = 
         if resolution is not None and resolution < 1:
             raise UsageError(f"resolution must be >= 1, got {resolution}")
         dataset: Dataset = FolderImages(folder, resolution)
+    elif name.startswith(POINTS_PREFIX):
+        file = name[len(POINTS_PREFIX):] or path
+        if not file:
+            raise UsageError("points: needs a file, e.g. --dataset points:/data/points.npy")
+        dataset = PointsFile(file)
     elif name in _REGISTRY:
         dataset = _REGISTRY[name](path or None)
     else:
-        raise unknown_name("dataset", name, [*_REGISTRY, f"{FOLDER_PREFIX}PATH"])
+        raise unknown_name("dataset", name, [*_REGISTRY, f"{FOLDER_PREFIX}PATH",
+                                             f"{POINTS_PREFIX}PATH"])
     reason = dataset.unavailable_reason()
     if reason is not None:
         raise BenchError(reason)
@@ -1028,8 +1107,11 @@ def describe_dataset(name: str) -> Dataset:
     """The dataset object for its metadata (kind, primary metric) without reading its data."""
     if name.startswith(FOLDER_PREFIX):
         return FolderImages(name[len(FOLDER_PREFIX):], None)
+    if name.startswith(POINTS_PREFIX):
+        return PointsFile(name[len(POINTS_PREFIX):])
     if name not in _REGISTRY:
-        raise unknown_name("dataset", name, [*_REGISTRY, f"{FOLDER_PREFIX}PATH"])
+        raise unknown_name("dataset", name, [*_REGISTRY, f"{FOLDER_PREFIX}PATH",
+                                             f"{POINTS_PREFIX}PATH"])
     return _REGISTRY[name](None)
 
 

@@ -189,14 +189,15 @@ def edit_run(tracker: Tracker, request: EditRequest, report: Reporter) -> EditOu
     if not isinstance(dataset, PointsDataset):
         held_out(dataset, request.n, request.seed)  # a bad --n fails before any loading
     nfes = list(request.nfe or ([1] if request.task in ONE_CALL_TASKS else cfg.eval.nfe))
+    levels = cfg.diffusion  # the run's sigma_min and sigma_max, checked before any loading
+    sigma = (request.sigma if request.sigma is not None
+             else default_sigma(request.task, dataset, levels.sigma_max))
+    if sigma is not None and not levels.sigma_min < sigma <= levels.sigma_max:
+        raise UsageError(f"--sigma must lie in ({levels.sigma_min:g}, {levels.sigma_max:g}], "
+                         f"got {sigma:g}")
     p, state = load_run(tracker, request.run_id, report, nfes)
     method = p.method
     assert isinstance(method, ConsistencyMethod)
-    sigma = (request.sigma if request.sigma is not None
-             else default_sigma(request.task, dataset, method.sigma_max))
-    if sigma is not None and not method.sigma_min < sigma <= method.sigma_max:
-        raise UsageError(f"--sigma must lie in ({method.sigma_min:g}, {method.sigma_max:g}], "
-                         f"got {sigma:g}")
     outcome = EditOutcome("", request.run_id, request.task, dataset.name,
                           BASELINES[request.task])
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ from torch import nn
 
 from bench.config import RunConfig
 from bench.datasets import Dataset, Digits, GaussianMixture, PointsDataset
+from bench.distributed import Shard, gather_to_main
 from bench.errors import UsageError
 from bench.metrics import (
     POINT_METRICS,
@@ -142,16 +143,44 @@ def generate(
     conditional: bool,
     consume: Callable[[torch.Tensor], None],
     qmc: bool = False,
+    shard: Shard = Shard(),
+    first: int = 0,
 ) -> tuple[int, float]:
     """Generate num_samples in batches into `consume`, clipped to the dataset's range when it
     has one (images); return (calls per sample, seconds of sampling). With qmc, sample i's
-    noise is point i of a scrambled Sobol sequence (SobolGenerator), still per-sample."""
+    noise is point i of a scrambled Sobol sequence (SobolGenerator), still per-sample.
+
+    Under several processes rank r generates batches r, r + W, ... (the same batches as one
+    process) and rank 0 gathers them and consumes them in order, so the metrics are those of
+    one process; the other ranks consume nothing. Seconds are summed over the ranks. `first`
+    starts at that sample index (one rank's batch)."""
+    if shard.distributed:  # round k: rank r makes batch k W + r, rank 0 gathers the round
+        starts = list(range(0, num_samples, batch_size))
+        calls, seconds = 0, 0.0
+        for k in range(0, len(starts), shard.world_size):
+            mine: list[torch.Tensor] = []
+            made = (0, 0.0)
+            if k + shard.rank < len(starts):
+                start = starts[k + shard.rank]
+                made = generate(method, model, dataset, nfe,
+                                min(start + batch_size, num_samples), batch_size, seed, device,
+                                conditional, mine.append, qmc, first=start)
+            for x, part_calls, part_seconds in gather_to_main(
+                    (mine[0].cpu() if mine else None, *made), shard):
+                if x is None:
+                    continue
+                if calls and part_calls != calls:
+                    raise RuntimeError(f"uneven network calls across batches: {part_calls} "
+                                       f"and {calls}")
+                consume(x.to(device))
+                calls, seconds = part_calls, seconds + part_seconds
+        return calls, seconds
     calls = 0
     batches = 0
     seconds = 0.0
     if model.training:  # Module.eval() walks every submodule: not on every call
         model.eval()
-    for start in range(0, num_samples, batch_size):
+    for start in range(first, num_samples, batch_size):
         indices = range(start, min(start + batch_size, num_samples))
         rng = (SobolGenerator(seed, indices, device) if qmc
                else StackedGenerator(seed, indices, device))
@@ -186,8 +215,11 @@ def evaluate(
     suite: MetricSuite,
     device: torch.device,
     on_result: Callable[[EvalResult], None] | None = None,
+    shard: Shard = Shard(),
 ) -> list[EvalResult]:
-    """Evaluate the method's model (built from the EMA) at every NFE; on_result per NFE."""
+    """Evaluate the method's model (built from the EMA) at every NFE; on_result per NFE.
+    Under several processes every rank generates its share and rank 0 alone scores (the
+    others return no results)."""
     results = []
     conditional = cfg.net.class_conditional and dataset.num_classes > 0
     keep = PREVIEW_POINTS if dataset.kind == "points" else PREVIEW_IMAGES
@@ -207,7 +239,9 @@ def evaluate(
         model = method.evaluation_model(ema, nfe)
         measured, seconds = generate(method, model, dataset, nfe, cfg.eval.num_samples,
                                      cfg.eval.batch_size, cfg.eval.seed, device, conditional,
-                                     consume, qmc)
+                                     consume, qmc, shard)
+        if not shard.is_main:
+            continue
         metrics: dict[str, float] = {}
         for acc in accumulators:
             metrics.update(acc.compute())

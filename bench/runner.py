@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -28,6 +25,15 @@ from bench.artifacts import (
 from bench.checkpoint import load_checkpoint, save_checkpoint
 from bench.config import RunConfig, dumps, flatten, from_dict, read_toml, to_dict
 from bench.datasets import Dataset, PointsDataset, get_dataset
+from bench.distributed import (
+    Shard,
+    all_mean,
+    broadcast,
+    local_device,
+    main_first,
+    process_group,
+    wrap,
+)
 from bench.errors import BenchError, RunInterrupted, UsageError
 from bench.evaluation import (
     EvalResult,
@@ -37,8 +43,9 @@ from bench.evaluation import (
     prepare_metrics,
 )
 from bench.models import model_spec, net_summary, new_raw_net, sigma_data_of
+from bench.signals import SignalGuard
 from bench.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
-from bench.tracking import Tracker, git_commit, package_versions
+from bench.tracking import Tracker, git_commit, mask_credentials, package_versions
 from bench.training import (
     BatchStream,
     LoopHooks,
@@ -77,9 +84,11 @@ class Prepared:
     suite: MetricSuite
     teacher_kind: str
     spec: dict[str, Any]
+    shard: Shard = field(default_factory=Shard)  # this process's part of a multi-process run
 
 
-def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
+def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter, shard: Shard = Shard(),
+            ) -> Prepared:
     """Build dataset, teacher, method and metrics; every user error surfaces here."""
     if not cfg.method:
         raise UsageError("no method: pass --method (see `bench methods`)")
@@ -90,7 +99,11 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
     reason = dataset.unavailable_reason()
     if reason:
         raise BenchError(reason)
-    device = resolve_device(cfg.device)
+    device = local_device(resolve_device(cfg.device))
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise UsageError(f"train.precision = fp16 needs CUDA (its gradient scaler), not "
+                         f"{device.type}; use bf16 on the CPU")
+    shard.local_size(cfg.train.batch_size)  # an uneven split fails here
     teacher_model: nn.Module | None = None
     teacher_source, teacher_kind = "none", "none"
     if method_cls.needs_teacher:
@@ -106,6 +119,7 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
         teacher=teacher_model,
         teacher_source=teacher_source,
         new_net=lambda: new_raw_net(spec, cfg.seed),
+        shard=shard,
     )
     if dataset.kind == "image" and dataset.primary_metric == "fid":
         from bench.fid import locate_weights, metric_mode
@@ -115,14 +129,36 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter) -> Prepared:
                        metric_mode(cfg.eval.metric_tool, cfg.eval.clean_fid_mode),
                        cfg.eval.inception_weights)
     method = method_cls(ctx)
-    if method.student is not None:
-        report(net_summary(spec, method.student))
     for nfe in cfg.eval.nfe:
         method.check_nfe(nfe)
     if teacher_model is not None:
         report(f"teacher: {teacher_source}")
     suite = prepare_metrics(dataset, cfg, tracker.runs_dir / "cache")
-    return Prepared(cfg, dataset, device, method, suite, teacher_kind, spec)
+    return Prepared(cfg, dataset, device, method, suite, teacher_kind, spec, shard)
+
+
+def accelerate(p: Prepared) -> None:
+    """The student in channels-last order and compiled (train.channels_last, train.compile),
+    and inside DistributedDataParallel under several processes. After new_loop_state: the
+    EMA is a copy of the plain student."""
+    student = p.method.student
+    if student is None or not p.method.trains:
+        return
+    train = p.config.train
+    if train.channels_last and p.dataset.kind == "image":
+        student.to(memory_format=torch.channels_last)
+    if train.compile:
+        student.compile()
+    if p.shard.distributed:
+        p.method.parallel = wrap(student, p.device)
+
+
+def batch_stream(p: Prepared) -> BatchStream:
+    """The run's training batches (this process's rows of them)."""
+    labels = p.dataset.train_labels() if p.spec["num_classes"] else None
+    return BatchStream(p.dataset.train_batch, len(p.dataset), labels,
+                       p.config.train.batch_size, p.config.seed, p.device, p.shard,
+                       p.config.train.channels_last)
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -175,11 +211,7 @@ def restore(p: Prepared, state: LoopState, saved: dict[str, Any]) -> None:
         torch.set_rng_state(saved["torch_rng"].cpu())
 
 
-# --- signals ---------------------------------------------------------------------------------
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived."""
+# --- observers and early stops ---------------------------------------------------------------
 
 
 class StopRun(Exception):
@@ -197,20 +229,6 @@ class RunObserver:
 
     started: Callable[[str], None] | None = None  # the new run's id, before training
     evaluated: Callable[[int, list[EvalResult]], None] | None = None  # iteration, results
-
-
-@contextmanager
-def interrupts_as_exceptions() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so both end a run the same way."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -242,6 +260,7 @@ def run_tags(p: Prepared) -> dict[str, str]:
         "device": str(p.device),
         "git_commit": git_commit(),
         "versions": package_versions(),
+        "world_size": str(p.shard.world_size),
         **p.suite.notes,
     }
 
@@ -264,9 +283,11 @@ def execute(
     cfg = p.config
     ckpt_path = checkpoint_path(tracker, run_id)
     remote = tracker.get_run(run_id).local_artifact_dir is None
+    saved_at: list[int] = [state.step] if ckpt_path.is_file() else []  # last checkpoint
 
     def write_checkpoint(s: LoopState) -> None:
         save_checkpoint(checkpoint_state(p, s), ckpt_path)
+        saved_at[:] = [s.step]
         if remote:
             tracker.log_artifact(run_id, ckpt_path, "checkpoints")
 
@@ -274,26 +295,29 @@ def execute(
         tracker.log_metrics(run_id, metrics, step, wait=False)
 
     def intermediate_eval(s: LoopState) -> None:
-        results = evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device)
+        with torch.random.fork_rng(devices=[]):  # training's global RNG stream stays untouched
+            results = evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
+                               p.device, shard=p.shard)
         for r in results:
             tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
                                 s.step)
         if observer is not None and observer.evaluated is not None:
             observer.evaluated(s.step, results)
 
-    labels = p.dataset.train_labels() if p.spec["num_classes"] else None
-    size = len(p.dataset)
-    stream = BatchStream(p.dataset.train_batch, size, labels, cfg.train.batch_size, cfg.seed,
-                         p.device)
+    stream = batch_stream(p)
+    guard = SignalGuard()
     hooks = LoopHooks(log=log, checkpoint=write_checkpoint, evaluate=intermediate_eval,
-                      progress=progress)
+                      progress=progress, critical=guard.deferred,
+                      reduce=all_mean if p.shard.distributed else None)
     try:
-        with interrupts_as_exceptions():
+        with guard.installed():
             train_loop(p.method, cfg.train, stream, state, hooks)
             if p.method.trains:
-                write_checkpoint(state)
+                with guard.deferred():
+                    write_checkpoint(state)
             results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
-                               p.device, on_result=lambda r: log_result(tracker, run_id, r))
+                               p.device, on_result=lambda r: log_result(tracker, run_id, r),
+                               shard=p.shard)
             log_eval_artifacts(tracker, run_id, p, results)
     except StopRun as exc:
         tracker.set_tags(run_id, {"stopped": f"{exc.reason} at iteration {state.step}",
@@ -301,23 +325,49 @@ def execute(
         tracker.end_run(run_id, "KILLED")
         raise
     except KeyboardInterrupt as exc:
-        if p.method.trains and state.step > 0:
-            write_checkpoint(state)
-        tracker.set_tags(run_id, {"error": f"interrupted ({exc or 'SIGINT'}) at iteration "
-                                           f"{state.step}"})
-        tracker.end_run(run_id, "KILLED")
+        with guard.installed(), guard.shielded():  # a second Ctrl-C cannot cut this short
+            if p.method.trains and state.step > 0:
+                write_checkpoint(state)
+            tracker.set_tags(run_id, {"error": f"interrupted ({exc or 'SIGINT'}) at iteration "
+                                               f"{state.step}"})
+            tracker.end_run(run_id, "KILLED")
         raise RunInterrupted(f"interrupted at iteration {state.step}; checkpoint kept; resume "
                              f"with `bench run --resume {run_id}`") from None
     except BaseException as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}",
-                                  "failed_at_iteration": state.step})
+                                  "failed_at_iteration": getattr(exc, "iteration", state.step)})
         tracker.end_run(run_id, "FAILED")
-        if isinstance(exc, BenchError) and ckpt_path.is_file():
-            raise BenchError(f"{message} (last good checkpoint: {ckpt_path})") from exc
+        if isinstance(exc, BenchError) and saved_at:
+            raise BenchError(f"{message} (last good checkpoint: {ckpt_path}, iteration "
+                             f"{saved_at[0]})") from exc
         raise
     tracker.end_run(run_id, "FINISHED")
     return RunOutcome(run_id, cfg.method, p.dataset.name, results, p.dataset.primary_metric,
+                      time.perf_counter() - t0)
+
+
+def execute_worker(p: Prepared, run_id: str, state: LoopState) -> RunOutcome:
+    """A rank other than 0: train its shard and generate its share of the evaluation samples
+    in step with the others; no tracking, no checkpoints, no scores (rank 0 does those)."""
+    t0 = time.perf_counter()
+    cfg = p.config
+
+    def generate_share(s: LoopState) -> None:
+        with torch.random.fork_rng(devices=[]):
+            evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device,
+                     shard=p.shard)
+
+    guard = SignalGuard()
+    hooks = LoopHooks(evaluate=generate_share, critical=guard.deferred, reduce=all_mean)
+    try:
+        with guard.installed():
+            train_loop(p.method, cfg.train, batch_stream(p), state, hooks)
+            generate_share(state)
+    except KeyboardInterrupt as exc:
+        raise RunInterrupted(f"rank {p.shard.rank} interrupted ({exc or 'SIGINT'}) at "
+                             f"iteration {state.step}") from None
+    return RunOutcome(run_id, p.config.method, p.dataset.name, [], p.dataset.primary_metric,
                       time.perf_counter() - t0)
 
 
@@ -369,20 +419,56 @@ def start(
     announce: str | None = None,
     observer: RunObserver | None = None,
     extra_tags: dict[str, str] | None = None,
+    shard: Shard = Shard(),
 ) -> RunOutcome:
     """A new tracked run from a resolved config; `announce` is reported once it validated.
 
     `parent_run_id` nests the run under another (a sweep's); `extra_tags` are added to the
-    contract's tags; `observer` is told the run id and every intermediate evaluation.
+    contract's tags; `observer` is told the run id and every intermediate evaluation. Under
+    several processes (`shard`), every rank calls this; rank 0 alone tracks and evaluates,
+    and the others return an outcome with no results.
     """
+    if not shard.distributed:
+        return _start(cfg, tracker, report, progress, run_name, parent_run_id, announce,
+                      observer, extra_tags, shard)
+    with process_group(shard, local_device(resolve_device(cfg.device))):
+        return _start(cfg, tracker, report if shard.is_main else _silent, progress, run_name,
+                      parent_run_id, announce, observer, extra_tags, shard)
+
+
+def _silent(message: str) -> None:
+    """The reporter of ranks other than 0."""
+
+
+def _start(
+    cfg: RunConfig,
+    tracker: Tracker,
+    report: Reporter,
+    progress: Callable[[int, int, float], None] | None,
+    run_name: str | None,
+    parent_run_id: str | None,
+    announce: str | None,
+    observer: RunObserver | None,
+    extra_tags: dict[str, str] | None,
+    shard: Shard,
+) -> RunOutcome:
+    """start() inside the process group (if any)."""
     torch.manual_seed(cfg.seed)
-    p = prepare(cfg, tracker, report)
+    p: Prepared = main_first(shard, lambda: prepare(cfg, tracker, report, shard))
+    if not shard.is_main:
+        run_id = broadcast(None, shard)
+        state = new_loop_state(p.method, p.config.train, p.config.seed, p.device)
+        accelerate(p)
+        return execute_worker(p, run_id, state)
     if announce:
         report(announce)
+    if p.method.student is not None:
+        report(net_summary(p.spec, p.method.student))
     run_id = tracker.start_run(experiment=p.dataset.name,
                                run_name=run_name or f"{cfg.method}-{p.dataset.name}",
                                tags={**run_tags(p), **(extra_tags or {})},
                                parent_run_id=parent_run_id)
+    broadcast(run_id, shard)
     report(f"run {run_id} in experiment {p.dataset.name!r}")
     if observer is not None and observer.started is not None:
         try:
@@ -394,12 +480,13 @@ def start(
         tracker.log_params(run_id, flatten(to_dict(p.config)))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "config.toml"
-            path.write_text(dumps(p.config))
+            path.write_text(mask_credentials(dumps(p.config)))  # no password in artifacts
             tracker.log_artifact(run_id, path)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
     state = new_loop_state(p.method, p.config.train, p.config.seed, p.device)
+    accelerate(p)
     return execute(p, tracker, run_id, state, progress, report, observer)
 
 
@@ -433,23 +520,41 @@ def load_run(tracker: Tracker, run_id: str, report: Reporter, nfe: list[int] | N
 
 
 def resume(tracker: Tracker, run_id: str, report: Reporter,
-           progress: Callable[[int, int, float], None] | None = None) -> RunOutcome:
-    """Continue a killed or failed run from its last checkpoint, under the same run id."""
+           progress: Callable[[int, int, float], None] | None = None,
+           shard: Shard = Shard()) -> RunOutcome:
+    """Continue a killed or failed run from its last checkpoint, under the same run id.
+
+    Under several processes every rank reads the run's config; rank 0 finds the checkpoint and
+    reopens the run, the others load the checkpoint it names."""
+    report = report if shard.is_main else _silent
     record = tracker.get_run(run_id)
     if record.status == "FINISHED":
         raise UsageError(f"run {run_id} already finished; nothing to resume")
     if record.status == "RUNNING":
         report(f"run {run_id} is marked RUNNING (its process died?); resuming it")
     cfg = run_config(tracker, run_id)
-    p = prepare(cfg, tracker, report)
+    if not shard.distributed:
+        return _resume(tracker, run_id, cfg, report, progress, shard)
+    with process_group(shard, local_device(resolve_device(cfg.device))):
+        return _resume(tracker, run_id, cfg, report, progress, shard)
+
+
+def _resume(tracker: Tracker, run_id: str, cfg: RunConfig, report: Reporter,
+            progress: Callable[[int, int, float], None] | None, shard: Shard) -> RunOutcome:
+    """resume() inside the process group (if any)."""
+    torch.manual_seed(cfg.seed)  # as `start` does: a run with no checkpoint restarts exactly
+    p: Prepared = main_first(shard, lambda: prepare(cfg, tracker, report, shard))
     state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
-    ckpt = checkpoint_path(tracker, run_id)
+    ckpt = Path(broadcast(str(checkpoint_path(tracker, run_id)) if shard.is_main else None,
+                          shard))
     if p.method.trains and ckpt.is_file():
         restore(p, state, load_checkpoint(ckpt, map_location=p.device))
         report(f"resuming run {run_id} at iteration {state.step}")
     else:
-        torch.manual_seed(cfg.seed)
         report(f"run {run_id} has no checkpoint; restarting it from iteration 0")
+    accelerate(p)
+    if not shard.is_main:
+        return execute_worker(p, run_id, state)
     tracker.reopen(run_id)
     return execute(p, tracker, run_id, state, progress, report)
 

@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,45 @@ from typing import Any
 from bench.errors import BenchError
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@")
+# scheme://user:password@host: the password runs to the last "@" of the URL, so an unencoded
+# "@" or "/" in it is masked too; the user may be empty (redis://:password@host)
+_CREDENTIALS = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s\"']*):[^\s\"']*@")
+_QUERY_SECRETS = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd|secret|token)=)[^&;\s\"']+",
+                            re.IGNORECASE)
 
 
 def mask_credentials(text: str) -> str:
-    """Replace the password of any URL in text by ***."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    """Replace the password of any URL in text (user:password@ or ?password=) by ***."""
+    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_SECRETS.sub(lambda m: f"{m['key']}***", text)
+
+
+@contextlib.contextmanager
+def _store_creation_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on <db>.lock while opening a local sqlite store.
+
+    MLflow creates and migrates the schema of a new sqlite file on first use; two processes
+    doing that at once (two `bench run`s on a fresh runs/ folder) break the migration. Other
+    stores, and systems without fcntl, are opened without the lock.
+    """
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if not path or path.startswith(":memory:"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    db = Path(path)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
@@ -86,11 +119,10 @@ class Tracker:
         self.uri = uri
         self.runs_dir = runs_dir
         self._pending: dict[str, list[Any]] = {}  # run id -> MLflow RunOperations in flight
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.client = MlflowClient(tracking_uri=uri)
-            self.client.search_experiments(max_results=1)
+            with _store_creation_lock(uri):
+                self.client = MlflowClient(tracking_uri=uri)
+                self.client.search_experiments(max_results=1)
         except Exception as exc:
             raise BenchError(f"cannot reach the tracking store {mask_credentials(uri)}: "
                              f"{_first_line(exc)}") from None

@@ -3,11 +3,13 @@ periodic atomic checkpoints, exact resume and a progress bar. It never branches 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from torch import nn
 
 from bench.averaging import ParamAverage
 from bench.config import TrainConfig
+from bench.distributed import Shard
 from bench.errors import BenchError
 from bench.rng import sample_seed
 from methods.base import Method
@@ -117,7 +120,8 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 
 class BatchStream:
-    """Batch k is a pure function of (seed, k): epoch-wise permutations, so resume is exact."""
+    """Batch k is a pure function of (seed, k): epoch-wise permutations, so resume is exact.
+    Under several processes each takes its shard's rows of the same global batch."""
 
     def __init__(
         self,
@@ -127,6 +131,8 @@ class BatchStream:
         batch_size: int,
         seed: int,
         device: torch.device,
+        shard: Shard = Shard(),
+        channels_last: bool = False,
     ) -> None:
         self.fetch = fetch  # dataset indices -> float32 samples
         self.size = size
@@ -134,6 +140,8 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
+        self.rows = shard.rows(batch_size)  # this process's rows of each global batch
+        self.channels_last = channels_last  # image batches in NHWC memory order
         self._epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 
@@ -158,14 +166,20 @@ class BatchStream:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x0, labels) of batch `step` on the device."""
-        idx = self.indices(step)
+        idx = self.indices(step)[self.rows]
         x = self.fetch(idx).to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = None if self.labels is None else self.labels[idx].to(self.device)
         return x, y
 
 
 class NonFiniteLoss(BenchError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite at iteration `iteration`."""
+
+    def __init__(self, message: str, iteration: int) -> None:
+        super().__init__(message)
+        self.iteration = iteration
 
 
 @dataclass
@@ -176,6 +190,12 @@ class LoopState:
     optimizer: torch.optim.Optimizer | None
     ema: nn.Module | None
     generator: torch.Generator
+    # the loss logged next is the mean over the iterations since the last log: kept here so
+    # that a run resumed between two logs logs the same values as one never interrupted
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float32))
+    loss_count: int = 0
+    skipped: int = 0  # iterations skipped for a non-finite loss (train.nonfinite = "skip")
+    scaler: torch.amp.GradScaler | None = None  # train.precision = "fp16": the loss scale
 
 
 def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.device,
@@ -189,7 +209,9 @@ def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.de
         if cfg.ema_rate > 0:
             ema = copy.deepcopy(student).eval().requires_grad_(False)
     generator = torch.Generator(device=device).manual_seed(sample_seed(seed, 2**31))
-    return LoopState(0, optimizer, ema, generator)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    return LoopState(0, optimizer, ema, generator,
+                     torch.zeros((), dtype=torch.float32, device=device), scaler=scaler)
 
 
 def loop_state_dict(state: LoopState) -> dict[str, Any]:
@@ -199,6 +221,10 @@ def loop_state_dict(state: LoopState) -> dict[str, Any]:
         "optimizer": state.optimizer.state_dict() if state.optimizer is not None else {},
         "ema": state.ema.state_dict() if state.ema is not None else {},
         "generator": state.generator.get_state(),
+        "loss_sum": state.loss_sum.detach().cpu(),
+        "loss_count": state.loss_count,
+        "skipped": state.skipped,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else {},
     }
 
 
@@ -213,6 +239,12 @@ def load_loop_state(state: LoopState, saved: dict[str, Any]) -> None:
         state.generator.set_state(saved["generator"].cpu()
                                   if state.generator.device.type == "cpu"
                                   else saved["generator"])
+    if "loss_sum" in saved:
+        state.loss_sum = saved["loss_sum"].to(state.loss_sum.device, state.loss_sum.dtype)
+        state.loss_count = int(saved["loss_count"])
+        state.skipped = int(saved.get("skipped", 0))
+    if state.scaler is not None and saved.get("scaler"):
+        state.scaler.load_state_dict(saved["scaler"])
 
 
 @dataclass
@@ -223,6 +255,22 @@ class LoopHooks:
     checkpoint: Callable[[LoopState], None] | None = None  # write a checkpoint
     evaluate: Callable[[LoopState], None] | None = None  # intermediate evaluation
     progress: Callable[[int, int, float], None] | None = None  # step, total, loss
+    # entered around each iteration and its checkpoint: a block that must not be cut in half
+    # (the runner holds SIGINT/SIGTERM back until it ends)
+    critical: Callable[[], AbstractContextManager[None]] | None = None
+    # the loss over all processes (a mean over the ranks), so every rank takes the same
+    # skip/stop decision and rank 0 logs the global batch's loss
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    """Autocast of the forward passes at train.precision ("fp32": none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def train_loop(
@@ -235,12 +283,12 @@ def train_loop(
 ) -> LoopState:
     """Run optimizer iterations from state.step to method.total_steps() (or `until`).
 
-    train.nonfinite = "stop" never waits for the device inside an iteration: the first
-    non-finite iteration is kept on the device and checked where the loop syncs anyway (the
-    log), before a checkpoint or an evaluation, and when the loop ends or is interrupted, so
-    weights that went non-finite are never kept. "skip" needs the answer at once (one sync).
+    train.nonfinite = "stop" never waits for the device inside an iteration: each iteration's
+    finiteness stays on the device and is checked where the loop syncs anyway (the log),
+    before a checkpoint or an evaluation, and when the loop ends or is interrupted, so weights
+    that went non-finite are never kept. "skip" needs the answer at once (one sync).
     """
-    unchecked: list[tuple[int, torch.Tensor]] = []  # (iteration, finite) not yet looked at
+    unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (iteration, finite, loss)
     try:
         _iterate(method, cfg, stream, state, hooks, until, unchecked)
     except KeyboardInterrupt:
@@ -250,15 +298,17 @@ def train_loop(
     return state
 
 
-def _check_finite(unchecked: list[tuple[int, torch.Tensor]]) -> None:
+def _check_finite(unchecked: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
     """Raise NonFiniteLoss naming the first non-finite iteration among the unchecked ones (one
     sync for all of them); forget them when all were finite."""
     if not unchecked:
         return
-    finite = torch.stack([flag for _, flag in unchecked]).cpu()
-    if not bool(finite.all()):
-        first = unchecked[int(finite.logical_not().nonzero()[0, 0])][0]
-        raise NonFiniteLoss(f"non-finite loss at iteration {first}")
+    flags = torch.stack([flag for _, flag, _ in unchecked]).cpu()
+    if not bool(flags.all()):
+        first = int(flags.logical_not().nonzero()[0, 0])
+        step, _, loss = unchecked[first]
+        raise NonFiniteLoss(f"non-finite loss ({float(loss):g}) at iteration {step}; "
+                            f"train.nonfinite = \"skip\" skips such iterations", iteration=step)
     unchecked.clear()
 
 
@@ -269,10 +319,10 @@ def _iterate(
     state: LoopState,
     hooks: LoopHooks,
     until: int | None,
-    unchecked: list[tuple[int, torch.Tensor]],
+    unchecked: list[tuple[int, torch.Tensor, torch.Tensor]],
 ) -> None:
     """The iterations of train_loop; with train.nonfinite = "stop" each one's finiteness
-    flag is appended to unchecked (on the device)."""
+    flag and loss are appended to unchecked (on the device)."""
     student = method.student
     total = method.total_steps()
     stop = total if until is None else min(until, total)
@@ -282,59 +332,71 @@ def _iterate(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer_step = FusedAdamStep(optimizer)
     ema = ParamAverage(state.ema, student) if state.ema is not None else None
+    scaler = state.scaler
     student.train()
-    loss_sum = torch.zeros((), device=stream.device)
-    loss_count = 0
+    critical = hooks.critical or contextlib.nullcontext
     deferred = cfg.nonfinite == "stop"
     window_start = time.perf_counter()
     window_steps = 0
     while state.step < stop:
-        step = state.step
-        lr = lr_at(step, cfg, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x0, labels = stream.batch(step)
-        optimizer.zero_grad(set_to_none=True)  # before the forward: no old gradients at its peak
-        loss = method.loss(x0, labels, step, state.generator).mean()
-        loss.backward()
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-            finite = torch.isfinite(grad_norm)
-        else:
-            finite = torch.isfinite(loss.detach())
-        if deferred:
-            unchecked.append((step, finite))
-            if len(unchecked) >= 1024:  # however rarely the loop logs
+        with critical():
+            step = state.step
+            lr = lr_at(step, cfg, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x0, labels = stream.batch(step)
+            optimizer.zero_grad(set_to_none=True)  # before the forward: no old grads at its peak
+            with autocast(cfg.precision, x0.device):
+                loss = method.loss(x0, labels, step, state.generator).float().mean()
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            seen = loss.detach() if hooks.reduce is None else hooks.reduce(loss)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # an overflow is the scaler's to skip, not an error
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+                finite = torch.isfinite(grad_norm if scaler is None else seen)
+            else:
+                finite = torch.isfinite(seen)
+            if deferred:
+                unchecked.append((step, finite, seen))
+                if len(unchecked) >= 1024:  # however rarely the loop logs
+                    _check_finite(unchecked)
+            if not deferred and not bool(finite):
+                optimizer.zero_grad(set_to_none=True)
+                state.skipped += 1
+            else:
+                if scaler is None:
+                    optimizer_step()
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+                if ema is not None:
+                    ema.update(cfg.ema_rate)
+                method.after_step(step, state.ema)
+                state.loss_sum += seen
+                state.loss_count += 1
+            state.step = step + 1
+            window_steps += 1
+            if state.step % cfg.log_every == 0 or state.step == total:
                 _check_finite(unchecked)
-        if not deferred and not bool(finite):
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer_step()
-            if ema is not None:
-                ema.update(cfg.ema_rate)
-            method.after_step(step, state.ema)
-            loss_sum += loss.detach()
-            loss_count += 1
-        state.step = step + 1
-        window_steps += 1
-        if state.step % cfg.log_every == 0 or state.step == total:
-            _check_finite(unchecked)
-            mean_loss = float(loss_sum) / max(loss_count, 1)
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            metrics = {"loss": mean_loss, "lr": lr, "iters_per_second": window_steps / elapsed,
-                       "images_per_second": window_steps * stream.batch_size / elapsed}
-            metrics.update(method.schedule_values(step))
-            if hooks.log is not None:
-                hooks.log(metrics, state.step)
-            if hooks.progress is not None:
-                hooks.progress(state.step, total, mean_loss)
-            loss_sum.zero_()
-            loss_count = 0
-            window_start = time.perf_counter()
-            window_steps = 0
-        if hooks.checkpoint is not None and _due(state.step, cfg.checkpoint_every, total):
-            _check_finite(unchecked)
-            hooks.checkpoint(state)
+                mean_loss = float(state.loss_sum) / max(state.loss_count, 1)
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                metrics = {"loss": mean_loss, "lr": lr, "iters_per_second": window_steps / elapsed,
+                           "images_per_second": window_steps * stream.batch_size / elapsed}
+                metrics.update(method.schedule_values(step))
+                if state.skipped:
+                    metrics["skipped_iterations"] = state.skipped
+                if hooks.log is not None:
+                    hooks.log(metrics, state.step)
+                if hooks.progress is not None:
+                    hooks.progress(state.step, total, mean_loss)
+                state.loss_sum.zero_()
+                state.loss_count = 0
+                window_start = time.perf_counter()
+                window_steps = 0
+            if hooks.checkpoint is not None and _due(state.step, cfg.checkpoint_every, total):
+                _check_finite(unchecked)
+                hooks.checkpoint(state)
         if hooks.evaluate is not None and _due(state.step, cfg.eval_every, total):
             _check_finite(unchecked)
             hooks.evaluate(state)

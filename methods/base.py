@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 
 from bench.config import RunConfig
 from bench.datasets import Dataset
+from bench.distributed import Shard
 from bench.errors import UsageError
 from bench.rng import StackedGenerator
 from bench.samplers import Model, sample_euler, sample_heun
@@ -30,6 +31,7 @@ class MethodContext:
     teacher: nn.Module | None  # frozen D(x; sigma) for methods that need one
     teacher_source: str  # run id, checkpoint path, "analytic" or "none"
     new_net: Callable[[], nn.Module]  # builds a fresh raw network F for this dataset
+    shard: Shard = field(default_factory=Shard)  # this process's rows of each global batch
 
 
 class Method(ABC):
@@ -44,6 +46,17 @@ class Method(ABC):
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
         self.config = ctx.config
+        self.shard = ctx.shard  # random draws for a batch: this rank's rows of the global draw
+        self.parallel: nn.Module | None = None  # the student inside DDP, when several processes
+
+    @property
+    def train_forward(self) -> nn.Module:
+        """The module the gradient-carrying forward pass goes through: the student, or its
+        DistributedDataParallel wrapper (which averages the gradients over the processes)."""
+        module = self.parallel if self.parallel is not None else self.student
+        if module is None:
+            raise RuntimeError(f"{self.name} does not train")
+        return module
 
     # --- training -----------------------------------------------------------------------------
 

@@ -154,10 +154,11 @@ class ConsistencyMethod(Method):
                      ) -> torch.Tensor:
         """n ~ U{0, ..., N-2} (Song et al. 2023), or the discretised lognormal of iCT."""
         if self.index_sampling[0] == "uniform":
-            return torch.randint(0, n_scales - 1, (batch,), generator=generator,
-                                 device=self.ctx.device)
-        return torch.multinomial(self.index_probs(n_scales), batch, replacement=True,
-                                 generator=generator)
+            return self.shard.draw(lambda b: torch.randint(
+                0, n_scales - 1, (b,), generator=generator, device=self.ctx.device), batch)
+        probs = self.index_probs(n_scales)
+        return self.shard.draw(lambda b: torch.multinomial(probs, b, replacement=True,
+                                                           generator=generator), batch)
 
     def weight(self, sigma_next: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
         """lambda(t_n) of the configured weighting; None = uniform."""
@@ -192,7 +193,8 @@ class ConsistencyMethod(Method):
         grid = self.grid(self.n_scales(step))
         n = self.draw_indices(grid.numel(), x0.shape[0], generator)
         sigma_next, sigma = grid[n + 1], grid[n]
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        z = self.shard.draw(lambda b: torch.randn((b, *x0.shape[1:]), generator=generator,
+                                                  device=x0.device, dtype=x0.dtype), x0.shape[0])
         x = x0 + sigma_next.reshape(-1, *([1] * (x0.ndim - 1))) * z
         dropout = self.config.net.dropout > 0
         rng_state = _rng_state(x0.device) if dropout else None
@@ -203,7 +205,7 @@ class ConsistencyMethod(Method):
             target = self.target if self.target is not None else self._student
             with _replayed(rng_state, x0.device) if dropout else nullcontext():
                 wanted = target(x_hat, sigma, labels)
-        online = self._student(x, sigma_next, labels)
+        online = self.train_forward(x, sigma_next, labels)
         per_sample = self.distance(online, wanted)
         weight = self.weight(sigma_next, sigma)
         return per_sample if weight is None else weight * per_sample

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bench.denoiser import Denoiser, append_dims
+from bench.distributed import Shard
 from bench.rng import StackedGenerator
 from bench.samplers import Model
 from methods.base import Method, MethodContext, ode_check_nfe, ode_sample, ode_sigmas
@@ -26,13 +27,16 @@ class EDMLoss:
         x0: torch.Tensor,
         labels: torch.Tensor | None,
         generator: torch.Generator,
+        shard: Shard = Shard(),
     ) -> torch.Tensor:
-        """Per-sample weighted L2 between D(x0 + sigma n; sigma) and x0."""
+        """Per-sample weighted L2 between D(x0 + sigma n; sigma) and x0; the draws are the
+        shard's rows of the global batch's."""
         b = x0.shape[0]
-        ln_sigma = self.p_mean + self.p_std * torch.randn(b, generator=generator,
-                                                          device=x0.device)
+        ln_sigma = self.p_mean + self.p_std * shard.draw(
+            lambda n: torch.randn(n, generator=generator, device=x0.device), b)
         sigma = ln_sigma.exp()
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = shard.draw(lambda n: torch.randn((n, *x0.shape[1:]), generator=generator,
+                                                 device=x0.device, dtype=x0.dtype), b)
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         denoised = net(x0 + append_dims(sigma, x0.ndim) * noise, sigma, labels)
         per_dim = (denoised - x0) ** 2
@@ -65,7 +69,7 @@ class EDM(Method):
         generator: torch.Generator,
     ) -> torch.Tensor:
         """EDM loss at a lognormal noise level."""
-        return self.loss_fn(self._student, x0, labels, generator)
+        return self.loss_fn(self.train_forward, x0, labels, generator, self.shard)
 
     def check_nfe(self, nfe: int) -> None:
         """Heun: odd NFE; Euler: any."""

@@ -212,14 +212,16 @@ class PD(Method):
         n = self.student_steps(stage)
         grid = self._loss_grid(2 * n, x0)
         b = x0.shape[0]
-        i = torch.randint(n, (b,), generator=generator, device=x0.device)
+        i = self.shard.draw(lambda m: torch.randint(n, (m,), generator=generator,
+                                                    device=x0.device), b)
         t, t2, t3 = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = self.shard.draw(lambda m: torch.randn((m, *x0.shape[1:]), generator=generator,
+                                                      device=x0.device, dtype=x0.dtype), b)
         x_t = x0 + append_dims(t, x0.ndim) * noise
         teacher = self._teacher_of(stage)
         with torch.no_grad():
             target = pd_x0_target(lambda x, s: teacher(x, s, labels), x_t, t, t2, t3)
-        denoised = self._student(x_t, t, labels)
+        denoised = self.train_forward(x_t, t, labels)
         per_dim = (denoised - target) ** 2
         return truncated_snr_weight(t) * per_dim.flatten(1).mean(1)
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 import polars as pl
 
-from bench.datasets import FOLDER_PREFIX, dataset_names, describe_dataset
+from bench.datasets import FOLDER_PREFIX, POINTS_PREFIX, dataset_names, describe_dataset
 from bench.errors import BenchError, UsageError
 from bench.evaluation import LOWER_IS_BETTER
 from bench.tracking import RunRecord, Tracker, mask_credentials
@@ -69,6 +69,8 @@ def check_dataset_name(name: str) -> None:
     """An unknown dataset name is a one-line usage error listing the valid ones."""
     if name == FOLDER_PREFIX:
         raise UsageError("folder: needs a path, e.g. --dataset folder:/data/my_images")
+    if name == POINTS_PREFIX:
+        raise UsageError("points: needs a file, e.g. --dataset points:/data/points.npy")
     describe_dataset(name)
 
 
@@ -83,7 +85,7 @@ def candidate_runs(tracker: Tracker, datasets: Iterable[str] | None) -> dict[str
     methods = set(method_names())
     if datasets is None:
         names = [n for n in tracker.experiment_names()
-                 if n in dataset_names() or n.startswith(FOLDER_PREFIX)]
+                 if n in dataset_names() or n.startswith((FOLDER_PREFIX, POINTS_PREFIX))]
     else:
         names = list(dict.fromkeys(datasets))
     out: dict[str, list[RunRecord]] = {}

@@ -64,6 +64,9 @@ def open_storage(url: str) -> Any:
     except (UsageError, BenchError):
         raise
     except ImportError as exc:
+        if exc.name is None:  # a driver that reports no module name (SQLAlchemy dialects)
+            raise BenchError(f"storage {shown} needs a database driver that is not installed: "
+                             f"{mask_credentials(_first_line_of(exc))}") from None
         raise BenchError(f"storage {shown} needs the {exc.name!r} package: "
                          f"pip install {exc.name}") from None
     except Exception as exc:
@@ -72,6 +75,11 @@ def open_storage(url: str) -> Any:
                          f"{mask_credentials(first)}") from None
     raise UsageError(f"--storage {shown}: unsupported scheme {scheme!r} (a journal file path, "
                      f"sqlite:///, postgresql://, mysql:// or redis://)")
+
+
+def _first_line_of(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def pid_alive(pid: int) -> bool:

@@ -613,3 +613,25 @@ def test_stratified_reference_balances_the_modes():
     qmc = w2(dataset.reference_qmc(2000, seed=1), dataset.reference_qmc(2000, seed=2))
     random = w2(dataset.reference(2000, seed=1), dataset.reference(2000, seed=2))
     assert qmc < 0.03 < 0.08 < random
+
+
+def test_points_file_is_read_without_pickle_and_validated(tmp_path: Path) -> None:
+    points = np.random.default_rng(0).normal(size=(32, 2)).astype(np.float64)
+    np.save(tmp_path / "p.npy", points)
+    np.savez(tmp_path / "s.npz", x=points[:10], nfe=np.int64(1))  # as `bench sample` writes
+    data = get_dataset(f"points:{tmp_path / 'p.npy'}")
+    assert data.kind == "points" and data.primary_metric == "w2" and len(data) == 32
+    torch.testing.assert_close(data.train(), torch.from_numpy(points).float())
+    assert len(get_dataset("points:", str(tmp_path / "s.npz"))) == 10
+    # the stratified reference of 2^k points takes each of 2^k rows exactly once
+    qmc = data.reference_qmc(32, 0)
+    assert sorted(map(tuple, qmc.tolist())) == sorted(map(tuple, data.train().tolist()))
+    assert data.reference(5, 0).shape == (5, 2)
+    with pytest.raises(UsageError, match="points: needs a file"):
+        get_dataset("points:")
+    np.save(tmp_path / "one.npy", points[:1])
+    with pytest.raises(BenchError, match="at least 2 points"):
+        get_dataset(f"points:{tmp_path / 'one.npy'}")
+    np.save(tmp_path / "text.npy", np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(BenchError, match="must be numbers"):
+        get_dataset(f"points:{tmp_path / 'text.npy'}")

@@ -1,0 +1,141 @@
+"""Bad input across commands, in real processes: each ends in one line on stderr, exit 2 for
+usage errors and 1 for the rest, no traceback. Commands that fail before torch and mlflow are
+imported run by default; the others (about 10 s each) with -m slow."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.checkpoint import save_checkpoint
+from bench.config import RunConfig
+from bench.datasets import gmm8
+from bench.models import denoiser_from_spec, model_spec
+from tests.conftest import run_bench
+from tests.test_cli import assert_one_line_error
+
+CT = ["run", "--method", "ct", "--dataset", "gmm8"]
+SWEEP = ["sweep", "--method", "ct", "--dataset", "gmm8", "--space", "ct-lr", "--trials", "1"]
+
+# (args, bench.toml text or None, exit code, fragments of the line); {d} is the test folder
+FAST = {
+    "unknown command": (["frobnicate"], None, 2, ["No such command"]),
+    "--steps not a number": ([*CT, "--steps", "abc"], None, 2, ["--steps"]),
+    "missing --run": (["eval"], None, 2, ["--run"]),
+    "sample --nfe 0": (["sample", "--run", "0" * 32, "--nfe", "0", "--n", "1", "--out", "x.npz"],
+                       None, 2, ["--nfe"]),
+    "ui --port 70000": (["ui", "--port", "70000"], None, 2, ["--port"]),
+    "sweep --trials 0": ([*SWEEP[:-1], "0"], None, 2, ["--trials"]),
+    "--set without =": ([*CT, "--set", "train.lr"], None, 2, ["key=value"]),
+    "--set negative lr": ([*CT, "--set", "train.lr=-1"], None, 2, ["train.lr must be > 0"]),
+    "--set float for int": ([*CT, "--set", "train.steps=1.5"], None, 2, ["train.steps", "int"]),
+    "--set bad nonfinite": ([*CT, "--set", "train.nonfinite=maybe"], None, 2,
+                            ["train.nonfinite must be stop or skip"]),
+    "--set empty nfe": ([*CT, "--set", "eval.nfe=[]"], None, 2, ["eval.nfe"]),
+    "--set ema_rate 1": ([*CT, "--set", "train.ema_rate=1.0"], None, 2, ["train.ema_rate"]),
+    "--set a table": ([*CT, "--set", "train=3"], None, 2, ["'train' is a table"]),
+    "--config missing": (["run", "--config", "{d}/nope.toml"], None, 2,
+                         ["config file not found"]),
+    "--config not TOML": (["run", "--config", "{d}/garbage.toml"], None, 2, ["not valid TOML"]),
+    "bench.toml unknown key": (CT, "[eval]\nnfes = [1]\n", 2, ["eval.nfes"]),
+    "bench.toml wrong type": (CT, '[train]\nlr = "fast"\n', 2, ["train.lr", "float"]),
+    "bench.toml preset not a table": (CT, "[preset]\ncd = 3\n", 2, ["[preset] must hold"]),
+    "--resume not a run id": (["run", "--resume", "nothex"], None, 1, ["unknown run id"]),
+}
+SLOW = {
+    "report --select": (["report", "--select", "worst"], None, 2, ["--select"]),
+    "report --format": (["report", "--format", "pdf"], None, 2, ["pdf"]),
+    "report unknown dataset": (["report", "--dataset", "nope"], None, 2,
+                               ["unknown dataset 'nope'", "points:PATH"]),
+    "suite unknown method": (["suite", "--methods", "edm,nope"], None, 2, ["'nope'"]),
+    "suite bad --set": (["suite", "--set", "cd:train.stpes=1"], None, 2, ["train.stpes"]),
+    "sweep space file missing": ([*SWEEP[:6], "{d}/nope.toml", *SWEEP[7:]], None, 2,
+                                 ["space file not found"]),
+    "sweep storage scheme": ([*SWEEP, "--storage", "ftp://host/x"], None, 2, ["'ftp'"]),
+    "sweep storage unreachable": ([*SWEEP, "--storage", "postgresql://u:pw@127.0.0.1:9/db"],
+                                  None, 1, ["postgresql://u:***@127.0.0.1:9/db"]),
+    "unknown run id (eval)": (["eval", "--run", "0" * 32], None, 1, ["unknown run id"]),
+    "unknown run id (ode-error)": (["ode-error", "--run", "f" * 32], None, 1,
+                                   ["unknown run id"]),
+    "tracking URI unreachable": (["eval", "--run", "0" * 32, "--tracking-uri",
+                                  "http://u:pw@127.0.0.1:9"], None, 1,
+                                 ["cannot reach the tracking store http://u:***@127.0.0.1:9"]),
+    "tracking store not creatable": (["report", "--tracking-uri",
+                                      "sqlite:////proc/nope/mlflow.db"], None, 1,
+                                     ["cannot reach the tracking store"]),
+    "empty image folder": (["run", "--method", "edm", "--dataset", "folder:{d}/empty"], None, 1,
+                           ["no images"]),
+    "missing image folder": (["run", "--method", "edm", "--dataset", "folder:{d}/nope"], None,
+                             1, ["no folder"]),
+    "points file of wrong shape": ([*CT[:3], "--dataset", "points:{d}/shape.npy"], None, 1,
+                                   ["shape (N, 2), got (50, 3)"]),
+    "points file with a NaN": ([*CT[:3], "--dataset", "points:{d}/nan.npy"], None, 1,
+                               ["row 7 is not finite"]),
+    "points file not .npy": ([*CT[:3], "--dataset", "points:{d}/garbage.toml"], None, 1,
+                             ["not an .npy file"]),
+    "points file holding a pickle": ([*CT[:3], "--dataset", "points:{d}/pickled.npy"], None, 1,
+                                     ["allow_pickle=False"]),
+    "teacher file missing": (["run", "--method", "cd", "--dataset", "gmm8", "--teacher",
+                              "{d}/nope.pt"], None, 1, ["--teacher"]),
+    "teacher checkpoint truncated": (["run", "--method", "cd", "--dataset", "gmm8", "--teacher",
+                                      "{d}/truncated.pt"], None, 1,
+                                     ["unreadable (corrupt or truncated)"]),
+    "teacher not a cmbench checkpoint": (["run", "--method", "cd", "--dataset", "gmm8",
+                                          "--teacher", "{d}/foreign.pt"], None, 1,
+                                         ["not a cmbench checkpoint"]),
+    "teacher of another architecture": (["run", "--method", "cd", "--dataset", "gmm8",
+                                         "--teacher", "{d}/otherarch.pt"], None, 1,
+                                        ["does not match its architecture"]),
+    "teacher of another dataset": (["run", "--method", "cd", "--dataset", "gmm25", "--teacher",
+                                    "{d}/teacher.pt"], None, 2, ["trained on 'gmm8'"]),
+    "--device tpu": ([*CT, "--device", "tpu"], None, 2, ["'tpu' is not a device"]),
+}
+
+
+def make_inputs(d: Path) -> None:
+    """The damaged files the cases point at."""
+    (d / "empty").mkdir()
+    (d / "garbage.toml").write_text("this is [not toml\n")
+    rng = np.random.default_rng(0)
+    np.save(d / "shape.npy", rng.normal(size=(50, 3)).astype(np.float32))
+    nan = rng.normal(size=(50, 2)).astype(np.float32)
+    nan[7, 1] = np.nan
+    np.save(d / "nan.npy", nan)
+    np.save(d / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    torch.save({"w": torch.ones(2)}, d / "foreign.pt")
+    cfg = RunConfig(method="edm", dataset="gmm8")
+    spec = model_spec(cfg, gmm8(), "edm")
+    state = {"model": spec, "eval_module": "ema",
+             "modules": {"ema": denoiser_from_spec(spec).state_dict()}}
+    save_checkpoint(state, d / "teacher.pt")
+    data = (d / "teacher.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(data[:len(data) // 3])
+    narrow = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, width=64))
+    save_checkpoint({**state, "model": model_spec(narrow, gmm8(), "edm")}, d / "otherarch.pt")
+
+
+def check(case: tuple[list[str], str | None, int, list[str]], cwd: Path) -> None:
+    args, bench_toml, code, fragments = case
+    if any("{d}" in a for a in args):
+        make_inputs(cwd)
+    if bench_toml is not None:
+        (cwd / "bench.toml").write_text(bench_toml)
+    result = run_bench([a.replace("{d}", str(cwd)) for a in args], cwd,
+                       env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert_one_line_error(result, code, *(f.replace("{d}", str(cwd)) for f in fragments))
+    assert "pw@" not in result.stderr
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_bad_input_fails_fast_in_one_line(name: str, tmp_path: Path) -> None:
+    check(FAST[name], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SLOW))
+def test_bad_input_after_loading_is_one_line(name: str, workdir) -> None:
+    check(SLOW[name], workdir("w"))
