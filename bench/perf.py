@@ -58,6 +58,7 @@ from bench.datasets import Dataset, get_dataset
 from bench.denoiser import Denoiser, append_dims
 from bench.fid_extractors import ExtractedBatch, ImageFeatureExtractor, images_to_uint8
 from bench.models import model_spec, new_raw_net
+from bench.signals import SignalGuard
 from bench.tracking import Tracker, default_tracking_uri, git_commit
 from bench.training import BatchStream, LoopHooks, new_loop_state, train_loop
 from methods import MethodContext, get_method
@@ -290,7 +291,7 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
 
     x0, _ = stream.batch(0)
     bare_step, denominator = bare_training_passes(method, name, x0)
-    hooks = LoopHooks(log=log)
+    hooks = LoopHooks(log=log, critical=SignalGuard().deferred)  # as bench run's loop
 
     def bench_block(n: int) -> float:
         logged = sum(log_seconds)

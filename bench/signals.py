@@ -13,7 +13,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -50,16 +50,10 @@ class SignalGuard:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Hold signals back until the block ends, then raise Interrupted (if none is raised)."""
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-        if not self._depth and self.pending is not None:
-            raise Interrupted(self.pending)
+    def deferred(self) -> _Deferred:
+        """Hold signals back until the block ends, then raise Interrupted (if none is raised).
+        A plain context manager (entered once per training iteration: no generator)."""
+        return _Deferred(self)
 
     @contextmanager
     def shielded(self) -> Iterator[None]:
@@ -70,3 +64,22 @@ class SignalGuard:
         finally:
             self._depth -= 1
             self.pending = None
+
+
+class _Deferred:
+    """The block of SignalGuard.deferred()."""
+
+    __slots__ = ("guard",)
+
+    def __init__(self, guard: SignalGuard) -> None:
+        self.guard = guard
+
+    def __enter__(self) -> None:
+        self.guard._depth += 1
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        guard = self.guard
+        guard._depth -= 1
+        if kind is None and not guard._depth and guard.pending is not None:
+            raise Interrupted(guard.pending)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.averaging import ParamAverage
+from bench.averaging import ParamAverage, flat_view, flatten_parameters
 from bench.config import TrainConfig
 from bench.distributed import Shard
 from bench.errors import BenchError
@@ -59,6 +59,7 @@ class FusedAdamStep:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self._lists: tuple[list[torch.Tensor], ...] | None = None
+        self._steps = torch.zeros(0)
         self._first = True
 
     def __call__(self) -> None:
@@ -78,7 +79,7 @@ class FusedAdamStep:
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        torch._foreach_add_(steps, 1)
+        self._steps.add_(1)  # every parameter's step count (views of this one tensor)
         fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
               beta1=float(beta1), beta2=float(beta2), weight_decay=group["weight_decay"],
               eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
@@ -101,8 +102,18 @@ class FusedAdamStep:
             return None
         if len({(p.device, p.dtype) for p in params}) != 1:
             return None
+        steps = [s["step"] for s in states]
+        if any(t.dim() != 0 for t in steps) or len({(t.device, t.dtype) for t in steps}) != 1:
+            return None
+        flat = flat_view(steps)
+        if flat is None:  # one tensor of all step counts, each parameter's a view of it
+            flat = torch.stack([t.detach() for t in steps])
+            for i, s in enumerate(states):
+                s["step"] = flat[i]
+            steps = [s["step"] for s in states]
+        self._steps = flat
         return (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states])
+                steps)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -196,6 +207,9 @@ class LoopState:
     loss_count: int = 0
     skipped: int = 0  # iterations skipped for a non-finite loss (train.nonfinite = "skip")
     scaler: torch.amp.GradScaler | None = None  # train.precision = "fp16": the loss scale
+    # the loop's optimizer step and EMA average, kept from one train_loop call to the next
+    # (not checkpointed; load_loop_state drops them)
+    helpers: tuple[FusedAdamStep, ParamAverage | None] | None = field(default=None, repr=False)
 
 
 def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.device,
@@ -205,6 +219,7 @@ def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.de
     optimizer = None
     ema = None
     if student is not None and method.trains:
+        flatten_parameters(student)  # one buffer: averages and the optimizer's steps are cheap
         optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg)
         if cfg.ema_rate > 0:
             ema = copy.deepcopy(student).eval().requires_grad_(False)
@@ -245,6 +260,7 @@ def load_loop_state(state: LoopState, saved: dict[str, Any]) -> None:
         state.skipped = int(saved.get("skipped", 0))
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
+    state.helpers = None  # their tensor lists point at the replaced optimizer state
 
 
 @dataclass
@@ -330,8 +346,10 @@ def _iterate(
         return
     optimizer = state.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    optimizer_step = FusedAdamStep(optimizer)
-    ema = ParamAverage(state.ema, student) if state.ema is not None else None
+    if state.helpers is None or state.helpers[0].optimizer is not optimizer:
+        state.helpers = (FusedAdamStep(optimizer),
+                         ParamAverage(state.ema, student) if state.ema is not None else None)
+    optimizer_step, ema = state.helpers
     scaler = state.scaler
     student.train()
     critical = hooks.critical or contextlib.nullcontext
@@ -345,7 +363,8 @@ def _iterate(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x0, labels = stream.batch(step)
-            optimizer.zero_grad(set_to_none=True)  # before the forward: no old grads at its peak
+            for p in params:  # before the forward: no old gradients at its peak
+                p.grad = None
             with autocast(cfg.precision, x0.device):
                 loss = method.loss(x0, labels, step, state.generator).float().mean()
             (loss if scaler is None else scaler.scale(loss)).backward()

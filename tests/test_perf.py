@@ -109,6 +109,7 @@ def test_cpu_noise_path_equals_the_tensor_path() -> None:
 def test_fused_adam_step_equals_optimizer_step(optimizer: str, weight_decay: float) -> None:
     """The training loop's optimizer step (lists built once for fused Adam/AdamW) leaves the
     same weights and the same optimizer state as optimizer.step()."""
+    from bench.averaging import flatten_parameters
     from bench.config import TrainConfig
     from bench.training import FusedAdamStep, make_optimizer
 
@@ -116,6 +117,7 @@ def test_fused_adam_step_equals_optimizer_step(optimizer: str, weight_decay: flo
     nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))]
     nets.append(__import__("copy").deepcopy(nets[0]))
     cfg = TrainConfig(optimizer=optimizer, weight_decay=weight_decay, lr=1e-2)
+    flatten_parameters(nets[1])  # as the training loop lays out a student
     optimizers = [make_optimizer(list(net.parameters()), cfg) for net in nets]
     fast = FusedAdamStep(optimizers[1])
     for step in range(5):
@@ -132,3 +134,73 @@ def test_fused_adam_step_equals_optimizer_step(optimizer: str, weight_decay: flo
     for key in state_a:
         for name in state_a[key]:
             assert torch.equal(state_a[key][name], state_b[key][name]), (key, name)
+
+
+def test_a_saved_flat_optimizer_state_loads_and_continues_identically(tmp_path: Path) -> None:
+    """Step counts kept as views of one tensor survive torch.save / weights_only load, and a
+    loaded optimizer continues exactly as the one that never stopped."""
+    import copy
+
+    from bench.averaging import flatten_parameters
+    from bench.config import TrainConfig
+    from bench.training import FusedAdamStep, make_optimizer
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 3))
+    flatten_parameters(net)
+    cfg = TrainConfig(lr=1e-2)
+    opt = make_optimizer(list(net.parameters()), cfg)
+    step = FusedAdamStep(opt)
+
+    def train(model: torch.nn.Module, run: FusedAdamStep, k: int) -> None:
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(k))
+        for p in model.parameters():
+            p.grad = None
+        model(x).square().mean().backward()
+        run()
+
+    for k in range(3):
+        train(net, step, k)
+    torch.save({"net": net.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    twin = copy.deepcopy(net)
+    twin.load_state_dict(saved["net"])
+    flatten_parameters(twin)
+    twin_opt = make_optimizer(list(twin.parameters()), cfg)
+    twin_opt.load_state_dict(saved["opt"])
+    twin_step = FusedAdamStep(twin_opt)
+    for k in range(3, 6):
+        train(net, step, k)
+        train(twin, twin_step, k)
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(float(s["step"]) == 6 for s in twin_opt.state.values())
+
+
+def test_param_average_flat_and_per_tensor_paths_agree() -> None:
+    """One lerp_ over flat modules equals the per-tensor average, and an average keeps
+    following a model whose tensors are swapped after it was built (as .to() does)."""
+    from bench.averaging import ParamAverage, flat_view
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))
+    avg = __import__("copy").deepcopy(model)
+    reference = [p.detach().clone() for p in avg.parameters()]
+    average = ParamAverage(avg, model)
+    assert flat_view(list(avg.parameters())) is not None
+    assert flat_view(list(model.parameters())) is not None
+    for k in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * (k + 1))
+        average.update(0.9)
+        reference = [0.9 * r + 0.1 * p.detach() for r, p in zip(reference, model.parameters(),
+                                                                 strict=True)]
+    for r, a in zip(reference, avg.parameters(), strict=True):
+        torch.testing.assert_close(a, r)
+    for p in model.parameters():  # no longer flat: the per-tensor path, on the new tensors
+        p.data = p.data.clone() + 1.0
+    assert flat_view(list(model.parameters())) is None
+    average.update(0.0)
+    for p, a in zip(model.parameters(), avg.parameters(), strict=True):
+        assert torch.equal(a, p)
