@@ -108,6 +108,8 @@ class EvalConfig:
 @dataclass
 class SampleConfig:
     sigmas: list[float] = field(default_factory=list)  # explicit consistency-sampling levels
+    # torch.compile the sampling network (on CUDA in "reduce-overhead" mode: CUDA graphs)
+    compile: bool = False
 
 
 @dataclass

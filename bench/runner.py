@@ -572,14 +572,19 @@ def evaluate_run(tracker: Tracker, run_id: str, nfe: list[int] | None, report: R
 
 
 def sample_run(tracker: Tracker, run_id: str, nfe: int, count: int, seed: int,
-               batch_size: int, out: Path, report: Reporter) -> Path:
-    """Generate `count` samples at `nfe` with per-sample seeds into an .npz file (array x)."""
+               batch_size: int, out: Path, report: Reporter, compile_net: bool = False,
+               ) -> Path:
+    """Generate `count` samples at `nfe` with per-sample seeds into an .npz file (array x);
+    compile_net (or the run's sample.compile) samples through torch.compile."""
     import numpy as np
 
-    from bench.evaluation import generate
+    from bench.evaluation import generate, sampling_model
 
     p, state = load_run(tracker, run_id, report, [nfe])
-    model = p.method.evaluation_model(state.ema, nfe)
+    cfg = p.config
+    if compile_net:
+        cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, compile=True))
+    model = sampling_model(p.method.evaluation_model(state.ema, nfe), cfg, p.device)
     chunks: list[torch.Tensor] = []
     conditional = bool(p.spec["num_classes"])
     measured, seconds = generate(p.method, model, p.dataset, nfe, count, batch_size, seed,

@@ -161,3 +161,20 @@ def test_datasets_and_methods_tables(bench) -> None:
         assert name in result.stdout
     result = bench("methods")
     assert result.returncode == 0 and "edm" in result.stdout and "ddim" in result.stdout
+
+
+@pytest.mark.slow
+def test_sampling_through_torch_compile_gives_the_same_samples(bench, tmp_path: Path) -> None:
+    """bench sample --compile runs the network through torch.compile (inductor on the CPU;
+    CUDA graphs on a GPU): the same samples, to float32 rounding."""
+    result = bench("run", "--method", "cd", "--dataset", "gmm8", "--teacher", "analytic",
+                   "--steps", "20", "--nfe", "1", *FAST_EVAL)
+    assert result.returncode == 0, result.stderr
+    run_id = run_id_of(result.stdout)
+    plain, compiled = tmp_path / "plain.npz", tmp_path / "compiled.npz"
+    for out, extra in ((plain, []), (compiled, ["--compile"])):
+        result = bench("sample", "--run", run_id, "--nfe", "2", "--n", "100", "--batch-size",
+                       "50", "--out", str(out), *extra)
+        assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(compiled)["x"], np.load(plain)["x"], rtol=1e-4,
+                               atol=1e-5)
