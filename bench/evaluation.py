@@ -184,6 +184,7 @@ def generate(
         indices = range(start, min(start + batch_size, num_samples))
         rng = (SobolGenerator(seed, indices, device) if qmc
                else StackedGenerator(seed, indices, device))
+        rng.reserve(dataset.shape, method.noise_draws(nfe))
         noise = rng.randn(dataset.shape)
         labels = (sample_labels(seed, indices, dataset.num_classes).to(device)
                   if conditional else None)

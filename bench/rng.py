@@ -17,6 +17,7 @@ import torch
 
 MASK32 = 0xFFFFFFFF
 _SCALE = 1.0 / 4294967296.0  # 2^-32: uint32 -> (0, 1)
+RESERVE_MAX_VALUES = 1 << 16  # reserve() only where fixed costs dominate (float64 values)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -100,17 +101,39 @@ class StackedGenerator:
             self._keys = (torch.from_numpy(key1.astype(np.int64)).to(self.device),
                           torch.from_numpy(self._np_keys[1].astype(np.int64)).to(self.device))
         self._draws = 0  # number of randn calls so far: each call is a fresh block of the stream
+        self._reserved: list[tuple[int, tuple[int, ...], torch.Tensor]] = []  # see reserve()
 
     def __len__(self) -> int:
         return int(self._np_keys[0].shape[0])
 
+    def reserve(self, shape: Sequence[int], count: int) -> None:
+        """Compute the next `count` draws of `shape` in one pass (on the CPU, for small
+        batches, where each array operation's fixed cost outweighs its work); later randn calls
+        of that shape take them. The values are those randn would make: draw k of the stream is
+        draw k however it was computed."""
+        shape = tuple(int(d) for d in shape)
+        per_sample = math.prod(shape)
+        if (self._keys is not None or count < 2
+                or len(self) * per_sample * count > RESERVE_MAX_VALUES):
+            return
+        first = self._draws + len(self._reserved)
+        draws = [mix32_int(d * 0x9E3779B9 & MASK32) for d in range(first, first + count)]
+        values = self._randn_numpy(per_sample, draws)
+        self._reserved.extend((first + k, shape, values[:, k]) for k in range(count))
+
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal noise of shape (len(self), *shape), by Box-Muller in float64."""
-        per_sample = math.prod(shape)
-        draw = mix32_int(self._draws * 0x9E3779B9 & MASK32)
+        number = self._draws
         self._draws += 1
+        if self._reserved:
+            ahead, kept_shape, values = self._reserved.pop(0)
+            if ahead == number and kept_shape == tuple(shape):
+                return values.to(dtype).reshape(len(self), *shape)
+            self._reserved.clear()  # another shape was asked for: compute as usual
+        per_sample = math.prod(shape)
+        draw = mix32_int(number * 0x9E3779B9 & MASK32)
         if self._keys is None:
-            return self._randn_numpy(per_sample, draw).to(dtype).reshape(len(self), *shape)
+            return self._randn_numpy(per_sample, [draw]).to(dtype).reshape(len(self), *shape)
         key1_t, key2_t = self._keys
         element = torch.arange(per_sample, dtype=torch.int64, device=self.device)
         h = mix32((element[None, :] * 0x27D4EB2F & MASK32) ^ key1_t[:, None] ^ draw)
@@ -121,13 +144,15 @@ class StackedGenerator:
         c = u2.to(torch.float64).add_(0.5).mul_(2.0 * math.pi).mul_(_SCALE).cos_()
         return r.mul_(c).to(dtype).reshape(len(self), *shape)
 
-    def _randn_numpy(self, per_sample: int, draw: int) -> torch.Tensor:
-        """randn on the CPU: the hashes and the float64 + and x in numpy, log, sqrt and cos by
-        torch's kernels as on any device: the same values, fewer dispatches."""
+    def _randn_numpy(self, per_sample: int, draws: list[int]) -> torch.Tensor:
+        """randn on the CPU for the hashed draw numbers `draws`, shape (n, len(draws),
+        per_sample): the hashes and the float64 + and x in numpy, log, sqrt and cos by torch's
+        kernels as on any device: the same values, fewer dispatches."""
         key1, key2 = self._np_keys
         element = np.arange(per_sample, dtype=np.uint32) * np.uint32(0x27D4EB2F)
-        h = mix32_np((element[None, :] ^ key1[:, None]) ^ np.uint32(draw))
-        u1 = mix32_np(h ^ key2[:, None])
+        block = element[None, :] ^ np.asarray(draws, dtype=np.uint32)[:, None]  # (k, per_sample)
+        h = mix32_np(block[None, :, :] ^ key1[:, None, None])
+        u1 = mix32_np(h ^ key2[:, None, None])
         u2 = mix32_np(u1 ^ np.uint32(0x165667B1))
         r = u1.astype(np.float64)
         r += 0.5
@@ -185,6 +210,9 @@ class SobolGenerator(StackedGenerator):
             engine.fast_forward(idx[0])
         self._points = engine.draw(len(idx), dtype=torch.float64)
         self._used = 0  # coordinates consumed by earlier draws
+
+    def reserve(self, shape: Sequence[int], count: int) -> None:
+        """Nothing to compute ahead: the points are drawn at construction."""
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The next math.prod(shape) coordinates of each sample's Sobol point, as normals."""

@@ -110,6 +110,11 @@ class Method(ABC):
     def check_nfe(self, nfe: int) -> None:
         """Raise UsageError if this method cannot sample with nfe network calls."""
 
+    def noise_draws(self, nfe: int) -> int:
+        """Noise draws per sample that sample() makes with nfe calls, the initial noise
+        included (drawn ahead in one pass for small batches)."""
+        return 1
+
     @abstractmethod
     def sample_sigmas(self, nfe: int) -> list[float]:
         """The noise levels used to sample with nfe calls (logged with the results)."""

@@ -226,6 +226,10 @@ class ConsistencyMethod(Method):
         if nfe < 1:
             raise UsageError(f"NFE must be >= 1, got {nfe}")
 
+    def noise_draws(self, nfe: int) -> int:
+        """The initial noise and one re-noising per call after the first (Algorithm 1)."""
+        return nfe
+
     def sample_sigmas(self, nfe: int) -> list[float]:
         """sample.sigmas when it has nfe levels, else sigma_max and nfe - 1 levels spaced
         evenly in sigma^(1/rho) between sigma_max and sigma_min (both ends excluded)."""

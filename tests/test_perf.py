@@ -204,3 +204,22 @@ def test_param_average_flat_and_per_tensor_paths_agree() -> None:
     average.update(0.0)
     for p, a in zip(model.parameters(), avg.parameters(), strict=True):
         assert torch.equal(a, p)
+
+
+def test_reserved_draws_equal_the_draws_made_one_by_one() -> None:
+    """reserve() computes later draws in one pass: every draw keeps its value, whatever is
+    asked for in between (another shape drops what was reserved; nothing is skipped)."""
+    from bench.rng import StackedGenerator
+
+    indices = range(3, 40)
+    plain = StackedGenerator(7, indices)
+    expected = [plain.randn((2,)) for _ in range(3)] + [plain.randn((3,)), plain.randn((2,))]
+    ahead = StackedGenerator(7, indices)
+    ahead.reserve((2,), 4)
+    got = [ahead.randn((2,)) for _ in range(3)] + [ahead.randn((3,)), ahead.randn((2,))]
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)
+    fresh = StackedGenerator(7, indices)
+    fresh.reserve((2,), 3)
+    assert torch.equal(fresh.randn((2,), torch.float64),
+                       StackedGenerator(7, indices).randn((2,), torch.float64))
