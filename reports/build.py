@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.errors import BenchError, UsageError
 from bench.tracking import Tracker
-from reports.plots import plot_metric_vs_nfe
+from reports.plots import plot_metric_vs_nfe, plot_metric_vs_seconds
 from reports.store import Select, Selection, select_runs
 from reports.tables import Table, build_table, table_title, to_csv, to_html, to_latex, to_markdown
 
@@ -63,7 +63,7 @@ def build_report(
     except OSError as exc:
         raise BenchError(f"cannot create the report folder {out_dir}: {exc.strerror}") from None
     files: list[Path] = []
-    plots: dict[str, Path] = {}
+    plots: dict[str, list[Path]] = {}
     writers = {"md": to_markdown, "tex": to_latex, "csv": to_csv}
     for table in tables:
         folder = out_dir / dataset_dir_name(table.dataset)
@@ -76,8 +76,12 @@ def build_report(
         png = folder / f"{table.primary}_vs_nfe.png"
         svg = png.with_suffix(".svg")
         plot_metric_vs_nfe(table, png, svg)
-        plots[table.dataset] = png
+        plots[table.dataset] = [png]
         files += [png, svg]
+        timed = folder / f"{table.primary}_vs_seconds.png"
+        if plot_metric_vs_seconds(table, timed, timed.with_suffix(".svg")):
+            plots[table.dataset].append(timed)
+            files += [timed, timed.with_suffix(".svg")]
     if "html" in formats:
         page = out_dir / "report.html"
         page.write_text(html_page(tables, selection, tracker, plots), encoding="utf-8")
@@ -155,7 +159,7 @@ def sample_grids(tracker: Tracker, selection: Selection, dataset: str, table: Ta
 
 
 def html_page(tables: list[Table], selection: Selection, tracker: Tracker,
-              plots: Mapping[str, Path]) -> str:
+              plots: Mapping[str, list[Path]]) -> str:
     """One self-contained page: tables, plots and sample pictures embedded as data URIs."""
     esc = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
@@ -172,8 +176,10 @@ def html_page(tables: list[Table], selection: Selection, tracker: Tracker,
         parts.append(to_html(table))
         parts.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in table.notes)
                      + "</ul>")
-        parts.append(f'<figure class="plot"><img alt="{esc(table.primary)} against NFE" '
-                     f'src="{_data_uri(plots[table.dataset], "image/png")}"></figure>')
+        for plot, against in zip(plots[table.dataset], ("NFE", "sampling seconds per sample"),
+                                 strict=False):
+            parts.append(f'<figure class="plot"><img alt="{esc(table.primary)} against '
+                         f'{against}" src="{_data_uri(plot, "image/png")}"></figure>')
         grids = sample_grids(tracker, selection, table.dataset, table)
         if grids:
             parts.append("<h3>Samples</h3>")

@@ -1,5 +1,6 @@
-"""The primary metric against NFE: one line per method on a log-2 NFE axis, the paper's numbers
-as dashed lines with open markers; PNG and SVG written without dates, so reruns match."""
+"""The primary metric against NFE (one line per method on a log-2 NFE axis, the paper's numbers
+as dashed lines with open markers) and against sampling wall-clock (seconds per sample, each
+point labelled with its NFE); PNG and SVG written without dates, so reruns match."""
 
 from __future__ import annotations
 
@@ -65,3 +66,51 @@ def plot_metric_vs_nfe(table: Table, png: Path, svg: Path) -> None:
     fig.savefig(png, metadata={"Software": None}, bbox_inches="tight")
     fig.savefig(svg, metadata={"Date": None, "Creator": None}, bbox_inches="tight")
     plt.close(fig)
+
+
+def seconds_series(table: Table) -> dict[str, list[tuple[float, float, int]]]:
+    """label -> (seconds per sample, primary metric, NFE) of our rows that carry a measured
+    sampling time, in NFE order."""
+    out: dict[str, list[tuple[float, float, int]]] = {}
+    for row in table.rows:
+        seconds = row.extra.get("seconds_per_sample")
+        if table.primary in row.values and seconds is not None and seconds > 0:
+            out.setdefault(row.label, []).append((seconds, row.values[table.primary], row.nfe))
+    return {label: sorted(points, key=lambda p: p[2]) for label, points in out.items()}
+
+
+def plot_metric_vs_seconds(table: Table, png: Path, svg: Path) -> bool:
+    """Write the primary metric against sampling seconds per sample (log axis) as PNG and
+    SVG; False (nothing written) when no row has a measured sampling time."""
+    from matplotlib.ticker import FuncFormatter
+
+    points = seconds_series(table)
+    if not points:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.0), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, pts) in enumerate(points.items()):
+        x, y, nfes = zip(*pts, strict=True)
+        ax.plot(x, y, marker="o", color=colors[i % len(colors)], label=label)
+        for xi, yi, nfe in pts:
+            ax.annotate(f"{nfe}", (xi, yi), textcoords="offset points", xytext=(3, 3),
+                        fontsize=6, color=colors[i % len(colors)])
+    values = [v for pts in points.values() for _, v, _ in pts]
+    if min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.set_xscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("sampling seconds per sample (measured; point labels: NFE)")
+    arrow = "lower is better" if table.columns[0].lower_is_better else "higher is better"
+    ax.set_ylabel(f"{metric_name(table.primary)} ({arrow})")
+    ax.set_title(f"{table.dataset}: {metric_name(table.primary)} against sampling time",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, metadata={"Software": None}, bbox_inches="tight")
+    fig.savefig(svg, metadata={"Date": None, "Creator": None}, bbox_inches="tight")
+    plt.close(fig)
+    return True

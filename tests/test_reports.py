@@ -188,15 +188,17 @@ def test_report_files_run_and_grids(store, tmp_path: Path) -> None:
     out = tmp_path / "out"
     output = build_report(tracker, None, "latest", list(parse_formats("md,tex,html,csv")), out)
     names = {p.relative_to(out).as_posix() for p in output.files}
-    assert names == {"report.html", "cifar10/fid_vs_nfe.png", "cifar10/fid_vs_nfe.svg",
-                     "gmm8/w2_vs_nfe.png", "gmm8/w2_vs_nfe.svg",
+    assert names == {"report.html",
+                     *(f"{d}/{m}_vs_{x}.{e}" for d, m in (("cifar10", "fid"), ("gmm8", "w2"))
+                       for x in ("nfe", "seconds") for e in ("png", "svg")),
                      *(f"{d}/{f}" for d in ("cifar10", "gmm8") for f in TABLE_FILES)}
     tex = (out / "cifar10" / "table.tex").read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and "\\textbf{2.500}" in tex
     assert "\\multicolumn{7}{l}{\\textit{Direct training}}" in tex
     page = (out / "report.html").read_text()
     assert "<b>2.500</b>" in page and "CD, NFE 1 (run " in page
-    assert page.count("data:image/png;base64,") == 2 + 1  # two plots, one sample picture
+    assert page.count("data:image/png;base64,") == 4 + 1  # 2 x 2 plots, one sample picture
+    assert "w2 against sampling seconds per sample" in page
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from elsewhere
     run = MlflowClient(tracking_uri=tracker.uri).get_run(output.run_id)
     assert run.data.tags["report_datasets"] == "cifar10,gmm8"
@@ -207,9 +209,10 @@ def test_report_files_run_and_grids(store, tmp_path: Path) -> None:
     # the report run is not read back as a result; --format picks the files
     again = build_report(tracker, None, "latest", ["md"], tmp_path / "again")
     assert [t.dataset for t in again.tables] == ["cifar10", "gmm8"]
-    assert sorted(p.name for p in again.files) == ["fid_vs_nfe.png", "fid_vs_nfe.svg",
-                                                   "table.md", "table.md", "w2_vs_nfe.png",
-                                                   "w2_vs_nfe.svg"]
+    assert sorted(p.name for p in again.files) == [
+        "fid_vs_nfe.png", "fid_vs_nfe.svg", "fid_vs_seconds.png", "fid_vs_seconds.svg",
+        "table.md", "table.md", "w2_vs_nfe.png", "w2_vs_nfe.svg", "w2_vs_seconds.png",
+        "w2_vs_seconds.svg"]
 
 
 def test_user_errors(store, tmp_path: Path, template_db: Path) -> None:
@@ -250,7 +253,7 @@ def test_report_cli_is_deterministic_and_errors_are_one_line(bench, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     reports = tmp_path / "runs" / "reports"
     first = {p.relative_to(reports): p.read_bytes() for p in reports.rglob("*") if p.is_file()}
-    assert len(first) == 6
+    assert len(first) == 8  # report.html, 4 tables, w2 vs NFE and vs seconds (png, svg)
     shutil.rmtree(reports)
     result = bench("report", "--dataset", "gmm8")
     assert result.returncode == 0, result.stderr
@@ -282,7 +285,8 @@ def test_suite_runs_skips_resumes_and_reports(bench, tmp_path: Path, template_db
         "ict": "none"}
     reports = tmp_path / "runs" / "reports"
     for name in (*(f"gmm8/{f}" for f in TABLE_FILES), "gmm8/w2_vs_nfe.png",
-                 "gmm8/w2_vs_nfe.svg", "report.html"):
+                 "gmm8/w2_vs_nfe.svg", "gmm8/w2_vs_seconds.png", "gmm8/w2_vs_seconds.svg",
+                 "report.html"):
         assert (reports / name).is_file(), name
     md = (reports / "gmm8" / "table.md").read_text()
     for method in ("EDM (Heun)", "DDIM (Euler)", "PD", "CD", "CT", "iCT"):
