@@ -286,6 +286,7 @@ def execute(
     saved_at: list[int] = [state.step] if ckpt_path.is_file() else []  # last checkpoint
 
     def write_checkpoint(s: LoopState) -> None:
+        tracker.flush(run_id)  # the curves up to a checkpoint are stored before it exists
         save_checkpoint(checkpoint_state(p, s), ckpt_path)
         saved_at[:] = [s.step]
         if remote:
