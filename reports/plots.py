@@ -5,6 +5,7 @@ point labelled with its NFE); PNG and SVG written without dates, so reruns match
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from reports.tables import Table, metric_name, table_title
 
@@ -55,17 +56,7 @@ def plot_metric_vs_nfe(table: Table, png: Path, svg: Path) -> None:
     ax.xaxis.set_major_formatter(plain)
     ax.yaxis.set_major_formatter(plain)
     ax.set_xlabel("NFE")
-    arrow = "lower is better" if table.columns[0].lower_is_better else "higher is better"
-    ax.set_ylabel(f"{metric_name(table.primary)} ({arrow})")
-    ax.set_title(table_title(table), fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    if labels:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, metadata={"Software": None}, bbox_inches="tight")
-    fig.savefig(svg, metadata={"Date": None, "Creator": None}, bbox_inches="tight")
-    plt.close(fig)
+    _finish(plt, fig, ax, table, table_title(table), bool(labels), png, svg)
 
 
 def seconds_series(table: Table) -> dict[str, list[tuple[float, float, int]]]:
@@ -102,15 +93,24 @@ def plot_metric_vs_seconds(table: Table, png: Path, svg: Path) -> bool:
     ax.set_xscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("sampling seconds per sample (measured; point labels: NFE)")
+    _finish(plt, fig, ax, table,
+            f"{table.dataset}: {metric_name(table.primary)} against sampling time", True, png,
+            svg)
+    return True
+
+
+def _finish(plt: Any, fig: Any, ax: Any, table: Table, title: str, legend: bool, png: Path,
+            svg: Path) -> None:
+    """The metric's axis label, title, grid and legend; write PNG and SVG (no dates) and
+    close the figure."""
     arrow = "lower is better" if table.columns[0].lower_is_better else "higher is better"
     ax.set_ylabel(f"{metric_name(table.primary)} ({arrow})")
-    ax.set_title(f"{table.dataset}: {metric_name(table.primary)} against sampling time",
-                 fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    if legend:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, metadata={"Software": None}, bbox_inches="tight")
     fig.savefig(svg, metadata={"Date": None, "Creator": None}, bbox_inches="tight")
     plt.close(fig)
-    return True
