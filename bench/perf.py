@@ -19,10 +19,11 @@ Every figure is a ratio bench / bare (lower is better; 1 = no overhead):
 - peak_memory_ratio (cd): peak memory of CD iterations / that of bare student forward+backward
   plus the bytes of the tensors CD keeps besides (teacher, target, EMA, optimizer state),
   measured in a fresh child process per case, each side after a warm-up on throwaway networks
-  of its own: on the CPU the peak resident set (VmHWM, reset once warm) above the resident set
-  before the side's networks are built, with glibc's mmap
-  threshold fixed at 64 KiB so that freed tensors leave the resident set; on CUDA
-  torch.cuda.max_memory_allocated above the allocated memory before.
+  of its own: the peak over the iterations (VmHWM on the CPU, reset once the side's networks
+  are built and the memory freed while building them is handed back; on CUDA
+  torch.cuda.max_memory_allocated, reset at the same point) above the memory before the side's
+  networks were built, so their weights count and their construction does not; on the CPU with
+  glibc's mmap threshold fixed at 64 KiB so that freed tensors leave the resident set.
 
 The two sides alternate round by round and the ratio of medians is reported, so a busy machine
 slows both alike. A round times a block of iterations lasting about BLOCK_SECONDS; the logging
@@ -526,24 +527,29 @@ def memory_child(case_name: str, device_name: str) -> dict[str, dict[str, int]]:
     return {side: _side_memory(case, side, device) for side in ("bench", "bare")}
 
 
+def _reset_peak(device: torch.device) -> int:
+    """Hand freed memory back, restart the peak and return the memory in use now."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory leaves the resident set
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := VmRSS
+    return _rss_kib("VmRSS") * 1024
+
+
 def _side_memory(case: PerfCase, side: str, device: torch.device) -> dict[str, int]:
     """Peak memory of one side above the memory before its networks (module docstring)."""
     torch.manual_seed(0)
     warm = _MemoryWork(case, side, device)  # the same code on throwaway networks: warm caches
     warm.run(2)
     del warm
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back: it must count again
-        base = _rss_kib("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # VmHWM := VmRSS
+    base = _reset_peak(device)
     work = _MemoryWork(case, side, device)
+    _reset_peak(device)  # what building the networks freed is not the iterations' memory
     work.run(MEMORY_ITERATIONS)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -588,7 +594,8 @@ def peak_memory(case_names: list[str], device: torch.device) -> list[Row]:
                      "bench_bytes": bench["peak_bytes"], "bare_bytes": bare_bytes,
                      "extra_bytes": bench["extra_bytes"],
                      "measure": ("CUDA max allocated" if device.type == "cuda"
-                                 else "peak RSS (VmHWM) above the warm process"),
+                                 else "peak RSS (VmHWM) of the iterations above the warm "
+                                      "process"),
                      "denominator": "bare student fwd+bwd + teacher, target, EMA and "
                                     "optimizer-state bytes"})
     return rows
