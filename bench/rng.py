@@ -60,6 +60,11 @@ def mix32_np(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _draw_key(number: int) -> int:
+    """The hash that makes randn call `number` of a stream a fresh block of it."""
+    return mix32_int(number * 0x9E3779B9 & MASK32)
+
+
 def _fold(value: int) -> int:
     """A 32-bit digest of an arbitrary non-negative Python int."""
     out = 0x2545F491
@@ -117,7 +122,7 @@ class StackedGenerator:
                 or len(self) * per_sample * count > RESERVE_MAX_VALUES):
             return
         first = self._draws + len(self._reserved)
-        draws = [mix32_int(d * 0x9E3779B9 & MASK32) for d in range(first, first + count)]
+        draws = [_draw_key(d) for d in range(first, first + count)]
         values = self._randn_numpy(per_sample, draws)
         self._reserved.extend((first + k, shape, values[:, k]) for k in range(count))
 
@@ -131,7 +136,7 @@ class StackedGenerator:
                 return values.to(dtype).reshape(len(self), *shape)
             self._reserved.clear()  # another shape was asked for: compute as usual
         per_sample = math.prod(shape)
-        draw = mix32_int(number * 0x9E3779B9 & MASK32)
+        draw = _draw_key(number)
         if self._keys is None:
             return self._randn_numpy(per_sample, [draw]).to(dtype).reshape(len(self), *shape)
         key1_t, key2_t = self._keys

@@ -303,11 +303,6 @@ class Tracker:
         for pending in self._pending.pop(run_id, []):
             pending.wait()
 
-    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        """(step, value) pairs of one metric."""
-        self.flush(run_id)
-        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
-
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """Copy a local file (or folder) into the run's artifacts."""
         if path.is_dir():
