@@ -480,6 +480,9 @@ def perf(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     case: Annotated[list[str] | None, typer.Option(
         "--case", help="Only this configuration (repeatable): gmm8-mlp, unet16-c32.")] = None,
+    floors: Annotated[bool, typer.Option(
+        "--floors", help="Time the floor of every training and sampling figure (by default "
+                         "only of those that miss their target).")] = False,
 ) -> None:
     """Overhead of training, sampling and evaluation over bare PyTorch loops, and peak memory."""
     import time
@@ -493,7 +496,8 @@ def perf(
     if unknown:
         raise UsageError(f"unknown case {unknown[0]!r}; valid: {', '.join(known)}")
     start = time.perf_counter()
-    rows = run_perf(rounds, _report, resolve_device(device), case or None)
+    rows = run_perf(rounds, _report, resolve_device(device), case or None,
+                    floor=True if floors else None)
     seconds = time.perf_counter() - start
     print_rows(rows, _console())
     _report(f"{seconds:.0f} s")

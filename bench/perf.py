@@ -54,14 +54,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.averaging import ParamAverage, flatten_parameters
 from bench.config import RunConfig, resolve
 from bench.datasets import Dataset, get_dataset
 from bench.denoiser import Denoiser, append_dims
 from bench.fid_extractors import ExtractedBatch, ImageFeatureExtractor, images_to_uint8
 from bench.models import model_spec, new_raw_net
+from bench.rng import StackedGenerator
 from bench.signals import SignalGuard
 from bench.tracking import Tracker, default_tracking_uri, git_commit
-from bench.training import BatchStream, LoopHooks, new_loop_state, train_loop
+from bench.training import (
+    BatchStream,
+    FusedAdamStep,
+    LoopHooks,
+    make_optimizer,
+    new_loop_state,
+    train_loop,
+)
 from methods import MethodContext, get_method
 
 TRAIN_METHODS = ("edm", "cd", "ct", "ict", "pd")
@@ -238,6 +247,51 @@ def _bare_passes(student: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
 def bare_training_passes(method: Any, name: str, x0: torch.Tensor,
                          ) -> tuple[Callable[[], None], str]:
     """The raw passes of one iteration of `name` on copies of its networks, and what they are."""
+    step, denominator, _ = _training_passes(method, name, x0)
+    return step, denominator
+
+
+def parameter_averages(method: Any, name: str, cfg: RunConfig) -> list[str]:
+    """The averages of the student's parameters the training loop of `name` updates each
+    iteration: the eval EMA, the consistency target (CD, CT) or PD's stage average."""
+    averages = ["eval EMA"] if cfg.train.ema_rate > 0 else []
+    if name in ("cd", "ct") and method.target is not None:
+        averages.append("target")
+    if name == "pd":
+        averages.append("stage average")
+    return averages
+
+
+def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig,
+                        ) -> tuple[Callable[[], None], str, list[nn.Module]]:
+    """The floor of an iteration of `name`: its raw passes (as bare_training_passes) plus what
+    no training loop can skip, made with the kernels bench's loop uses: the optimizer step
+    (torch's fused Adam on the flat student) and one flat lerp per parameter average. Nothing
+    else: no data, draws, schedules, checks or logging. What it costs above the raw passes is
+    the least any loop on these kernels pays. Returns the step, what it does and the modules
+    it changes (the student copy, then one module per average)."""
+    passes, denominator, student = _training_passes(method, name, x0)
+    flatten_parameters(student)
+    optimizer_step = FusedAdamStep(make_optimizer(
+        [p for p in student.parameters() if p.requires_grad], cfg.train))
+    names = parameter_averages(method, name, cfg)
+    copies = [copy.deepcopy(student).requires_grad_(False) for _ in names]
+    averages = [ParamAverage(module, student) for module in copies]
+    rate = cfg.train.ema_rate or 0.999
+
+    def step() -> None:
+        passes()
+        optimizer_step()
+        for average in averages:
+            average.update(rate)
+
+    what = " + ".join([denominator, "fused Adam step", *(f"{n} lerp" for n in names)])
+    return step, what, [student, *copies]
+
+
+def _training_passes(method: Any, name: str, x0: torch.Tensor,
+                     ) -> tuple[Callable[[], None], str, nn.Module]:
+    """bare_training_passes, with the student copy the passes train."""
     g = torch.Generator(x0.device).manual_seed(1)
     z = torch.randn(x0.shape, generator=g, device=x0.device)
     b = x0.shape[0]
@@ -245,7 +299,7 @@ def bare_training_passes(method: Any, name: str, x0: torch.Tensor,
     if name == "edm":
         sigma = (torch.randn(b, generator=g, device=x0.device) * 1.2 - 1.2).exp()
         return (_bare_passes(student, x0 + append_dims(sigma, x0.ndim) * z, sigma, []),
-                "student fwd+bwd")
+                "student fwd+bwd", student)
     if name == "pd":
         grid = method.grid(2 * method.student_steps(0)).to(x0.device, x0.dtype)
         i = torch.randint(method.student_steps(0), (b,), generator=g, device=x0.device)
@@ -254,7 +308,7 @@ def bare_training_passes(method: Any, name: str, x0: torch.Tensor,
         x_t2 = x0 + append_dims(t2, x0.ndim) * z
         calls = [(method.teacher, x_t, t), (method.teacher, x_t2, t2)]
         return (_bare_passes(student, x_t, t, calls),
-                "student fwd+bwd + 2 teacher fwds (two DDIM steps)")
+                "student fwd+bwd + 2 teacher fwds (two DDIM steps)", student)
     grid = method.grid(method.n_scales(0))
     n = torch.randint(0, grid.numel() - 1, (b,), generator=g, device=x0.device)
     s_next, s = grid[n + 1], grid[n]
@@ -262,21 +316,54 @@ def bare_training_passes(method: Any, name: str, x0: torch.Tensor,
     x_hat = x0 + append_dims(s, x0.ndim) * z
     if name == "ict":
         return (_bare_passes(student, x, s_next, [(student, x_hat, s)]),
-                "student fwd+bwd + no-grad student fwd")
+                "student fwd+bwd + no-grad student fwd", student)
     target = copy.deepcopy(method.target if method.target is not None else method.student)
     target.requires_grad_(False)
     if name == "ct":
         return (_bare_passes(student, x, s_next, [(target, x_hat, s)]),
-                "student fwd+bwd + target fwd")
+                "student fwd+bwd + target fwd", student)
     calls = [(method.teacher, x, s_next), (method.teacher, x_hat, s), (target, x_hat, s)]
     return (_bare_passes(student, x, s_next, calls),
-            "student fwd+bwd + 2 teacher fwds (Heun) + target fwd")
+            "student fwd+bwd + 2 teacher fwds (Heun) + target fwd", student)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> Callable[[int], float]:
+    """Seconds of n calls of fn."""
+
+    def block(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    return block
+
+
+def _wants_floor(row: Row, floor: bool | None) -> bool:
+    """Time a row's floor always (floor True), never (False) or when it misses its target."""
+    return floor is True or (floor is None and row["ratio"] > row["target"])
+
+
+def _with_floor(row: Row, floor: bool | None, floor_fn: Callable[[int], float],
+                bare_fn: Callable[[int], float], block: int, what: str, rounds: int,
+                min_seconds: float) -> Row:
+    """The row with its floor when _wants_floor: the floor and the bare side alternate afresh,
+    floor_ratio is the ratio of their medians."""
+    if not _wants_floor(row, floor):
+        return row
+    floor_fn(block)  # warm-up
+    floor_s, bare_s, _ = _paired_medians(lambda: floor_fn(block) / block,
+                                         lambda: bare_fn(block) / block, rounds, min_seconds)
+    return {**row, "floor_ratio": floor_s / bare_s, "floor_seconds": floor_s, "floor": what}
 
 
 def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
                    device: torch.device, min_seconds: float = MIN_SECONDS,
-                   block_seconds: float = BLOCK_SECONDS) -> Row:
-    """The real training loop vs the raw passes of its iteration, same net and batch."""
+                   block_seconds: float = BLOCK_SECONDS, floor: bool | None = None) -> Row:
+    """The real training loop vs the raw passes of its iteration, same net and batch; with the
+    floor (floor_training_step) when `floor` asks for it (see _with_floor)."""
     cfg = _config(case, name, device)
     method = _method(case, name, cfg, device)
     state = new_loop_state(method, cfg.train, 0, device)
@@ -302,14 +389,7 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
         _sync(device)
         return time.perf_counter() - t0 - (sum(log_seconds) - logged)
 
-    def bare_block(n: int) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            bare_step()
-        _sync(device)
-        return time.perf_counter() - t0
-
+    bare_block = _timed(bare_step, device)
     sample_metrics = {"loss": 0.0, "lr": 0.0, "iters_per_second": 0.0, "images_per_second": 0.0,
                       **method.schedule_values(0)}
     for step in range(4):  # the first call starts MLflow's logging thread
@@ -324,10 +404,15 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
                                             min_seconds)
     tracker.end_run(run_id)
     target = CD_TRAIN_TARGET if name == "cd" else TRAIN_TARGET
-    return {"figure": "train_overhead", "case": case.name, "method": name, "nfe": None,
-            "ratio": bench_s / bare_s, "target": target, "bench_seconds": bench_s,
-            "bare_seconds": bare_s, "denominator": denominator,
-            "iterations": done * block, "log_seconds_per_iteration": log_share}
+    row = {"figure": "train_overhead", "case": case.name, "method": name, "nfe": None,
+           "ratio": bench_s / bare_s, "target": target, "bench_seconds": bench_s,
+           "bare_seconds": bare_s, "denominator": denominator,
+           "iterations": done * block, "log_seconds_per_iteration": log_share}
+    if not _wants_floor(row, floor):
+        return row
+    floor_step, what, _ = floor_training_step(method, name, x0, cfg)
+    return _with_floor(row, floor, _timed(floor_step, device), bare_block, block, what, rounds,
+                       min_seconds)
 
 
 # --- sampling and evaluation ---------------------------------------------------------------------
@@ -335,18 +420,30 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
 
 def bare_sampler(model: nn.Module, sigmas: list[float], sigma_min: float, count: int,
                  shape: tuple[int, ...], clamp: tuple[float, float] | None,
-                 device: torch.device) -> Callable[[torch.Generator], torch.Tensor]:
-    """Algorithm 1 of Song et al. (2023) as a bare loop: torch.randn noise, len(sigmas) calls."""
+                 device: torch.device, per_sample_noise: bool = False,
+                 ) -> Callable[[torch.Generator], torch.Tensor]:
+    """Algorithm 1 of Song et al. (2023) as a bare loop: torch.randn noise, len(sigmas) calls.
+    With per_sample_noise the noise is bench's per-sample streams (the sampling floor)."""
     levels = [torch.full((count,), s, device=device) for s in sigmas]
     scales = [(t**2 - sigma_min**2) ** 0.5 for t in sigmas[1:]]
     size = (count, *shape)
 
     def run(g: torch.Generator) -> torch.Tensor:
+        if per_sample_noise:
+            streams = StackedGenerator(0, range(count), device)
+            streams.reserve(shape, len(sigmas))
+
+            def noise() -> torch.Tensor:
+                return streams.randn(shape)
+        else:
+            def noise() -> torch.Tensor:
+                return torch.randn(size, generator=g, device=device)
+
         with torch.inference_mode():
-            x0 = model(torch.randn(size, generator=g, device=device) * sigmas[0], levels[0])
+            x0 = model(noise() * sigmas[0], levels[0])
             x0 = x0 if clamp is None else x0.clamp(*clamp)
             for level, scale in zip(levels[1:], scales, strict=True):
-                x = x0 + scale * torch.randn(size, generator=g, device=device)
+                x = x0 + scale * noise()
                 x0 = model(x, level)
                 x0 = x0 if clamp is None else x0.clamp(*clamp)
         return x0
@@ -361,42 +458,42 @@ def _sampling_method(case: PerfCase, device: torch.device) -> tuple[Any, RunConf
 
 def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
                     min_seconds: float = MIN_SECONDS, block_seconds: float = BLOCK_SECONDS,
-                    ) -> Row:
-    """`bench sample` (generate into host memory) vs the bare loop of the same network calls."""
+                    floor: bool | None = None) -> Row:
+    """`bench sample` (generate into host memory) vs the bare loop of the same network calls;
+    with the floor (the bare loop drawing bench's per-sample noise) when `floor` asks for it."""
     from bench.evaluation import generate
 
     method, cfg = _sampling_method(case, device)
     model = method.evaluation_model(None, nfe)
     n = case.sample_count
-    bare = bare_sampler(copy.deepcopy(model).eval(), method.sample_sigmas(nfe),
-                        cfg.diffusion.sigma_min, n, case.dataset.shape, case.dataset.clamp,
-                        device)
 
-    def bench_once() -> float:
+    def sampler(per_sample_noise: bool) -> Callable[[torch.Generator], torch.Tensor]:
+        return bare_sampler(copy.deepcopy(model).eval(), method.sample_sigmas(nfe),
+                            cfg.diffusion.sigma_min, n, case.dataset.shape, case.dataset.clamp,
+                            device, per_sample_noise)
+
+    bare, floor_sampler = sampler(False), sampler(True)
+
+    def bench_once() -> None:
         chunks: list[torch.Tensor] = []
-        _sync(device)
-        t0 = time.perf_counter()
         generate(method, model, case.dataset, nfe, n, n, 0, device, False,
                  lambda x: chunks.append(x.cpu()))
-        return time.perf_counter() - t0
 
-    def bare_once() -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        bare(torch.Generator(device).manual_seed(2)).cpu()
-        return time.perf_counter() - t0
-
-    def blocked(fn: Callable[[], float], k: int) -> Callable[[], float]:
-        return lambda: sum(fn() for _ in range(k)) / k
-
-    bench_once()
-    block = _block(bare_once(), block_seconds)
-    bench_s, bare_s, done = _paired_medians(blocked(bench_once, block),
-                                            blocked(bare_once, block), rounds, min_seconds)
-    return {"figure": "sample_overhead", "case": case.name, "method": "cd", "nfe": nfe,
-            "ratio": bench_s / bare_s, "target": SAMPLE_TARGET, "bench_seconds": bench_s,
-            "bare_seconds": bare_s, "samples": n, "calls": done * block,
-            "denominator": f"{nfe} network calls + torch.randn noise, re-noising and clipping"}
+    bench_block = _timed(bench_once, device)
+    bare_block = _timed(lambda: bare(torch.Generator(device).manual_seed(2)).cpu(), device)
+    bench_block(1)
+    block = _block(bare_block(1), block_seconds)
+    bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block,
+                                            lambda: bare_block(block) / block, rounds,
+                                            min_seconds)
+    row = {"figure": "sample_overhead", "case": case.name, "method": "cd", "nfe": nfe,
+           "ratio": bench_s / bare_s, "target": SAMPLE_TARGET, "bench_seconds": bench_s,
+           "bare_seconds": bare_s, "samples": n, "calls": done * block,
+           "denominator": f"{nfe} network calls + torch.randn noise, re-noising and clipping"}
+    floor_block = _timed(lambda: floor_sampler(torch.Generator(device).manual_seed(2)).cpu(),
+                         device)
+    return _with_floor(row, floor, floor_block, bare_block, block,
+                       "the bare loop with bench's per-sample noise streams", rounds, min_seconds)
 
 
 def eval_overhead(case: PerfCase, rounds: int, device: torch.device, cache_dir: Path,
@@ -622,9 +719,10 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def run_perf(rounds: int, report: Report, device: torch.device | None = None,
              case_names: list[str] | None = None, min_seconds: float = MIN_SECONDS,
-             block_seconds: float = BLOCK_SECONDS) -> list[Row]:
+             block_seconds: float = BLOCK_SECONDS, floor: bool | None = None) -> list[Row]:
     """Every figure on every case (or the named ones), as rows (min_seconds and block_seconds
-    at 0 make the quickest run: single-unit rounds, `rounds` of them)."""
+    at 0 make the quickest run: single-unit rounds, `rounds` of them). Training and sampling
+    rows get their floor when they miss their target, or always with floor True."""
     device = device or torch.device("cpu")
     chosen = [c for c in cases() if case_names is None or c.name in case_names]
     rows: list[Row] = []
@@ -634,11 +732,11 @@ def run_perf(rounds: int, report: Report, device: torch.device | None = None,
             for name in TRAIN_METHODS:
                 report(f"timing {name} training: {case.name}")
                 rows.append(train_overhead(case, name, rounds, tracker, device, min_seconds,
-                                           block_seconds))
+                                           block_seconds, floor))
             for nfe in SAMPLE_NFES:
                 report(f"timing sampling: {case.name}, NFE {nfe}")
                 rows.append(sample_overhead(case, nfe, rounds, device, min_seconds,
-                                            block_seconds))
+                                            block_seconds, floor))
             report(f"timing an evaluation: {case.name}")
             rows.append(eval_overhead(case, rounds, device, Path(tmp) / "cache", min_seconds))
     if _memory_supported(device):
@@ -654,13 +752,14 @@ SHORT_FIGURES = {"train_overhead": "train", "sample_overhead": "sample",
 
 
 def print_rows(rows: list[Row], console: Any) -> None:
-    """A rich table of the figures, pass/fail against each target."""
+    """A rich table of the figures, pass/fail against each target, and the floor where one was
+    measured (red when the floor alone misses the target)."""
     from rich import box
     from rich.table import Table
 
     table = Table(title="bench perf: ratio = bench / bare PyTorch (medians)", box=box.SIMPLE,
-                  padding=(0, 1), pad_edge=False)
-    for col in ("figure", "case", "method", "bench", "bare", "ratio", "target", ""):
+                  padding=(0, 1, 0, 0), pad_edge=False)
+    for col in ("figure", "case", "method", "bench", "bare", "ratio", "target", "", "floor"):
         table.add_column(col, justify="left" if col in ("figure", "case", "method") else "right",
                          no_wrap=True)
     for r in rows:
@@ -673,10 +772,19 @@ def print_rows(rows: list[Row], console: Any) -> None:
             bench, bare = (f"{r['bench_seconds'] * 1e3:.2f} ms",
                            f"{r['bare_seconds'] * 1e3:.2f} ms")
         method = r["method"] if r["nfe"] is None else f"{r['method']} nfe {r['nfe']}"
+        floor = ""
+        if "floor_ratio" in r:
+            floor_style = "green" if r["floor_ratio"] <= r["target"] else "red"
+            floor = f"[{floor_style}]{r['floor_ratio']:.3f}[/{floor_style}]"
         table.add_row(SHORT_FIGURES[r["figure"]], r["case"], method, bench, bare,
                       f"[{style}]{r['ratio']:.3f}[/{style}]", f"{r['target']:.2f}",
-                      f"[{style}]{'pass' if ok else 'FAIL'}[/{style}]")
+                      f"[{style}]{'pass' if ok else 'FAIL'}[/{style}]", floor)
     console.print(table)
+    if any("floor_ratio" in r for r in rows):
+        console.print("floor: the bare side plus only what no implementation on the same "
+                      "kernels can skip (training: the fused Adam step and one lerp per "
+                      "parameter average; sampling: bench's per-sample noise), timed against "
+                      "the bare side afresh; a red floor misses the target by itself.")
 
 
 def write_json(rows: list[Row], path: Path, device: torch.device | None = None,

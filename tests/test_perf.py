@@ -36,6 +36,11 @@ def test_every_figure_on_the_mlp_case(tmp_path: Path) -> None:
         else:
             assert row["bench_seconds"] > 0 and row["bare_seconds"] > 0
         assert row["denominator"]
+        if row["figure"] in ("train_overhead", "sample_overhead") and row["ratio"] > row["target"]:
+            assert math.isfinite(row["floor_ratio"]) and row["floor_ratio"] > 0, row
+            assert row["floor_seconds"] > 0 and row["floor"]
+        elif row["figure"] in ("eval_overhead", "peak_memory_ratio"):
+            assert "floor_ratio" not in row
     console = Console(file=io.StringIO(), width=160)
     print_rows(rows, console)
     table = console.file.getvalue()  # type: ignore[attr-defined]
@@ -46,6 +51,58 @@ def test_every_figure_on_the_mlp_case(tmp_path: Path) -> None:
     document = json.loads(path.read_text())
     assert document["rows"] == rows
     assert {"cpu", "threads", "torch", "device"} <= set(document["machine"])
+
+
+def test_floors_are_timed_when_asked_and_name_what_they_add(tmp_path: Path) -> None:
+    """floor True times every training and sampling floor, False none; the training floor
+    names the passes, the optimizer step and each average of the method."""
+    from bench.perf import _case, sample_overhead, train_overhead
+    from bench.tracking import Tracker, default_tracking_uri
+
+    case = _case("gmm8-mlp")
+    tracker = Tracker(default_tracking_uri(tmp_path), tmp_path)
+    cpu = torch.device("cpu")
+    row = train_overhead(case, "ct", 3, tracker, cpu, 0.0, 0.0, floor=True)
+    assert row["floor"] == ("student fwd+bwd + target fwd + fused Adam step + eval EMA lerp + "
+                            "target lerp")
+    assert row["floor_seconds"] > 0 and row["floor_ratio"] > 0
+    row = sample_overhead(case, 2, 3, cpu, 0.0, 0.0, floor=True)
+    assert row["floor"] == "the bare loop with bench's per-sample noise streams"
+    assert row["floor_seconds"] > 0 and row["floor_ratio"] > 0
+    for floorless in (train_overhead(case, "edm", 3, tracker, cpu, 0.0, 0.0, floor=False),
+                      sample_overhead(case, 1, 3, cpu, 0.0, 0.0, floor=False)):
+        assert "floor_ratio" not in floorless
+
+
+@pytest.mark.parametrize(("name", "averages"), [
+    ("edm", ["eval EMA"]), ("cd", ["eval EMA"]), ("ct", ["eval EMA", "target"]),
+    ("ict", ["eval EMA"]), ("pd", ["eval EMA", "stage average"])])
+def test_the_training_floor_steps_the_optimizer_and_every_average(name: str,
+                                                                   averages: list[str]) -> None:
+    """The floor's iteration really trains its student copy (the fused Adam step) and moves
+    each parameter average towards it, as many averages as the method's loop keeps (CD's
+    target is the student itself unless cd.target_mu > 0)."""
+    from bench.perf import _case, _config, _method, floor_training_step, parameter_averages
+
+    case = _case("gmm8-mlp")
+    cpu = torch.device("cpu")
+    cfg = _config(case, name, cpu)
+    method = _method(case, name, cfg, cpu)
+    assert parameter_averages(method, name, cfg) == averages
+    x0 = case.dataset.train_batch(torch.arange(64))
+    step, what, modules = floor_training_step(method, name, x0, cfg)
+    assert what.endswith(" + ".join(["fused Adam step", *(f"{a} lerp" for a in averages)]))
+    assert len(modules) == 1 + len(averages)
+    before = [torch.nn.utils.parameters_to_vector(m.parameters()).clone() for m in modules]
+    assert all(torch.equal(b, before[0]) for b in before[1:])  # averages start at the student
+    step()
+    after = [torch.nn.utils.parameters_to_vector(m.parameters()) for m in modules]
+    assert not torch.equal(after[0], before[0])  # the optimizer stepped the student
+    expected = torch.lerp(before[0], after[0], 1.0 - cfg.train.ema_rate)
+    for average in after[1:]:
+        torch.testing.assert_close(average, expected, rtol=0, atol=1e-7)
+    original = torch.nn.utils.parameters_to_vector(method.student.parameters())
+    assert not torch.equal(original, after[0])  # a copy trained, not the method's student
 
 
 class _Exploding:
