@@ -28,7 +28,14 @@ Every figure is a ratio bench / bare (lower is better; 1 = no overhead):
 The two sides alternate round by round and the ratio of medians is reported, so a busy machine
 slows both alike. A round times a block of iterations lasting about BLOCK_SECONDS; the logging
 of the training loop happens at train.log_every, so its time on the training path is replaced by
-its share per iteration (the mean time of a log call / train.log_every).
+its share per iteration (the mean time of a log call / train.log_every), to which the store's
+write of the logged values is added at its rate (off the training thread, on the same cores).
+
+A training or sampling figure that misses its target also gets its floor (always, with floor
+True): the bare side plus only what no implementation on the same kernels can skip (training:
+the fused Adam step and one lerp per parameter average; sampling: bench's per-sample noise),
+timed against the bare side afresh. A floor above the target means the target is out of reach
+on these kernels; figure minus floor is what bench adds.
 """
 
 from __future__ import annotations
@@ -62,7 +69,13 @@ from bench.fid_extractors import ExtractedBatch, ImageFeatureExtractor, images_t
 from bench.models import model_spec, new_raw_net
 from bench.rng import StackedGenerator
 from bench.signals import SignalGuard
-from bench.tracking import Tracker, default_tracking_uri, git_commit
+from bench.tracking import (
+    BUFFER_SECONDS,
+    BUFFER_VALUES,
+    Tracker,
+    default_tracking_uri,
+    git_commit,
+)
 from bench.training import (
     BatchStream,
     FusedAdamStep,
@@ -359,6 +372,21 @@ def _with_floor(row: Row, floor: bool | None, floor_fn: Callable[[int], float],
     return {**row, "floor_ratio": floor_s / bare_s, "floor_seconds": floor_s, "floor": what}
 
 
+def _store_seconds_per_value(tracker: Tracker, run_id: str, metrics: dict[str, float],
+                             iterations_per_second: float, log_every: int) -> float:
+    """Seconds the store spends per logged value, in writes of the size a run at this rate
+    makes: the metrics of BUFFER_SECONDS of iterations (at most BUFFER_VALUES values), written
+    off the training thread but on the same cores, so perf counts them at their rate."""
+    logs = max(1, min(BUFFER_VALUES // max(len(metrics), 1),
+                      round(BUFFER_SECONDS * iterations_per_second / log_every)))
+    tracker.flush(run_id)
+    for k in range(logs):
+        tracker.log_metrics(run_id, metrics, -1000 - k, wait=False)
+    t0 = time.perf_counter()
+    tracker.flush(run_id)
+    return (time.perf_counter() - t0) / (logs * len(metrics))
+
+
 def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
                    device: torch.device, min_seconds: float = MIN_SECONDS,
                    block_seconds: float = BLOCK_SECONDS, floor: bool | None = None) -> Row:
@@ -398,7 +426,9 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
     bare_block(1)
     block = _block(bare_block(1), block_seconds)
     del log_seconds[:1]
-    log_share = statistics.mean(log_seconds) / cfg.train.log_every
+    store = _store_seconds_per_value(tracker, run_id, sample_metrics,
+                                     block / bare_block(block), cfg.train.log_every)
+    log_share = (statistics.mean(log_seconds) + len(sample_metrics) * store) / cfg.train.log_every
     bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block + log_share,
                                             lambda: bare_block(block) / block, rounds,
                                             min_seconds)
@@ -407,7 +437,8 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
     row = {"figure": "train_overhead", "case": case.name, "method": name, "nfe": None,
            "ratio": bench_s / bare_s, "target": target, "bench_seconds": bench_s,
            "bare_seconds": bare_s, "denominator": denominator,
-           "iterations": done * block, "log_seconds_per_iteration": log_share}
+           "iterations": done * block, "log_seconds_per_iteration": log_share,
+           "store_seconds_per_value": store}
     if not _wants_floor(row, floor):
         return row
     floor_step, what, _ = floor_training_step(method, name, x0, cfg)
