@@ -351,7 +351,8 @@ def _iterate(
                          ParamAverage(state.ema, student) if state.ema is not None else None)
     optimizer_step, ema = state.helpers
     scaler = state.scaler
-    student.train()
+    if not student.training:  # Module.train() walks every submodule: ~0.1 ms on a small MLP
+        student.train()
     critical = hooks.critical or contextlib.nullcontext
     deferred = cfg.nonfinite == "stop"
     window_start = time.perf_counter()
