@@ -359,13 +359,16 @@ def _wants_floor(row: Row, floor: bool | None) -> bool:
     return floor is True or (floor is None and row["ratio"] > row["target"])
 
 
-def _with_floor(row: Row, floor: bool | None, floor_fn: Callable[[int], float],
-                bare_fn: Callable[[int], float], block: int, what: str, rounds: int,
+def _with_floor(row: Row, floor: bool | None,
+                make_floor: Callable[[], tuple[Callable[[int], float], str]],
+                bare_fn: Callable[[int], float], block: int, rounds: int,
                 min_seconds: float) -> Row:
-    """The row with its floor when _wants_floor: the floor and the bare side alternate afresh,
-    floor_ratio is the ratio of their medians."""
+    """The row with its floor when _wants_floor: make_floor builds the floor's timed block and
+    says what it runs; the floor and the bare side alternate afresh, floor_ratio is the ratio
+    of their medians."""
     if not _wants_floor(row, floor):
         return row
+    floor_fn, what = make_floor()
     floor_fn(block)  # warm-up
     floor_s, bare_s, _ = _paired_medians(lambda: floor_fn(block) / block,
                                          lambda: bare_fn(block) / block, rounds, min_seconds)
@@ -439,11 +442,12 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
            "bare_seconds": bare_s, "denominator": denominator,
            "iterations": done * block, "log_seconds_per_iteration": log_share,
            "store_seconds_per_value": store}
-    if not _wants_floor(row, floor):
-        return row
-    floor_step, what, _ = floor_training_step(method, name, x0, cfg)
-    return _with_floor(row, floor, _timed(floor_step, device), bare_block, block, what, rounds,
-                       min_seconds)
+
+    def make_floor() -> tuple[Callable[[int], float], str]:
+        floor_step, what, _ = floor_training_step(method, name, x0, cfg)
+        return _timed(floor_step, device), what
+
+    return _with_floor(row, floor, make_floor, bare_block, block, rounds, min_seconds)
 
 
 # --- sampling and evaluation ---------------------------------------------------------------------
@@ -498,12 +502,11 @@ def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
     model = method.evaluation_model(None, nfe)
     n = case.sample_count
 
-    def sampler(per_sample_noise: bool) -> Callable[[torch.Generator], torch.Tensor]:
-        return bare_sampler(copy.deepcopy(model).eval(), method.sample_sigmas(nfe),
-                            cfg.diffusion.sigma_min, n, case.dataset.shape, case.dataset.clamp,
-                            device, per_sample_noise)
-
-    bare, floor_sampler = sampler(False), sampler(True)
+    def timed_sampler(per_sample_noise: bool) -> Callable[[int], float]:
+        run = bare_sampler(copy.deepcopy(model).eval(), method.sample_sigmas(nfe),
+                           cfg.diffusion.sigma_min, n, case.dataset.shape, case.dataset.clamp,
+                           device, per_sample_noise)
+        return _timed(lambda: run(torch.Generator(device).manual_seed(2)).cpu(), device)
 
     def bench_once() -> None:
         chunks: list[torch.Tensor] = []
@@ -511,7 +514,7 @@ def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
                  lambda x: chunks.append(x.cpu()))
 
     bench_block = _timed(bench_once, device)
-    bare_block = _timed(lambda: bare(torch.Generator(device).manual_seed(2)).cpu(), device)
+    bare_block = timed_sampler(False)
     bench_block(1)
     block = _block(bare_block(1), block_seconds)
     bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block,
@@ -521,10 +524,9 @@ def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
            "ratio": bench_s / bare_s, "target": SAMPLE_TARGET, "bench_seconds": bench_s,
            "bare_seconds": bare_s, "samples": n, "calls": done * block,
            "denominator": f"{nfe} network calls + torch.randn noise, re-noising and clipping"}
-    floor_block = _timed(lambda: floor_sampler(torch.Generator(device).manual_seed(2)).cpu(),
-                         device)
-    return _with_floor(row, floor, floor_block, bare_block, block,
-                       "the bare loop with bench's per-sample noise streams", rounds, min_seconds)
+    what = "the bare loop with bench's per-sample noise streams"
+    return _with_floor(row, floor, lambda: (timed_sampler(True), what), bare_block, block,
+                       rounds, min_seconds)
 
 
 def eval_overhead(case: PerfCase, rounds: int, device: torch.device, cache_dir: Path,
