@@ -159,7 +159,10 @@ class BatchStream:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
-            self._perm = torch.randperm(self.size, generator=g)
+            # int32 where it fits: the same permutation (randperm's draws do not depend on the
+            # dtype) in half the memory, which the loop holds for a whole epoch
+            dtype = torch.int32 if self.size <= torch.iinfo(torch.int32).max else torch.int64
+            self._perm = torch.randperm(self.size, generator=g, dtype=dtype)
             self._epoch = epoch
         return self._perm
 

@@ -283,3 +283,20 @@ def test_reserved_draws_equal_the_draws_made_one_by_one() -> None:
     fresh.reserve((2,), 3)
     assert torch.equal(fresh.randn((2,), torch.float64),
                        StackedGenerator(7, indices).randn((2,), torch.float64))
+
+
+def test_the_epoch_order_is_randperms_held_in_int32() -> None:
+    """The loop's epoch permutation is held as int32 (half the memory over a whole epoch) and
+    is the same order as torch's int64 randperm of the epoch's seed, so batches are unchanged."""
+    from bench.rng import sample_seed
+
+    data = torch.arange(1000.0).reshape(500, 2)
+    stream = BatchStream(lambda i: data[i], 500, None, 64, 7, torch.device("cpu"))
+    for epoch, step in ((0, 0), (0, 3), (1, 8), (2, 16)):  # steps wholly inside an epoch
+        perm = torch.randperm(500, generator=torch.Generator().manual_seed(sample_seed(7, epoch)))
+        start = step * 64 - epoch * 500
+        wanted = perm[start:start + 64]
+        got = stream.indices(step)
+        assert got.dtype == torch.int32
+        assert torch.equal(got.long(), wanted)
+        assert torch.equal(stream.batch(step)[0], data[wanted])
