@@ -427,10 +427,11 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
         log(sample_metrics, -1 - step)
     bench_block(1)  # warm-up: the first optimizer step allocates its state
     bare_block(1)
-    block = _block(bare_block(1), block_seconds)
+    iteration_seconds = bare_block(1)
+    block = _block(iteration_seconds, block_seconds)
     del log_seconds[:1]
-    store = _store_seconds_per_value(tracker, run_id, sample_metrics,
-                                     block / bare_block(block), cfg.train.log_every)
+    store = _store_seconds_per_value(tracker, run_id, sample_metrics, 1.0 / iteration_seconds,
+                                     cfg.train.log_every)
     log_share = (statistics.mean(log_seconds) + len(sample_metrics) * store) / cfg.train.log_every
     bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block + log_share,
                                             lambda: bare_block(block) / block, rounds,
