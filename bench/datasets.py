@@ -96,8 +96,8 @@ class Dataset(ABC):
         return None
 
     def train_batch(self, index: Tensor) -> Tensor:
-        """Float32 training samples at `index`, converted only for these rows."""
-        return self.train()[index]
+        """Float32 training samples at the 1-D `index`, converted only for these rows."""
+        return self.train().index_select(0, index)
 
     @abstractmethod
     def reference(self, n: int, seed: int) -> Tensor:
@@ -545,8 +545,8 @@ class Digits(ImageDataset):
         return self._split("train")[1]
 
     def train_batch(self, index: Tensor) -> Tensor:
-        """Float32 training images at `index`."""
-        return self.train()[index]
+        """Float32 training images at the 1-D `index`."""
+        return self.train().index_select(0, index)
 
     def test(self) -> Tensor:
         """Test split as float32 in [-1, 1], (355, 1, 8, 8)."""

@@ -50,13 +50,23 @@ def mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def mix32_np(x: np.ndarray) -> np.ndarray:
-    """mix32 on uint32 arrays, whose products wrap modulo 2^32 natively (the same values)."""
-    x = x ^ (x >> np.uint32(16))
-    x *= np.uint32(0x7FEB352D)
-    x ^= x >> np.uint32(15)
-    x *= np.uint32(0x846CA68B)
-    x ^= x >> np.uint32(16)
+_U16, _U15 = np.uint32(16), np.uint32(15)
+_M1, _M2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
+
+
+def mix32_np(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """mix32 on uint32 arrays, whose products wrap modulo 2^32 natively (the same values).
+    With `scratch` (a uint32 array shaped like x) x is hashed in place, allocating nothing."""
+    if scratch is None:
+        x, scratch = x.copy(), np.empty_like(x)
+    np.right_shift(x, _U16, out=scratch)
+    x ^= scratch
+    x *= _M1
+    np.right_shift(x, _U15, out=scratch)
+    x ^= scratch
+    x *= _M2
+    np.right_shift(x, _U16, out=scratch)
+    x ^= scratch
     return x
 
 
@@ -99,8 +109,12 @@ class StackedGenerator:
         seed_key = np.uint32(_fold(seed))
         # the same hashes as mix32 on int64 tensors, in numpy's wrapping uint32 arithmetic: a
         # few array ops instead of dozens of tensor ops (on the CPU the noise is made there too)
-        key1 = mix32_np(mix32_np(idx ^ seed_key) ^ np.uint32(0x68E31DA4))
-        self._np_keys = (key1, mix32_np(key1 ^ np.uint32(0xB5297A4D)))
+        scratch = np.empty_like(idx)
+        key1 = mix32_np(idx ^ seed_key, scratch)
+        key1 ^= np.uint32(0x68E31DA4)
+        mix32_np(key1, scratch)
+        key2 = key1 ^ np.uint32(0xB5297A4D)
+        self._np_keys = (key1, mix32_np(key2, scratch))
         self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # on a GPU: on the device
         if self.device.type != "cpu":
             self._keys = (torch.from_numpy(key1.astype(np.int64)).to(self.device),
@@ -156,9 +170,18 @@ class StackedGenerator:
         key1, key2 = self._np_keys
         element = np.arange(per_sample, dtype=np.uint32) * np.uint32(0x27D4EB2F)
         block = element[None, :] ^ np.asarray(draws, dtype=np.uint32)[:, None]  # (k, per_sample)
-        h = mix32_np(block[None, :, :] ^ key1[:, None, None])
-        u1 = mix32_np(h ^ key2[:, None, None])
-        u2 = mix32_np(u1 ^ np.uint32(0x165667B1))
+        if len(draws) == 1:  # the same values on 2-D arrays: cheaper broadcasts
+            u1 = block ^ key1[:, None]
+            keys2 = key2[:, None]
+        else:
+            u1 = block[None, :, :] ^ key1[:, None, None]
+            keys2 = key2[:, None, None]
+        scratch = np.empty_like(u1)  # every hash in place: no array allocated per operation
+        mix32_np(u1, scratch)  # h
+        u1 ^= keys2
+        mix32_np(u1, scratch)
+        u2 = np.bitwise_xor(u1, np.uint32(0x165667B1), out=scratch)
+        mix32_np(u2, np.empty_like(u1))
         r = u1.astype(np.float64)
         r += 0.5
         r *= _SCALE
@@ -171,7 +194,7 @@ class StackedGenerator:
         c *= _SCALE
         torch.from_numpy(c).cos_()
         r *= c
-        return torch.from_numpy(r)
+        return torch.from_numpy(r.reshape(len(key1), len(draws), per_sample))
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         """Noise shaped like the batch x, one stream per row."""

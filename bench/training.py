@@ -307,7 +307,7 @@ def train_loop(
     before a checkpoint or an evaluation, and when the loop ends or is interrupted, so weights
     that went non-finite are never kept. "skip" needs the answer at once (one sync).
     """
-    unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (iteration, finite, loss)
+    unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (iteration, checked, loss)
     try:
         _iterate(method, cfg, stream, state, hooks, until, unchecked)
     except KeyboardInterrupt:
@@ -318,11 +318,12 @@ def train_loop(
 
 
 def _check_finite(unchecked: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-    """Raise NonFiniteLoss naming the first non-finite iteration among the unchecked ones (one
-    sync for all of them); forget them when all were finite."""
+    """Raise NonFiniteLoss naming the first iteration among the unchecked ones whose checked
+    value (its loss, or its gradient norm when clipping) is not finite: one isfinite and one
+    sync for all of them; forget them when all were finite."""
     if not unchecked:
         return
-    flags = torch.stack([flag for _, flag, _ in unchecked]).cpu()
+    flags = torch.isfinite(torch.stack([value for _, value, _ in unchecked])).cpu()
     if not bool(flags.all()):
         first = int(flags.logical_not().nonzero()[0, 0])
         step, _, loss = unchecked[first]
@@ -340,8 +341,9 @@ def _iterate(
     until: int | None,
     unchecked: list[tuple[int, torch.Tensor, torch.Tensor]],
 ) -> None:
-    """The iterations of train_loop; with train.nonfinite = "stop" each one's finiteness
-    flag and loss are appended to unchecked (on the device)."""
+    """The iterations of train_loop; with train.nonfinite = "stop" each one's value to check
+    (its loss, or its gradient norm when clipping without a scaler) and loss are appended to
+    unchecked, on the device, checked all at once by _check_finite."""
     student = method.student
     total = method.total_steps()
     stop = total if until is None else min(until, total)
@@ -375,16 +377,15 @@ def _iterate(
             seen = loss.detach() if hooks.reduce is None else hooks.reduce(loss)
             if scaler is not None:
                 scaler.unscale_(optimizer)  # an overflow is the scaler's to skip, not an error
+            checked = seen
             if cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-                finite = torch.isfinite(grad_norm if scaler is None else seen)
-            else:
-                finite = torch.isfinite(seen)
+                checked = grad_norm if scaler is None else seen
             if deferred:
-                unchecked.append((step, finite, seen))
+                unchecked.append((step, checked, seen))
                 if len(unchecked) >= 1024:  # however rarely the loop logs
                     _check_finite(unchecked)
-            if not deferred and not bool(finite):
+            if not deferred and not bool(torch.isfinite(checked)):
                 optimizer.zero_grad(set_to_none=True)
                 state.skipped += 1
             else:

@@ -124,7 +124,11 @@ class _Exploding:
         return loss * float("nan") if step >= self.at else loss
 
 
-def test_a_non_finite_loss_stops_the_loop_before_any_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_non_finite_loss_stops_the_loop_before_any_checkpoint(tmp_path: Path,
+                                                                grad_clip: float) -> None:
+    """Checked on the loss, or on the gradient norm when clipping: either way the first
+    non-finite iteration is named and no later checkpoint is written."""
     from bench.perf import _config, _method
 
     case = cases()[0]
@@ -136,7 +140,7 @@ def test_a_non_finite_loss_stops_the_loop_before_any_checkpoint(tmp_path: Path) 
     saved: list[int] = []
     hooks = LoopHooks(checkpoint=lambda s: saved.append(s.step))
     train = cfg.train
-    train.checkpoint_every, train.log_every = 4, 50
+    train.checkpoint_every, train.log_every, train.grad_clip = 4, 50, grad_clip
     with pytest.raises(NonFiniteLoss, match=r"\(nan\) at iteration 6;"):
         train_loop(_Exploding(method, 6), train, stream, state, hooks,  # type: ignore[arg-type]
                    until=20)
