@@ -170,15 +170,10 @@ class StackedGenerator:
         key1, key2 = self._np_keys
         element = np.arange(per_sample, dtype=np.uint32) * np.uint32(0x27D4EB2F)
         block = element[None, :] ^ np.asarray(draws, dtype=np.uint32)[:, None]  # (k, per_sample)
-        if len(draws) == 1:  # the same values on 2-D arrays: cheaper broadcasts
-            u1 = block ^ key1[:, None]
-            keys2 = key2[:, None]
-        else:
-            u1 = block[None, :, :] ^ key1[:, None, None]
-            keys2 = key2[:, None, None]
+        u1 = block.reshape(1, -1) ^ key1[:, None]  # (n, k * per_sample): 2-D broadcasts
         scratch = np.empty_like(u1)  # every hash in place: no array allocated per operation
         mix32_np(u1, scratch)  # h
-        u1 ^= keys2
+        u1 ^= key2[:, None]
         mix32_np(u1, scratch)
         u2 = np.bitwise_xor(u1, np.uint32(0x165667B1), out=scratch)
         mix32_np(u2, np.empty_like(u1))
