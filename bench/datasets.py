@@ -545,8 +545,9 @@ class Digits(ImageDataset):
         return self._split("train")[1]
 
     def train_batch(self, index: Tensor) -> Tensor:
-        """Float32 training images at the 1-D `index`."""
-        return self.train().index_select(0, index)
+        """Float32 training images at the 1-D `index`, from the float32 split held in memory
+        (Dataset's rows of train(), not ImageDataset's conversion from uint8)."""
+        return Dataset.train_batch(self, index)
 
     def test(self) -> Tensor:
         """Test split as float32 in [-1, 1], (355, 1, 8, 8)."""

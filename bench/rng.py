@@ -175,8 +175,7 @@ class StackedGenerator:
         mix32_np(u1, scratch)  # h
         u1 ^= key2[:, None]
         mix32_np(u1, scratch)
-        u2 = np.bitwise_xor(u1, np.uint32(0x165667B1), out=scratch)
-        mix32_np(u2, np.empty_like(u1))
+        u2 = mix32_np(u1 ^ np.uint32(0x165667B1), scratch)
         r = u1.astype(np.float64)
         r += 0.5
         r *= _SCALE
