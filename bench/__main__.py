@@ -1,5 +1,5 @@
 """python -m bench == the bench command (torchrun uses this)."""
 
-from bench.cli import main
+from bench.cli.main import main
 
 main()

@@ -11,13 +11,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.config import RunConfig
-from bench.datasets import Dataset
-from bench.distributed import Shard
-from bench.errors import UsageError
-from bench.rng import StackedGenerator
-from bench.samplers import Model, sample_euler, sample_heun
-from bench.schedules import sampling_sigmas
+from bench.core.config import RunConfig
+from bench.core.errors import UsageError, unknown_name
+from bench.data.datasets import Dataset
+from bench.data.shard import Shard
+from bench.diffusion.rng import StackedGenerator
+from bench.diffusion.samplers import Model, sample_euler, sample_heun
+from bench.diffusion.schedules import sampling_sigmas
 
 
 @dataclass
@@ -181,8 +181,6 @@ def register(cls: type[Method]) -> type[Method]:
 
 def get_method(name: str) -> type[Method]:
     """The Method class registered under name; an unknown name lists the valid ones."""
-    from bench.errors import unknown_name
-
     if name not in _REGISTRY:
         raise unknown_name("method", name, list(_REGISTRY))
     return _REGISTRY[name]

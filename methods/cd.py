@@ -8,8 +8,8 @@ import copy
 
 import torch
 
-from bench.denoiser import Denoiser
-from bench.samplers import euler_step, heun_step
+from bench.diffusion.denoiser import Denoiser
+from bench.diffusion.samplers import euler_step, heun_step
 from methods.base import MethodContext
 from methods.consistency import ConsistencyMethod, Distance, make_distance, require_network_teacher
 

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.averaging import ParamAverage
-from bench.denoiser import Denoiser
-from bench.errors import BenchError, UsageError
-from bench.rng import StackedGenerator
-from bench.samplers import Model, sample_consistency
-from bench.schedules import karras_sigmas
+from bench.core.errors import BenchError, UsageError
+from bench.diffusion.denoiser import Denoiser
+from bench.diffusion.rng import StackedGenerator
+from bench.diffusion.samplers import Model, sample_consistency
+from bench.diffusion.schedules import karras_sigmas
+from bench.nets.averaging import ParamAverage
 from methods.base import Method, MethodContext
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.schedules import ct_mu_schedule, ct_n_schedule, ict_n_schedule
+from bench.diffusion.schedules import ct_mu_schedule, ct_n_schedule, ict_n_schedule
 from methods.base import MethodContext
 from methods.consistency import ConsistencyMethod, Distance, make_distance
 

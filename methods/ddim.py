@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.rng import StackedGenerator
-from bench.samplers import Model
+from bench.diffusion.rng import StackedGenerator
+from bench.diffusion.samplers import Model
 from methods.base import Method, MethodContext, ode_check_nfe, ode_sample, ode_sigmas
 
 

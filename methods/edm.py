@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.denoiser import Denoiser, append_dims
-from bench.distributed import Shard
-from bench.rng import StackedGenerator
-from bench.samplers import Model
+from bench.data.shard import Shard
+from bench.diffusion.denoiser import Denoiser, append_dims
+from bench.diffusion.rng import StackedGenerator
+from bench.diffusion.samplers import Model
 from methods.base import Method, MethodContext, ode_check_nfe, ode_sample, ode_sigmas
 
 

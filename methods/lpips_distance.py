@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bench.errors import BenchError, UsageError
+from bench.core.errors import BenchError, UsageError
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 weights, used by lpips
 

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.averaging import ParamAverage
-from bench.denoiser import Denoiser, append_dims
-from bench.errors import UsageError
-from bench.rng import StackedGenerator
-from bench.samplers import Model, euler_step, sample_euler
-from bench.schedules import karras_sigmas
+from bench.core.errors import UsageError
+from bench.diffusion.denoiser import Denoiser, append_dims
+from bench.diffusion.rng import StackedGenerator
+from bench.diffusion.samplers import Model, euler_step, sample_euler
+from bench.diffusion.schedules import karras_sigmas
+from bench.nets.averaging import ParamAverage
 from methods.base import Method, MethodContext
 
 StateDict = dict[str, torch.Tensor]

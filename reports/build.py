@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.errors import BenchError, UsageError
-from bench.tracking import Tracker
+from bench.app.tracking import Tracker
+from bench.core.errors import BenchError, UsageError
 from reports.plots import plot_metric_vs_nfe, plot_metric_vs_seconds
 from reports.store import Select, Selection, select_runs
 from reports.tables import Table, build_table, table_title, to_csv, to_html, to_latex, to_markdown

@@ -16,10 +16,10 @@ from typing import Literal
 
 import polars as pl
 
-from bench.datasets import FOLDER_PREFIX, POINTS_PREFIX, dataset_names, describe_dataset
-from bench.errors import BenchError, UsageError
-from bench.evaluation import LOWER_IS_BETTER
-from bench.tracking import RunRecord, Tracker, mask_credentials
+from bench.app.tracking import RunRecord, Tracker, mask_credentials
+from bench.core.errors import BenchError, UsageError
+from bench.data.datasets import FOLDER_PREFIX, POINTS_PREFIX, dataset_names, describe_dataset
+from bench.engine.evaluation import LOWER_IS_BETTER
 
 Select = Literal["best", "latest"]
 SELECTS: tuple[Select, ...] = ("best", "latest")

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.config import RunConfig, default_bench_files, flatten, resolve, to_dict
-from bench.datasets import GaussianMixture, describe_dataset
-from bench.errors import BenchError, RunInterrupted, UsageError, unknown_name
-from bench.tracking import RunRecord, Tracker, mask_credentials, param_text
+from bench.app.tracking import RunRecord, Tracker, mask_credentials, param_text
+from bench.core.config import RunConfig, default_bench_files, flatten, resolve, to_dict
+from bench.core.errors import BenchError, RunInterrupted, UsageError, unknown_name
+from bench.data.datasets import GaussianMixture, describe_dataset
 from reports.build import FORMATS, ReportOutput, build_report
 
 SUITE_METHODS = ("edm", "ddim", "pd", "cd", "ct", "ict")  # the teacher first
@@ -144,7 +144,7 @@ def run_suite(
     progress: ProgressFactory | None = None,
 ) -> SuiteOutcome:
     """Run (or skip, or resume) every method on the dataset, then write its report."""
-    from bench import runner
+    from bench.app import runner
     from methods import get_method
 
     t0 = time.perf_counter()

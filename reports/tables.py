@@ -17,8 +17,8 @@ from typing import Any
 
 import polars as pl
 
-from bench.evaluation import LOWER_IS_BETTER
-from bench.tracking import RUN_ID_PATTERN
+from bench.app.tracking import RUN_ID_PATTERN
+from bench.engine.evaluation import LOWER_IS_BETTER
 from reports.paper import paper_numbers, paper_sources
 from reports.store import RunInfo, Selection
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.errors import BenchError, UsageError
-from bench.tracking import Tracker, mask_credentials
+from bench.app.tracking import Tracker, mask_credentials
+from bench.core.errors import BenchError, UsageError
 from sweeps.objective import Objective, check_available, parse_objectives
 from sweeps.space import Param, Space, load_space, set_item
 from sweeps.storage import (
@@ -143,13 +143,13 @@ class SweepSummary:
 
 
 def _set_keys(sets: Sequence[str]) -> set[str]:
-    from bench.config import parse_set
+    from bench.core.config import parse_set
 
     return {".".join(parse_set(s)[0]) for s in sets}
 
 
 def _resolve(request: SweepRequest, sets: Sequence[str]) -> Any:
-    from bench.config import default_bench_files, resolve
+    from bench.core.config import default_bench_files, resolve
 
     flags = {"method": request.method, "dataset": request.dataset}
     return resolve(bench_files=default_bench_files(Path.cwd()), flags=flags, sets=list(sets))
@@ -178,7 +178,7 @@ def _check_space(request: SweepRequest, space: Space, base_sets: list[str]) -> N
 
 
 def _lower_is_better() -> dict[str, bool]:
-    from bench.evaluation import LOWER_IS_BETTER
+    from bench.engine.evaluation import LOWER_IS_BETTER
 
     return dict(LOWER_IS_BETTER)
 
@@ -426,8 +426,8 @@ def run_trial(plan: WorkerPlan, study: Any, trial: Any, tracker: Tracker,
     """One trial through the `bench run` code path; returns its final state name."""
     from optuna.exceptions import UpdateFinishedTrialError
 
-    from bench.config import default_bench_files, resolve
-    from bench.runner import RunInterrupted, RunObserver, StopRun, start
+    from bench.app.runner import RunInterrupted, RunObserver, StopRun, start
+    from bench.core.config import default_bench_files, resolve
 
     objectives = plan.objective_objs()
     params = {p.name: _suggest(trial, p) for p in plan.param_objs()}
@@ -519,8 +519,8 @@ def run_trial(plan: WorkerPlan, study: Any, trial: Any, tracker: Tracker,
 
 def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
     """Validate, open study and parent run, run the workers, tag the best trial, summarise."""
-    from bench.runner import RunInterrupted, prepare
-    from bench.tracking import resolve_tracking_uri
+    from bench.app.runner import RunInterrupted, prepare
+    from bench.app.tracking import resolve_tracking_uri
     from methods import get_method
 
     t0 = time.perf_counter()
@@ -536,7 +536,7 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
     cfg = base.config
     method_cls = get_method(cfg.method)
     space = load_space(request.spaces)
-    from bench.datasets import get_dataset
+    from bench.data.datasets import get_dataset
 
     primary_metric = get_dataset(cfg.dataset, cfg.data.path or None).primary_metric
     objectives = parse_objectives(request.objectives, _lower_is_better(), f"{primary_metric}@1")

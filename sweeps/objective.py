@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from bench.errors import UsageError
+from bench.core.errors import UsageError
 
 _PATTERN = re.compile(r"^(?P<metric>[a-z][a-z0-9_]*)@(?P<nfe>[1-9][0-9]*)$")
 

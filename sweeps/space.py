@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.config import read_toml
-from bench.errors import UsageError
+from bench.core.config import read_toml
+from bench.core.errors import UsageError
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 TYPES = ("int", "float", "categorical")

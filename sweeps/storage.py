@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.errors import BenchError, UsageError
-from bench.tracking import mask_credentials
+from bench.app.tracking import mask_credentials
+from bench.core.errors import BenchError, UsageError
 
 HEARTBEAT_SECONDS = 15.0  # how often a worker stamps its running trial
 STALE_SECONDS = 180.0  # a RUNNING trial with no heartbeat for this long is failed

@@ -10,7 +10,7 @@ from sweeps.driver import WorkerPlan, run_worker
 
 def main() -> None:
     """Run the worker loop; one-line errors on stderr, exit 1 (130 when interrupted)."""
-    from bench.errors import BenchError
+    from bench.core.errors import BenchError
 
     plan = WorkerPlan(**json.loads(sys.stdin.read()))
 

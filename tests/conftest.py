@@ -66,7 +66,7 @@ def run_id_of(output: str) -> str:
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow sqlite store created once (its schema migrations take seconds); copy it."""
-    from bench.tracking import Tracker
+    from bench.app.tracking import Tracker
 
     runs = tmp_path_factory.mktemp("template") / "runs"
     Tracker(f"sqlite:///{runs / 'mlflow.db'}", runs)

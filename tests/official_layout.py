@@ -1,6 +1,6 @@
 """The state-dict layout (key -> shape) of the official UNetModel of openai/consistency_models
 (cm/unet.py, built by cm/script_util.py create_model), reconstructed for the tests from a reading
-of that code and independent of bench.adm: the names are the official ones (input_blocks,
+of that code and independent of bench.nets.adm: the names are the official ones (input_blocks,
 in_layers, emb_layers, out_layers, skip_connection, qkv, proj_out, ...), the attention's 1x1
 convolutions are Conv1d (weights (out, in, 1)), GroupNorm has weight and bias.
 """

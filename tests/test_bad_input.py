@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.checkpoint import save_checkpoint
-from bench.config import RunConfig
-from bench.datasets import gmm8
-from bench.models import denoiser_from_spec, model_spec
+from bench.core.config import RunConfig
+from bench.data.datasets import gmm8
+from bench.engine.checkpoint import save_checkpoint
+from bench.engine.models import denoiser_from_spec, model_spec
 from tests.conftest import run_bench
 from tests.test_cli import assert_one_line_error
 

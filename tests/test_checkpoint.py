@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.checkpoint import load_checkpoint, save_checkpoint
-from bench.errors import BenchError
+from bench.core.errors import BenchError
+from bench.engine.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_round_trip_and_no_temporary_left(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import (
+from bench.core.config import (
     RunConfig,
     TrainConfig,
     default_bench_files,
@@ -18,7 +18,7 @@ from bench.config import (
     resolve,
     to_dict,
 )
-from bench.errors import UsageError
+from bench.core.errors import UsageError
 
 
 def write(path: Path, text: str) -> Path:
@@ -122,7 +122,7 @@ def test_dataset_paths_from_bench_toml(tmp_path: Path) -> None:
 
 
 def test_lr_schedules() -> None:
-    from bench.training import lr_at
+    from bench.engine.training import lr_at
 
     def train(schedule: str) -> TrainConfig:
         return resolve(bench_files=[], flags={"method": "edm", "dataset": "gmm8"},

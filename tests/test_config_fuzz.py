@@ -12,8 +12,8 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.config import defaults_dict, flatten, load_bench_file, resolve
-from bench.errors import BenchError
+from bench.core.config import defaults_dict, flatten, load_bench_file, resolve
+from bench.core.errors import BenchError
 
 KEYS = sorted(flatten(defaults_dict()))  # train.steps, eval.nfe, ...
 SECTIONS = sorted({k.split(".")[0] for k in KEYS})

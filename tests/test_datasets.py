@@ -1,4 +1,4 @@
-"""Tests for bench.datasets: exact mixture math, embedded sets, file readers and errors."""
+"""Tests for bench.data.datasets: exact mixture math, embedded sets, file readers and errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from PIL import Image
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from bench import datasets
-from bench.datasets import (
+from bench.core.errors import BenchError, UsageError
+from bench.data import datasets
+from bench.data.datasets import (
     DIGITS_TRAIN_SIZE,
     TRAIN_SIZE,
     Cifar10,
@@ -27,7 +28,6 @@ from bench.datasets import (
     list_datasets,
     register_dataset,
 )
-from bench.errors import BenchError, UsageError
 
 POINTS = ["gmm8", "gmm25", "moons", "swissroll", "checkerboard"]
 
@@ -576,7 +576,7 @@ def test_list_datasets(tmp_path):
 
 @pytest.mark.parametrize("name", POINTS)
 def test_from_uniform_has_the_sampler_law(name):
-    from bench.metrics import swd
+    from bench.metrics.base import swd
 
     dataset = get_dataset(name)
     u = torch.rand(20000, dataset.uniform_dims, generator=torch.Generator().manual_seed(0),
@@ -602,7 +602,7 @@ def test_stratified_reference(name):
 
 
 def test_stratified_reference_balances_the_modes():
-    from bench.metrics import w2
+    from bench.metrics.base import w2
 
     dataset = get_dataset("gmm8")
     mode, _ = dataset.nearest_mode(dataset.reference_qmc(2000, seed=1).double())

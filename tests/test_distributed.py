@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.distributed import Shard
-from bench.nets import Linear
-from bench.training import BatchStream, LoopHooks, new_loop_state, train_loop
+from bench.data.shard import Shard
+from bench.engine.training import BatchStream, LoopHooks, new_loop_state, train_loop
+from bench.nets.basic import Linear
 from tests.conftest import bench_env, run_id_of
 from tests.test_methods import build
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.datasets import get_dataset
-from bench.edit_run import EditRequest, check_request, default_sigma
-from bench.editing import (
+from bench.app.edit import EditRequest, check_request, default_sigma
+from bench.core.errors import UsageError
+from bench.data.datasets import get_dataset
+from bench.diffusion.editing import (
     ColourBasis,
     PatchBasis,
     PixelBasis,
@@ -32,9 +33,8 @@ from bench.editing import (
     stroke_edit,
     stroke_painting,
 )
-from bench.errors import UsageError
-from bench.rng import StackedGenerator
-from bench.samplers import CallCounter
+from bench.diffusion.rng import StackedGenerator
+from bench.diffusion.samplers import CallCounter
 from tests.conftest import run_id_of
 
 

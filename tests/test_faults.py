@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from bench.training import BatchStream
+from bench.engine.training import BatchStream
 from tests.conftest import bench_env, run_bench, run_id_of
 from tests.test_cli import assert_one_line_error
 
@@ -319,7 +319,7 @@ def test_credentials_never_reach_mlflow_or_the_terminal(workdir) -> None:
 def test_ui_binds_to_loopback_unless_host_is_given(tmp_path: Path) -> None:
     import typer
 
-    from bench.cli import app, ui_command
+    from bench.cli.main import app, ui_command
 
     command = typer.main.get_command(app).commands["ui"]
     host = next(p for p in command.params if p.name == "host")

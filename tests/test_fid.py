@@ -19,11 +19,12 @@ from PIL import Image
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from bench.config import RunConfig
-from bench.datasets import ImageDataset
-from bench.errors import BenchError, UsageError
-from bench.fid import prepare_fid, prepare_image_metrics, reference_key
-from bench.fid_extractors import (
+from bench.core.config import RunConfig
+from bench.core.errors import BenchError, UsageError
+from bench.data.datasets import ImageDataset
+from bench.engine.fid import prepare_fid, prepare_image_metrics, reference_key
+from bench.metrics.base import frechet_distance
+from bench.metrics.extractors import (
     TORCH_FIDELITY_WEIGHTS,
     ImageFeatureExtractor,
     TorchFidelityExtractor,
@@ -33,8 +34,7 @@ from bench.fid_extractors import (
     locate_weights,
     torch_fidelity_inception_class,
 )
-from bench.fid_metrics import ImageMetrics
-from bench.metrics import frechet_distance
+from bench.metrics.image import ImageMetrics
 from tests.conftest import run_bench
 
 TINY = "bench-test-tiny"  # torch-fidelity registry name of the small deterministic extractor

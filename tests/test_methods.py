@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from bench.config import RunConfig, resolve
-from bench.datasets import get_dataset
-from bench.denoiser import Denoiser
-from bench.evaluation import generate
-from bench.models import model_spec, new_raw_net
-from bench.schedules import ct_mu_schedule, ct_n_schedule, ict_n_schedule
-from bench.training import new_loop_state
+from bench.core.config import RunConfig, resolve
+from bench.data.datasets import get_dataset
+from bench.diffusion.denoiser import Denoiser
+from bench.diffusion.schedules import ct_mu_schedule, ct_n_schedule, ict_n_schedule
+from bench.engine.evaluation import generate
+from bench.engine.models import model_spec, new_raw_net
+from bench.engine.training import new_loop_state
 from methods import Method, MethodContext, get_method, method_names
 from methods.consistency import pseudo_huber
 from methods.ct import CT
@@ -191,7 +191,7 @@ def test_cd_lognormal_indices_match_icts_distribution() -> None:
 
 def test_image_samples_are_scored_inside_the_data_range() -> None:
     """generate clips image samples to the dataset's range; 2-D samples are left alone."""
-    from bench.perf import SyntheticImages
+    from bench.perf.run import SyntheticImages
 
     images = SyntheticImages((1, 4, 4), size=8)
     for dataset, expected in ((images, 1.0), (get_dataset("gmm8"), 3.0)):
@@ -218,10 +218,10 @@ def test_quasi_random_evaluation_lowers_the_w2_floor(tmp_path) -> None:
     """DDIM with 64 steps on the exact denoiser is close to exact sampling: with quasi-random
     noise and the stratified reference its w2 is below that of random noise and draws (0.07
     to 0.16 between two random draws of the data, README)."""
-    from bench.denoiser import AnalyticDenoiser
-    from bench.errors import UsageError
-    from bench.evaluation import evaluate, prepare_metrics, uses_qmc
-    from bench.perf import SyntheticImages
+    from bench.core.errors import UsageError
+    from bench.diffusion.denoiser import AnalyticDenoiser
+    from bench.engine.evaluation import evaluate, prepare_metrics, uses_qmc
+    from bench.perf.run import SyntheticImages
 
     dataset = get_dataset("gmm8")
     w2: dict[str, float] = {}

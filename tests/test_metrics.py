@@ -15,7 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from sklearn.datasets import load_digits
 
-from bench.metrics import (
+from bench.metrics.base import (
     DigitsClassifier,
     FeatureFrechet,
     MetricAccumulator,

@@ -8,18 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench.errors import UsageError
-from bench.nets import (
-    MLP,
-    Conv2d,
-    Linear,
-    NetOptions,
-    NoiseEmbedding,
-    UNet,
-    build_net,
-    count_parameters,
-    num_groups,
-)
+from bench.core.errors import UsageError
+from bench.nets.basic import MLP, Conv2d, Linear, NoiseEmbedding, UNet, num_groups
+from bench.nets.build import NetOptions, build_net, count_parameters
 
 # Small UNets so that the whole file runs in seconds on two CPU cores.
 UNET_CASES = {

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.adm import ADMUNet, export_official, from_official, official_channel_mult
-from bench.config import default_bench_files, resolve
-from bench.datasets import describe_dataset
-from bench.errors import BenchError, UsageError
-from bench.models import model_spec, net_options, new_raw_net
-from bench.nets import NetOptions, build_net, count_parameters
+from bench.core.config import default_bench_files, resolve
+from bench.core.errors import BenchError, UsageError
+from bench.data.datasets import describe_dataset
+from bench.engine.models import model_spec, net_options, new_raw_net
+from bench.nets.adm import ADMUNet, export_official, from_official, official_channel_mult
+from bench.nets.build import NetOptions, build_net, count_parameters
 from tests.conftest import run_bench
 from tests.official_layout import (
     IMAGENET64,
@@ -249,9 +249,9 @@ def test_net_options_of_the_imagenet64_preset_are_the_launch_flags():
 
 
 def test_bench_import_makes_a_finished_run_whose_checkpoint_exports_back(tmp_path):
-    from bench.checkpoint import load_checkpoint
-    from bench.models import load_denoiser
-    from bench.tracking import Tracker
+    from bench.app.tracking import Tracker
+    from bench.engine.checkpoint import load_checkpoint
+    from bench.engine.models import load_denoiser
 
     state = official_state(SMALL, seed=7)
     torch.save(state, tmp_path / "edm_imagenet64_ema.pt")

@@ -11,14 +11,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from bench.config import RunConfig, resolve
-from bench.datasets import get_dataset
-from bench.denoiser import AnalyticDenoiser, Denoiser
-from bench.errors import UsageError
-from bench.evaluation import generate
-from bench.models import model_spec, new_raw_net
-from bench.samplers import euler_step
-from bench.training import LoopState, new_loop_state
+from bench.core.config import RunConfig, resolve
+from bench.core.errors import UsageError
+from bench.data.datasets import get_dataset
+from bench.diffusion.denoiser import AnalyticDenoiser, Denoiser
+from bench.diffusion.samplers import euler_step
+from bench.engine.evaluation import generate
+from bench.engine.models import model_spec, new_raw_net
+from bench.engine.training import LoopState, new_loop_state
 from methods import MethodContext
 from methods.pd import PD, nested_sigmas, pd_x0_target, truncated_snr_weight
 from tests.conftest import run_id_of

@@ -13,8 +13,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from bench.perf import SAMPLE_NFES, TRAIN_METHODS, cases, print_rows, run_perf, write_json
-from bench.training import BatchStream, LoopHooks, NonFiniteLoss, new_loop_state, train_loop
+from bench.engine.training import BatchStream, LoopHooks, NonFiniteLoss, new_loop_state, train_loop
+from bench.perf.run import SAMPLE_NFES, TRAIN_METHODS, cases, print_rows, run_perf, write_json
 
 
 def test_every_figure_on_the_mlp_case(tmp_path: Path) -> None:
@@ -59,8 +59,8 @@ def test_every_figure_on_the_mlp_case(tmp_path: Path) -> None:
 def test_floors_are_timed_when_asked_and_name_what_they_add(tmp_path: Path) -> None:
     """floor True times every training and sampling floor, False none; the training floor
     names the passes, the optimizer step and each average of the method."""
-    from bench.perf import _case, sample_overhead, train_overhead
-    from bench.tracking import Tracker, default_tracking_uri
+    from bench.app.tracking import Tracker, default_tracking_uri
+    from bench.perf.run import _case, sample_overhead, train_overhead
 
     case = _case("gmm8-mlp")
     tracker = Tracker(default_tracking_uri(tmp_path), tmp_path)
@@ -85,7 +85,7 @@ def test_the_training_floor_steps_the_optimizer_and_every_average(name: str,
     """The floor's iteration really trains its student copy (the fused Adam step) and moves
     each parameter average towards it, as many averages as the method's loop keeps (CD's
     target is the student itself unless cd.target_mu > 0)."""
-    from bench.perf import _case, _config, _method, floor_training_step, parameter_averages
+    from bench.perf.run import _case, _config, _method, floor_training_step, parameter_averages
 
     case = _case("gmm8-mlp")
     cpu = torch.device("cpu")
@@ -129,7 +129,7 @@ def test_a_non_finite_loss_stops_the_loop_before_any_checkpoint(tmp_path: Path,
                                                                 grad_clip: float) -> None:
     """Checked on the loss, or on the gradient norm when clipping: either way the first
     non-finite iteration is named and no later checkpoint is written."""
-    from bench.perf import _config, _method
+    from bench.perf.run import _config, _method
 
     case = cases()[0]
     device = torch.device("cpu")
@@ -152,7 +152,7 @@ def test_cpu_noise_path_equals_the_tensor_path() -> None:
     the same hash as tensor ops. Both must give the same values, in float32 and float64."""
     import numpy as np
 
-    from bench.rng import StackedGenerator, mix32, mix32_np
+    from bench.diffusion.rng import StackedGenerator, mix32, mix32_np
 
     edge = np.array([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789], dtype=np.uint32)
     assert np.array_equal(mix32_np(edge).astype(np.int64),
@@ -173,9 +173,9 @@ def test_cpu_noise_path_equals_the_tensor_path() -> None:
 def test_fused_adam_step_equals_optimizer_step(optimizer: str, weight_decay: float) -> None:
     """The training loop's optimizer step (lists built once for fused Adam/AdamW) leaves the
     same weights and the same optimizer state as optimizer.step()."""
-    from bench.averaging import flatten_parameters
-    from bench.config import TrainConfig
-    from bench.training import FusedAdamStep, make_optimizer
+    from bench.core.config import TrainConfig
+    from bench.engine.training import FusedAdamStep, make_optimizer
+    from bench.nets.averaging import flatten_parameters
 
     torch.manual_seed(0)
     nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))]
@@ -205,9 +205,9 @@ def test_a_saved_flat_optimizer_state_loads_and_continues_identically(tmp_path: 
     loaded optimizer continues exactly as the one that never stopped."""
     import copy
 
-    from bench.averaging import flatten_parameters
-    from bench.config import TrainConfig
-    from bench.training import FusedAdamStep, make_optimizer
+    from bench.core.config import TrainConfig
+    from bench.engine.training import FusedAdamStep, make_optimizer
+    from bench.nets.averaging import flatten_parameters
 
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 3))
@@ -244,7 +244,7 @@ def test_a_saved_flat_optimizer_state_loads_and_continues_identically(tmp_path: 
 def test_param_average_flat_and_per_tensor_paths_agree() -> None:
     """One lerp_ over flat modules equals the per-tensor average, and an average keeps
     following a model whose tensors are swapped after it was built (as .to() does)."""
-    from bench.averaging import ParamAverage, flat_view
+    from bench.nets.averaging import ParamAverage, flat_view
 
     torch.manual_seed(2)
     model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))
@@ -273,7 +273,7 @@ def test_param_average_flat_and_per_tensor_paths_agree() -> None:
 def test_reserved_draws_equal_the_draws_made_one_by_one() -> None:
     """reserve() computes later draws in one pass: every draw keeps its value, whatever is
     asked for in between (another shape drops what was reserved; nothing is skipped)."""
-    from bench.rng import StackedGenerator
+    from bench.diffusion.rng import StackedGenerator
 
     indices = range(3, 40)
     plain = StackedGenerator(7, indices)
@@ -292,7 +292,7 @@ def test_reserved_draws_equal_the_draws_made_one_by_one() -> None:
 def test_the_epoch_order_is_randperms_held_in_int32() -> None:
     """The loop's epoch permutation is held as int32 (half the memory over a whole epoch) and
     is the same order as torch's int64 randperm of the epoch's seed, so batches are unchanged."""
-    from bench.rng import sample_seed
+    from bench.diffusion.rng import sample_seed
 
     data = torch.arange(1000.0).reshape(500, 2)
     stream = BatchStream(lambda i: data[i], 500, None, 64, 7, torch.device("cpu"))

@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from bench.errors import BenchError, UsageError
-from bench.tracking import Tracker, default_tracking_uri
+from bench.app.tracking import Tracker, default_tracking_uri
+from bench.core.errors import BenchError, UsageError
 from reports.build import build_report, parse_formats
 from reports.store import select_runs
 from reports.suite import check_suite, parse_methods, split_sets

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from bench.denoiser import AnalyticDenoiser, Denoiser, cm_scalings, edm_scalings
-from bench.rng import SobolGenerator, StackedGenerator
-from bench.samplers import CallCounter, sample_consistency, sample_euler, sample_heun
-from bench.schedules import karras_sigmas, sampling_sigmas
+from bench.diffusion.denoiser import AnalyticDenoiser, Denoiser, cm_scalings, edm_scalings
+from bench.diffusion.rng import SobolGenerator, StackedGenerator
+from bench.diffusion.samplers import CallCounter, sample_consistency, sample_euler, sample_heun
+from bench.diffusion.schedules import karras_sigmas, sampling_sigmas
 
 S = 0.7  # std of the Gaussian data N(0, S^2 I)
 T = 80.0

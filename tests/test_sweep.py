@@ -16,7 +16,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from bench.errors import UsageError
+from bench.core.errors import UsageError
 from sweeps.objective import parse_objectives
 from sweeps.space import builtin_spaces, literal, load_space, load_space_file
 from tests.conftest import run_id_of
@@ -87,7 +87,7 @@ def test_malformed_space_files_are_one_line(tmp_path: Path, text: str, fragment:
 
 
 def test_literals_read_back_as_the_same_value() -> None:
-    from bench.config import parse_set
+    from bench.core.config import parse_set
 
     for value in (3, 0.1, 1e-05, True, "heun", "true", "a b", "1e-3"):
         assert parse_set(f"k={literal(value)}")[1] == value

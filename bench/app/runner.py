@@ -1,0 +1,611 @@
+"""One `bench run`: resolve, train, evaluate, track. Also reloads a tracked run for
+`bench eval`, `bench sample` and `--resume`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.app.artifacts import (
+    save_grid,
+    save_metric_vs_nfe,
+    save_results_csv,
+    save_scatter,
+    tidy_rows,
+)
+from bench.app.diagnostics import ode_errors
+from bench.app.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
+from bench.app.tracking import Tracker, git_commit, mask_credentials, package_versions
+from bench.core.config import RunConfig, dumps, flatten, from_dict, read_toml, to_dict
+from bench.core.errors import BenchError, RunInterrupted, UsageError
+from bench.data.datasets import Dataset, GaussianMixture, PointsDataset, get_dataset
+from bench.engine.checkpoint import load_checkpoint, save_checkpoint
+from bench.engine.distributed import (
+    Shard,
+    all_mean,
+    broadcast,
+    local_device,
+    main_first,
+    process_group,
+    wrap,
+)
+from bench.engine.evaluation import (
+    EvalResult,
+    evaluate,
+    generate,
+    points_reference,
+    prepare_metrics,
+    sampling_model,
+)
+from bench.engine.fid import locate_weights, metric_mode
+from bench.engine.models import model_spec, net_summary, new_raw_net, sigma_data_of
+from bench.engine.signals import SignalGuard
+from bench.engine.training import (
+    BatchStream,
+    LoopHooks,
+    LoopState,
+    load_loop_state,
+    loop_state_dict,
+    new_loop_state,
+    train_loop,
+)
+from bench.metrics.base import MetricSuite
+from methods import Method, MethodContext, get_method
+
+Reporter = Callable[[str], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; an unavailable device is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)"
+                         ) from None
+
+
+@dataclass
+class Prepared:
+    """A run's parts, built and validated before any training starts."""
+
+    config: RunConfig
+    dataset: Dataset
+    device: torch.device
+    method: Method
+    suite: MetricSuite
+    teacher_kind: str
+    spec: dict[str, Any]
+    shard: Shard = field(default_factory=Shard)  # this process's part of a multi-process run
+
+
+def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter, shard: Shard = Shard(),
+            ) -> Prepared:
+    """Build dataset, teacher, method and metrics; every user error surfaces here."""
+    if not cfg.method:
+        raise UsageError("no method: pass --method (see `bench methods`)")
+    if not cfg.dataset:
+        raise UsageError("no dataset: pass --dataset (see `bench datasets`)")
+    method_cls = get_method(cfg.method)
+    dataset = get_dataset(cfg.dataset, cfg.data.path or None)
+    reason = dataset.unavailable_reason()
+    if reason:
+        raise BenchError(reason)
+    device = local_device(resolve_device(cfg.device))
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise UsageError(f"train.precision = fp16 needs CUDA (its gradient scaler), not "
+                         f"{device.type}; use bf16 on the CPU")
+    shard.local_size(cfg.train.batch_size)  # an uneven split fails here
+    teacher_model: nn.Module | None = None
+    teacher_source, teacher_kind = "none", "none"
+    if method_cls.needs_teacher:
+        teacher = resolve_teacher(cfg.teacher, dataset, tracker, device)
+        teacher_model, teacher_source, teacher_kind = teacher.model, teacher.source, teacher.kind
+    cfg = dataclasses.replace(cfg, teacher=teacher_source)
+    spec = model_spec(cfg, dataset, method_cls.precond)
+    ctx = MethodContext(
+        config=cfg,
+        dataset=dataset,
+        device=device,
+        sigma_data=sigma_data_of(cfg, dataset),
+        teacher=teacher_model,
+        teacher_source=teacher_source,
+        new_net=lambda: new_raw_net(spec, cfg.seed),
+        shard=shard,
+    )
+    if dataset.kind == "image" and dataset.primary_metric == "fid":
+        # missing Inception weights fail here, before any other work
+        locate_weights(cfg.eval.metric_tool,
+                       metric_mode(cfg.eval.metric_tool, cfg.eval.clean_fid_mode),
+                       cfg.eval.inception_weights)
+    method = method_cls(ctx)
+    for nfe in cfg.eval.nfe:
+        method.check_nfe(nfe)
+    if teacher_model is not None:
+        report(f"teacher: {teacher_source}")
+    suite = prepare_metrics(dataset, cfg, tracker.runs_dir / "cache")
+    return Prepared(cfg, dataset, device, method, suite, teacher_kind, spec, shard)
+
+
+def accelerate(p: Prepared) -> None:
+    """The student in channels-last order and compiled (train.channels_last, train.compile),
+    and inside DistributedDataParallel under several processes. After new_loop_state: the
+    EMA is a copy of the plain student."""
+    student = p.method.student
+    if student is None or not p.method.trains:
+        return
+    train = p.config.train
+    if train.channels_last and p.dataset.kind == "image":
+        student.to(memory_format=torch.channels_last)
+    if train.compile:
+        student.compile()
+    if p.shard.distributed:
+        p.method.parallel = wrap(student, p.device)
+
+
+def batch_stream(p: Prepared) -> BatchStream:
+    """The run's training batches (this process's rows of them)."""
+    labels = p.dataset.train_labels() if p.spec["num_classes"] else None
+    return BatchStream(p.dataset.train_batch, len(p.dataset), labels,
+                       p.config.train.batch_size, p.config.seed, p.device, p.shard,
+                       p.config.train.channels_last)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def checkpoint_path(tracker: Tracker, run_id: str) -> Path:
+    """Where the run's checkpoint is written: in its artifact folder when that is local."""
+    local = tracker.get_run(run_id).local_artifact_dir
+    if local is not None:
+        return local / CHECKPOINT_ARTIFACT
+    return tracker.runs_dir / "checkpoints" / run_id / "last.pt"
+
+
+def checkpoint_state(p: Prepared, state: LoopState) -> dict[str, Any]:
+    """Everything needed to resume or to sample: networks, loop, method state, RNG."""
+    method = p.method
+    modules: dict[str, Any] = {}
+    if method.student is not None:
+        modules["student"] = method.student.state_dict()
+    if state.ema is not None:
+        modules["ema"] = state.ema.state_dict()
+    for name, module in method.extra_modules().items():
+        modules[name] = module.state_dict()
+    return {
+        "model": p.spec,
+        "modules": modules,
+        "eval_module": "ema" if state.ema is not None else "student",
+        "loop": loop_state_dict(state),
+        "method_state": method.state_dict(),
+        "config": to_dict(p.config),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def restore(p: Prepared, state: LoopState, saved: dict[str, Any]) -> None:
+    """Load a checkpoint into the method and the loop state."""
+    modules = saved.get("modules", {})
+    try:
+        if p.method.student is not None:
+            p.method.student.load_state_dict(modules["student"])
+        for name, module in p.method.extra_modules().items():
+            module.load_state_dict(modules[name])
+        load_loop_state(state, saved["loop"])
+    except (KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise BenchError(f"checkpoint does not match this run's architecture: {first}"
+                         ) from None
+    p.method.load_state_dict(saved.get("method_state", {}))
+    if "torch_rng" in saved:
+        torch.set_rng_state(saved["torch_rng"].cpu())
+
+
+# --- observers and early stops ---------------------------------------------------------------
+
+
+class StopRun(Exception):
+    """Raised by an observer to end a run early on purpose (a pruned sweep trial, say)."""
+
+    def __init__(self, reason: str, tags: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.tags = tags or {}
+
+
+@dataclass
+class RunObserver:
+    """Callbacks for a caller that drives runs (a sweep); all optional."""
+
+    started: Callable[[str], None] | None = None  # the new run's id, before training
+    evaluated: Callable[[int, list[EvalResult]], None] | None = None  # iteration, results
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOutcome:
+    """What `bench run` prints at the end."""
+
+    run_id: str
+    method: str
+    dataset: str
+    results: list[EvalResult]
+    primary_metric: str
+    seconds: float
+
+
+def run_tags(p: Prepared) -> dict[str, str]:
+    """The tracking contract's tags."""
+    cfg = p.config
+    return {
+        "method": cfg.method,
+        "dataset": p.dataset.name,
+        "teacher": cfg.teacher,
+        "teacher_kind": p.teacher_kind,
+        "metric_tool": "bench",  # image datasets: the metric suite's notes override these
+        "metric_mode": "exact" if p.dataset.kind == "points" else "classifier-features",
+        "metrics": ",".join(p.suite.names),
+        "device": str(p.device),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "world_size": str(p.shard.world_size),
+        **p.suite.notes,
+    }
+
+
+def execute(
+    p: Prepared,
+    tracker: Tracker,
+    run_id: str,
+    state: LoopState,
+    progress: Callable[[int, int, float], None] | None,
+    report: Reporter,
+    observer: RunObserver | None = None,
+) -> RunOutcome:
+    """Train from state, evaluate and log; mark the run FINISHED, FAILED or KILLED.
+
+    An observer's `evaluated` callback sees every intermediate evaluation and may raise
+    StopRun: the run then ends KILLED with a `stopped` tag (no checkpoint error, no traceback).
+    """
+    t0 = time.perf_counter()
+    cfg = p.config
+    ckpt_path = checkpoint_path(tracker, run_id)
+    remote = tracker.get_run(run_id).local_artifact_dir is None
+    saved_at: list[int] = [state.step] if ckpt_path.is_file() else []  # last checkpoint
+
+    def write_checkpoint(s: LoopState) -> None:
+        tracker.flush(run_id)  # the curves up to a checkpoint are stored before it exists
+        save_checkpoint(checkpoint_state(p, s), ckpt_path)
+        saved_at[:] = [s.step]
+        if remote:
+            tracker.log_artifact(run_id, ckpt_path, "checkpoints")
+
+    def log(metrics: dict[str, float], step: int) -> None:  # queued: off the training path
+        tracker.log_metrics(run_id, metrics, step, wait=False)
+
+    def intermediate_eval(s: LoopState) -> None:
+        with torch.random.fork_rng(devices=[]):  # training's global RNG stream stays untouched
+            results = evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
+                               p.device, shard=p.shard)
+        for r in results:
+            tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
+                                s.step)
+        if observer is not None and observer.evaluated is not None:
+            observer.evaluated(s.step, results)
+
+    stream = batch_stream(p)
+    guard = SignalGuard()
+    hooks = LoopHooks(log=log, checkpoint=write_checkpoint, evaluate=intermediate_eval,
+                      progress=progress, critical=guard.deferred,
+                      reduce=all_mean if p.shard.distributed else None)
+    try:
+        with guard.installed():
+            train_loop(p.method, cfg.train, stream, state, hooks)
+            if p.method.trains:
+                with guard.deferred():
+                    write_checkpoint(state)
+            results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
+                               p.device, on_result=lambda r: log_result(tracker, run_id, r),
+                               shard=p.shard)
+            log_eval_artifacts(tracker, run_id, p, results)
+    except StopRun as exc:
+        tracker.set_tags(run_id, {"stopped": f"{exc.reason} at iteration {state.step}",
+                                  **exc.tags})
+        tracker.end_run(run_id, "KILLED")
+        raise
+    except KeyboardInterrupt as exc:
+        with guard.installed(), guard.shielded():  # a second Ctrl-C cannot cut this short
+            if p.method.trains and state.step > 0:
+                write_checkpoint(state)
+            tracker.set_tags(run_id, {"error": f"interrupted ({exc or 'SIGINT'}) at iteration "
+                                               f"{state.step}"})
+            tracker.end_run(run_id, "KILLED")
+        raise RunInterrupted(f"interrupted at iteration {state.step}; checkpoint kept; resume "
+                             f"with `bench run --resume {run_id}`") from None
+    except BaseException as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}",
+                                  "failed_at_iteration": getattr(exc, "iteration", state.step)})
+        tracker.end_run(run_id, "FAILED")
+        if isinstance(exc, BenchError) and saved_at:
+            raise BenchError(f"{message} (last good checkpoint: {ckpt_path}, iteration "
+                             f"{saved_at[0]})") from exc
+        raise
+    tracker.end_run(run_id, "FINISHED")
+    return RunOutcome(run_id, cfg.method, p.dataset.name, results, p.dataset.primary_metric,
+                      time.perf_counter() - t0)
+
+
+def execute_worker(p: Prepared, run_id: str, state: LoopState) -> RunOutcome:
+    """A rank other than 0: train its shard and generate its share of the evaluation samples
+    in step with the others; no tracking, no checkpoints, no scores (rank 0 does those)."""
+    t0 = time.perf_counter()
+    cfg = p.config
+
+    def generate_share(s: LoopState) -> None:
+        with torch.random.fork_rng(devices=[]):
+            evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device,
+                     shard=p.shard)
+
+    guard = SignalGuard()
+    hooks = LoopHooks(evaluate=generate_share, critical=guard.deferred, reduce=all_mean)
+    try:
+        with guard.installed():
+            train_loop(p.method, cfg.train, batch_stream(p), state, hooks)
+            generate_share(state)
+    except KeyboardInterrupt as exc:
+        raise RunInterrupted(f"rank {p.shard.rank} interrupted ({exc or 'SIGINT'}) at "
+                             f"iteration {state.step}") from None
+    return RunOutcome(run_id, p.config.method, p.dataset.name, [], p.dataset.primary_metric,
+                      time.perf_counter() - t0)
+
+
+def log_result(tracker: Tracker, run_id: str, r: EvalResult) -> None:
+    """Evaluation metrics against the measured NFE as the step."""
+    metrics = dict(r.metrics)
+    metrics["seconds_per_sample"] = r.seconds_per_sample
+    metrics["nfe_measured"] = r.nfe_measured
+    tracker.log_metrics(run_id, metrics, r.nfe_measured)
+    tracker.set_tags(run_id, {f"sigmas_nfe{r.nfe_measured}":
+                              json.dumps([round(s, 6) for s in r.sigmas])})
+
+
+def log_eval_artifacts(tracker: Tracker, run_id: str, p: Prepared,
+                       results: list[EvalResult]) -> None:
+    """Sample pictures per NFE, results.csv and the primary metric against NFE."""
+    cfg = p.config
+    primary = p.dataset.primary_metric
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "samples").mkdir()
+        reference = (points_reference(p.dataset, cfg, len(results[0].preview))
+                     if isinstance(p.dataset, PointsDataset) and results else None)
+        for r in results:
+            name = out / "samples" / f"nfe{r.nfe_measured:03d}.png"
+            title = f"{cfg.method} on {p.dataset.name}, NFE {r.nfe_measured}"
+            if primary in r.metrics:
+                title += f": {primary} {r.metrics[primary]:.4g}"
+            if p.dataset.kind == "points":
+                save_scatter(r.preview, reference, title, name)
+            else:
+                save_grid(r.preview, name, p.dataset.clamp or (-1.0, 1.0))
+        save_results_csv(tidy_rows(cfg.method, p.dataset.name, results), out / "results.csv")
+        if any(primary in r.metrics for r in results):
+            save_metric_vs_nfe(results, primary, cfg.method, out / f"{primary}_vs_nfe.png")
+        (out / "sampling_sigmas.json").write_text(json.dumps(
+            {str(r.nfe_measured): r.sigmas for r in results}, indent=1))
+        for item in sorted(out.iterdir()):
+            tracker.log_artifact(run_id, item, "samples" if item.is_dir() else None)
+
+
+def start(
+    cfg: RunConfig,
+    tracker: Tracker,
+    report: Reporter,
+    progress: Callable[[int, int, float], None] | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    announce: str | None = None,
+    observer: RunObserver | None = None,
+    extra_tags: dict[str, str] | None = None,
+    shard: Shard = Shard(),
+) -> RunOutcome:
+    """A new tracked run from a resolved config; `announce` is reported once it validated.
+
+    `parent_run_id` nests the run under another (a sweep's); `extra_tags` are added to the
+    contract's tags; `observer` is told the run id and every intermediate evaluation. Under
+    several processes (`shard`), every rank calls this; rank 0 alone tracks and evaluates,
+    and the others return an outcome with no results.
+    """
+    if not shard.distributed:
+        return _start(cfg, tracker, report, progress, run_name, parent_run_id, announce,
+                      observer, extra_tags, shard)
+    with process_group(shard, local_device(resolve_device(cfg.device))):
+        return _start(cfg, tracker, report if shard.is_main else _silent, progress, run_name,
+                      parent_run_id, announce, observer, extra_tags, shard)
+
+
+def _silent(message: str) -> None:
+    """The reporter of ranks other than 0."""
+
+
+def _start(
+    cfg: RunConfig,
+    tracker: Tracker,
+    report: Reporter,
+    progress: Callable[[int, int, float], None] | None,
+    run_name: str | None,
+    parent_run_id: str | None,
+    announce: str | None,
+    observer: RunObserver | None,
+    extra_tags: dict[str, str] | None,
+    shard: Shard,
+) -> RunOutcome:
+    """start() inside the process group (if any)."""
+    torch.manual_seed(cfg.seed)
+    p: Prepared = main_first(shard, lambda: prepare(cfg, tracker, report, shard))
+    if not shard.is_main:
+        run_id = broadcast(None, shard)
+        state = new_loop_state(p.method, p.config.train, p.config.seed, p.device)
+        accelerate(p)
+        return execute_worker(p, run_id, state)
+    if announce:
+        report(announce)
+    if p.method.student is not None:
+        report(net_summary(p.spec, p.method.student))
+    run_id = tracker.start_run(experiment=p.dataset.name,
+                               run_name=run_name or f"{cfg.method}-{p.dataset.name}",
+                               tags={**run_tags(p), **(extra_tags or {})},
+                               parent_run_id=parent_run_id)
+    broadcast(run_id, shard)
+    report(f"run {run_id} in experiment {p.dataset.name!r}")
+    if observer is not None and observer.started is not None:
+        try:
+            observer.started(run_id)
+        except BaseException:
+            tracker.end_run(run_id, "FAILED")
+            raise
+    try:
+        tracker.log_params(run_id, flatten(to_dict(p.config)))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.toml"
+            path.write_text(mask_credentials(dumps(p.config)))  # no password in artifacts
+            tracker.log_artifact(run_id, path)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    state = new_loop_state(p.method, p.config.train, p.config.seed, p.device)
+    accelerate(p)
+    return execute(p, tracker, run_id, state, progress, report, observer)
+
+
+def run_config(tracker: Tracker, run_id: str) -> RunConfig:
+    """The resolved config a tracked run was started with."""
+    record = tracker.get_run(run_id)
+    local = record.local_artifact_dir
+    path = local / "config.toml" if local is not None else None
+    if path is None or not path.is_file():
+        path = tracker.download_artifact(run_id, "config.toml", tracker.runs_dir / "downloads"
+                                         / run_id)
+    return from_dict(read_toml(path, "run config"))
+
+
+def load_run(tracker: Tracker, run_id: str, report: Reporter, nfe: list[int] | None = None,
+             device: str | None = None) -> tuple[Prepared, LoopState]:
+    """Rebuild a tracked run's method with its last checkpoint loaded."""
+    cfg = run_config(tracker, run_id)
+    changes: dict[str, Any] = {}
+    if device:
+        changes["device"] = device
+    cfg = dataclasses.replace(cfg, **changes)
+    if nfe:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, nfe=nfe))
+    p = prepare(cfg, tracker, report)
+    state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
+    if p.method.trains:
+        saved = load_checkpoint(run_checkpoint(tracker, run_id), map_location=p.device)
+        restore(p, state, saved)
+    return p, state
+
+
+def resume(tracker: Tracker, run_id: str, report: Reporter,
+           progress: Callable[[int, int, float], None] | None = None,
+           shard: Shard = Shard()) -> RunOutcome:
+    """Continue a killed or failed run from its last checkpoint, under the same run id.
+
+    Under several processes every rank reads the run's config; rank 0 finds the checkpoint and
+    reopens the run, the others load the checkpoint it names."""
+    report = report if shard.is_main else _silent
+    record = tracker.get_run(run_id)
+    if record.status == "FINISHED":
+        raise UsageError(f"run {run_id} already finished; nothing to resume")
+    if record.status == "RUNNING":
+        report(f"run {run_id} is marked RUNNING (its process died?); resuming it")
+    cfg = run_config(tracker, run_id)
+    if not shard.distributed:
+        return _resume(tracker, run_id, cfg, report, progress, shard)
+    with process_group(shard, local_device(resolve_device(cfg.device))):
+        return _resume(tracker, run_id, cfg, report, progress, shard)
+
+
+def _resume(tracker: Tracker, run_id: str, cfg: RunConfig, report: Reporter,
+            progress: Callable[[int, int, float], None] | None, shard: Shard) -> RunOutcome:
+    """resume() inside the process group (if any)."""
+    torch.manual_seed(cfg.seed)  # as `start` does: a run with no checkpoint restarts exactly
+    p: Prepared = main_first(shard, lambda: prepare(cfg, tracker, report, shard))
+    state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
+    ckpt = Path(broadcast(str(checkpoint_path(tracker, run_id)) if shard.is_main else None,
+                          shard))
+    if p.method.trains and ckpt.is_file():
+        restore(p, state, load_checkpoint(ckpt, map_location=p.device))
+        report(f"resuming run {run_id} at iteration {state.step}")
+    else:
+        report(f"run {run_id} has no checkpoint; restarting it from iteration 0")
+    accelerate(p)
+    if not shard.is_main:
+        return execute_worker(p, run_id, state)
+    tracker.reopen(run_id)
+    return execute(p, tracker, run_id, state, progress, report)
+
+
+def evaluate_run(tracker: Tracker, run_id: str, nfe: list[int] | None, report: Reporter,
+                 ) -> RunOutcome:
+    """Re-evaluate a tracked run (at other NFEs, say) and log into the same run."""
+    t0 = time.perf_counter()
+    p, state = load_run(tracker, run_id, report, nfe)
+    results = evaluate(p.method, state.ema, p.dataset, p.config, p.config.eval.nfe, p.suite,
+                       p.device, on_result=lambda r: log_result(tracker, run_id, r))
+    log_eval_artifacts(tracker, run_id, p, results)
+    return RunOutcome(run_id, p.config.method, p.dataset.name, results,
+                      p.dataset.primary_metric, time.perf_counter() - t0)
+
+
+def sample_run(tracker: Tracker, run_id: str, nfe: int, count: int, seed: int,
+               batch_size: int, out: Path, report: Reporter, compile_net: bool = False,
+               ) -> Path:
+    """Generate `count` samples at `nfe` with per-sample seeds into an .npz file (array x);
+    compile_net (or the run's sample.compile) samples through torch.compile."""
+    import numpy as np
+
+    p, state = load_run(tracker, run_id, report, [nfe])
+    cfg = p.config
+    if compile_net:
+        cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, compile=True))
+    model = sampling_model(p.method.evaluation_model(state.ema, nfe), cfg, p.device)
+    chunks: list[torch.Tensor] = []
+    conditional = bool(p.spec["num_classes"])
+    measured, seconds = generate(p.method, model, p.dataset, nfe, count, batch_size, seed,
+                                 p.device, conditional, lambda x: chunks.append(x.cpu()))
+    x = torch.cat(chunks).to(torch.float32).numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as fh:
+        np.savez(fh, x=x, nfe=np.int64(measured), seed=np.int64(seed))
+    report(f"{count} samples at NFE {measured} in {seconds:.2f} s")
+    return out
+
+
+def ode_error_run(tracker: Tracker, run_id: str, nfe: list[int] | None,
+                  ddim_nfe: list[int], report: Reporter) -> Any:
+    """Consistency error of a tracked run (gmm8/gmm25) next to exact-denoiser DDIM; the run's
+    figures are logged as `ode_error` with step = NFE."""
+    p, state = load_run(tracker, run_id, report, nfe)
+    if not isinstance(p.dataset, GaussianMixture):
+        raise UsageError(f"bench ode-error needs gmm8 or gmm25, not {p.dataset.name}")
+    errors = ode_errors(p.method, state.ema, p.dataset, p.config.eval.nfe, ddim_nfe)
+    for k, v in errors.run.items():
+        tracker.log_metrics(run_id, {"ode_error": v}, k)
+    return errors

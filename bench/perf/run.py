@@ -1,0 +1,834 @@
+"""`bench perf`: bench's overhead over bare PyTorch loops on the same net, batch and dtype.
+
+Every figure is a ratio bench / bare (lower is better; 1 = no overhead):
+
+- train_overhead (edm, cd, ct, ict, pd): seconds per iteration of the real training loop (data,
+  noise and index draws, LR schedule, optimizer, eval EMA, target update or stage average,
+  schedules, logging to a real MLflow store) / seconds of the raw network passes that iteration
+  needs, on fixed inputs and with no optimizer (each row's `denominator` says which passes). A
+  pass is one call of the preconditioned network (D or f), as the official code counts them.
+- sample_overhead (cd at NFE 1, 2, 4): what `bench sample` runs (per-sample counter-based noise,
+  call counting, multistep consistency sampling, clipping, the copy to the host) / a bare loop
+  of the same network calls that draws its noise with torch.randn and re-noises and clips as
+  Algorithm 1 does. bench's per-sample noise streams are counted as overhead.
+- eval_overhead (cd): one evaluation at the case's NFE list (generation, metric accumulators,
+  previews, the metrics) / generation + feature extraction alone: the bare sampling loop, then
+  the feature extractor on the quantised images (images: a small fixed random-weights extractor
+  stands in for Inception, so that the evaluation's own cost is not hidden behind a large net)
+  or, for 2-D data, the same metric functions on the same samples.
+- peak_memory_ratio (cd): peak memory of CD iterations / that of bare student forward+backward
+  plus the bytes of the tensors CD keeps besides (teacher, target, EMA, optimizer state),
+  measured in a fresh child process per case, each side after a warm-up on throwaway networks
+  of its own: the peak over the iterations (VmHWM on the CPU, reset once the side's networks
+  are built and the memory freed while building them is handed back; on CUDA
+  torch.cuda.max_memory_allocated, reset at the same point) above the memory before the side's
+  networks were built, so their weights count and their construction does not; on the CPU with
+  glibc's mmap threshold fixed at 64 KiB so that freed tensors leave the resident set.
+
+The two sides alternate round by round and the ratio of medians is reported, so a busy machine
+slows both alike. A round times a block of iterations lasting about BLOCK_SECONDS; the logging
+of the training loop happens at train.log_every, so its time on the training path is replaced by
+its share per iteration (the mean time of a log call / train.log_every), to which the store's
+write of the logged values is added at its rate (off the training thread, on the same cores).
+
+A training or sampling figure that misses its target also gets its floor (always, with floor
+True): the bare side plus only what no implementation on the same kernels can skip (training:
+the fused Adam step and one lerp per parameter average; sampling: bench's per-sample noise),
+timed against the bare side afresh. A floor above the target means the target is out of reach
+on these kernels; figure minus floor is what bench adds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.app.tracking import (
+    BUFFER_SECONDS,
+    BUFFER_VALUES,
+    Tracker,
+    default_tracking_uri,
+    git_commit,
+)
+from bench.core.config import RunConfig, resolve
+from bench.data.datasets import Dataset, get_dataset
+from bench.diffusion.denoiser import Denoiser, append_dims
+from bench.diffusion.rng import StackedGenerator
+from bench.engine.models import model_spec, new_raw_net
+from bench.engine.signals import SignalGuard
+from bench.engine.training import (
+    BatchStream,
+    FusedAdamStep,
+    LoopHooks,
+    make_optimizer,
+    new_loop_state,
+    train_loop,
+)
+from bench.metrics.extractors import ExtractedBatch, ImageFeatureExtractor, images_to_uint8
+from bench.nets.averaging import ParamAverage, flatten_parameters
+from methods import MethodContext, get_method
+
+TRAIN_METHODS = ("edm", "cd", "ct", "ict", "pd")
+SAMPLE_NFES = (1, 2, 4)
+TRAIN_TARGET = 1.05  # every method's training overhead ...
+CD_TRAIN_TARGET = 1.03  # ... but CD's (the official code spends 1.05 on a CD step)
+SAMPLE_TARGET = 1.02
+EVAL_TARGET = 1.05
+MEMORY_TARGET = 1.10
+ROUNDS = 20  # timed rounds per side and figure (the medians are over at least this many)
+MIN_SECONDS = 1.0  # per figure, both sides together: small cases get more rounds
+BLOCK_SECONDS = 0.05  # a round repeats the work until it lasts about this long
+MEMORY_ITERATIONS = 3  # iterations whose peak memory is taken
+
+Row = dict[str, Any]
+Report = Callable[[str], None]
+
+
+class SyntheticImages(Dataset):
+    """Fixed random images of a given shape: timing only, never scored."""
+
+    kind = "image"
+    sigma_data = 0.5
+    num_classes = 0
+    clamp = (-1.0, 1.0)
+    primary_metric = "fid"
+    description = "random images for timing"
+
+    def __init__(self, shape: tuple[int, ...], size: int = 256) -> None:
+        self.name = "synthetic-" + "x".join(map(str, shape))
+        self.shape = shape
+        g = torch.Generator().manual_seed(0)
+        self._data = torch.rand((size, *shape), generator=g) * 2 - 1
+
+    def train(self) -> torch.Tensor:
+        """The random images."""
+        return self._data
+
+    def reference(self, n: int, seed: int) -> torch.Tensor:
+        """The first n random images."""
+        return self._data[:n]
+
+
+class RandomConvFeatures(ImageFeatureExtractor):
+    """Two fixed random 3x3 convolutions, mean- and max-pooled: 16 features per uint8 image."""
+
+    tool = "bench-perf"
+    mode = "random-conv"
+    identity = "random-conv-16"
+    feature_dim = 16
+    with_logits = False
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.randn(8, 3, 3, 3, generator=g) * 0.4
+        self.w2 = torch.randn(8, 8, 3, 3, generator=g) * 0.3
+
+    def extract(self, images: torch.Tensor) -> ExtractedBatch:
+        """Features of a uint8 batch."""
+        with torch.no_grad():
+            h = torch.tanh(F.conv2d(images.to(torch.float32) / 127.5 - 1.0, self.w1, stride=2))
+            h = torch.tanh(F.conv2d(h, self.w2, stride=2))
+            return ExtractedBatch(torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1), None)
+
+    def to(self, device: torch.device) -> None:
+        """Move the weights."""
+        self.w1, self.w2 = self.w1.to(device), self.w2.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.w1.device
+
+
+@dataclass
+class PerfCase:
+    """One configuration to time."""
+
+    name: str
+    dataset: Dataset
+    sets: list[str]  # config overrides: the net and the training batch
+    sample_count: int  # samples of one `bench sample` call (one batch)
+    eval_sets: list[str]  # the evaluation's NFE list, sample count and batch
+
+
+def cases() -> list[PerfCase]:
+    """The 2-D MLP of gmm8 at batch 512 and a 16x16 UNet with 32 channels at batch 32.
+
+    The evaluations are small (500 points, 32 images): the ratio only gets stricter as the
+    metrics' share of the time, which is the same on both sides, shrinks.
+    """
+    unet = ["net.model_channels=32", "net.channel_mult=[1,2,2]", "net.num_res_blocks=2",
+            "net.attn_resolutions=[8]", "train.batch_size=32"]
+    return [
+        PerfCase("gmm8-mlp", get_dataset("gmm8"), ["train.batch_size=512"], 500,
+                 ["eval.nfe=[1,2,4]", "eval.num_samples=500", "eval.batch_size=500"]),
+        PerfCase("unet16-c32", SyntheticImages((3, 16, 16)), unet, 32,
+                 ["eval.nfe=[1,2]", "eval.num_samples=32", "eval.batch_size=32"]),
+    ]
+
+
+def _case(name: str) -> PerfCase:
+    return {c.name: c for c in cases()}[name]
+
+
+def _config(case: PerfCase, method: str, device: torch.device) -> RunConfig:
+    """The issue's configuration: N = 18, l2, Heun teacher; no checkpoints, no stage change."""
+    sets = [*case.sets, *case.eval_sets, "train.checkpoint_every=0", "train.steps=1000000",
+            "cd.solver=heun", "cd.distance=l2", "cd.n_scales=18", "pd.iters_per_stage=1000000",
+            f"device={device.type}"]
+    return resolve(bench_files=[], flags={"method": method, "dataset": "gmm8"},
+                   sets=sets).config
+
+
+def _method(case: PerfCase, name: str, cfg: RunConfig, device: torch.device) -> Any:
+    """A method on the case's net; distillation gets a frozen random-weights EDM teacher."""
+    cls = get_method(name)
+    teacher = None
+    if cls.needs_teacher:
+        teacher = Denoiser(new_raw_net(model_spec(cfg, case.dataset, "edm"), 1),
+                           sigma_data=case.dataset.sigma_data, precond="edm")
+        teacher.to(device).eval().requires_grad_(False)
+    spec = model_spec(cfg, case.dataset, cls.precond)
+    ctx = MethodContext(config=cfg, dataset=case.dataset, device=device,
+                        sigma_data=case.dataset.sigma_data, teacher=teacher,
+                        teacher_source="random", new_net=lambda: new_raw_net(spec, 0))
+    return cls(ctx)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _paired_medians(bench_fn: Callable[[], float], bare_fn: Callable[[], float], rounds: int,
+                    min_seconds: float) -> tuple[float, float, int]:
+    """Alternate both sides at least `rounds` times and for at least min_seconds; medians of
+    seconds per unit and the number of rounds."""
+    bench_times: list[float] = []
+    bare_times: list[float] = []
+    start = time.perf_counter()
+    while len(bench_times) < rounds or time.perf_counter() - start < min_seconds:
+        bench_times.append(bench_fn())
+        bare_times.append(bare_fn())
+    return statistics.median(bench_times), statistics.median(bare_times), len(bench_times)
+
+
+def _block(seconds_per_unit: float, block_seconds: float) -> int:
+    """Units per round so that a round lasts about block_seconds."""
+    return max(1, round(block_seconds / max(seconds_per_unit, 1e-9)))
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def _bare_passes(student: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
+                 no_grad_calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]],
+                 ) -> Callable[[], None]:
+    """Student forward, the no-grad passes, student backward: fixed inputs, nothing else."""
+    grad = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(3),
+                       device=x.device)
+
+    def step() -> None:
+        student.zero_grad(set_to_none=True)
+        out = student(x, sigma)
+        with torch.no_grad():
+            for module, xi, si in no_grad_calls:
+                module(xi, si)
+        out.backward(grad)
+
+    return step
+
+
+def bare_training_passes(method: Any, name: str, x0: torch.Tensor,
+                         ) -> tuple[Callable[[], None], str]:
+    """The raw passes of one iteration of `name` on copies of its networks, and what they are."""
+    step, denominator, _ = _training_passes(method, name, x0)
+    return step, denominator
+
+
+def parameter_averages(method: Any, name: str, cfg: RunConfig) -> list[str]:
+    """The averages of the student's parameters the training loop of `name` updates each
+    iteration: the eval EMA, the consistency target (CD, CT) or PD's stage average."""
+    averages = ["eval EMA"] if cfg.train.ema_rate > 0 else []
+    if name in ("cd", "ct") and method.target is not None:
+        averages.append("target")
+    if name == "pd":
+        averages.append("stage average")
+    return averages
+
+
+def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig,
+                        ) -> tuple[Callable[[], None], str, list[nn.Module]]:
+    """The floor of an iteration of `name`: its raw passes (as bare_training_passes) plus what
+    no training loop can skip, made with the kernels bench's loop uses: the optimizer step
+    (torch's fused Adam on the flat student) and one flat lerp per parameter average. Nothing
+    else: no data, draws, schedules, checks or logging. What it costs above the raw passes is
+    the least any loop on these kernels pays. Returns the step, what it does and the modules
+    it changes (the student copy, then one module per average)."""
+    passes, denominator, student = _training_passes(method, name, x0)
+    flatten_parameters(student)
+    optimizer_step = FusedAdamStep(make_optimizer(
+        [p for p in student.parameters() if p.requires_grad], cfg.train))
+    names = parameter_averages(method, name, cfg)
+    copies = [copy.deepcopy(student).requires_grad_(False) for _ in names]
+    averages = [ParamAverage(module, student) for module in copies]
+    rate = cfg.train.ema_rate or 0.999
+
+    def step() -> None:
+        passes()
+        optimizer_step()
+        for average in averages:
+            average.update(rate)
+
+    what = " + ".join([denominator, "fused Adam step", *(f"{n} lerp" for n in names)])
+    return step, what, [student, *copies]
+
+
+def _training_passes(method: Any, name: str, x0: torch.Tensor,
+                     ) -> tuple[Callable[[], None], str, nn.Module]:
+    """bare_training_passes, with the student copy the passes train."""
+    g = torch.Generator(x0.device).manual_seed(1)
+    z = torch.randn(x0.shape, generator=g, device=x0.device)
+    b = x0.shape[0]
+    student = copy.deepcopy(method.student).train()
+    if name == "edm":
+        sigma = (torch.randn(b, generator=g, device=x0.device) * 1.2 - 1.2).exp()
+        return (_bare_passes(student, x0 + append_dims(sigma, x0.ndim) * z, sigma, []),
+                "student fwd+bwd", student)
+    if name == "pd":
+        grid = method.grid(2 * method.student_steps(0)).to(x0.device, x0.dtype)
+        i = torch.randint(method.student_steps(0), (b,), generator=g, device=x0.device)
+        t, t2 = grid[2 * i], grid[2 * i + 1]
+        x_t = x0 + append_dims(t, x0.ndim) * z
+        x_t2 = x0 + append_dims(t2, x0.ndim) * z
+        calls = [(method.teacher, x_t, t), (method.teacher, x_t2, t2)]
+        return (_bare_passes(student, x_t, t, calls),
+                "student fwd+bwd + 2 teacher fwds (two DDIM steps)", student)
+    grid = method.grid(method.n_scales(0))
+    n = torch.randint(0, grid.numel() - 1, (b,), generator=g, device=x0.device)
+    s_next, s = grid[n + 1], grid[n]
+    x = x0 + append_dims(s_next, x0.ndim) * z
+    x_hat = x0 + append_dims(s, x0.ndim) * z
+    if name == "ict":
+        return (_bare_passes(student, x, s_next, [(student, x_hat, s)]),
+                "student fwd+bwd + no-grad student fwd", student)
+    target = copy.deepcopy(method.target if method.target is not None else method.student)
+    target.requires_grad_(False)
+    if name == "ct":
+        return (_bare_passes(student, x, s_next, [(target, x_hat, s)]),
+                "student fwd+bwd + target fwd", student)
+    calls = [(method.teacher, x, s_next), (method.teacher, x_hat, s), (target, x_hat, s)]
+    return (_bare_passes(student, x, s_next, calls),
+            "student fwd+bwd + 2 teacher fwds (Heun) + target fwd", student)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> Callable[[int], float]:
+    """Seconds of n calls of fn."""
+
+    def block(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    return block
+
+
+def _wants_floor(row: Row, floor: bool | None) -> bool:
+    """Time a row's floor always (floor True), never (False) or when it misses its target."""
+    return floor is True or (floor is None and row["ratio"] > row["target"])
+
+
+def _with_floor(row: Row, floor: bool | None,
+                make_floor: Callable[[], tuple[Callable[[int], float], str]],
+                bare_fn: Callable[[int], float], block: int, rounds: int,
+                min_seconds: float) -> Row:
+    """The row with its floor when _wants_floor: make_floor builds the floor's timed block and
+    says what it runs; the floor and the bare side alternate afresh, floor_ratio is the ratio
+    of their medians."""
+    if not _wants_floor(row, floor):
+        return row
+    floor_fn, what = make_floor()
+    floor_fn(block)  # warm-up
+    floor_s, bare_s, _ = _paired_medians(lambda: floor_fn(block) / block,
+                                         lambda: bare_fn(block) / block, rounds, min_seconds)
+    return {**row, "floor_ratio": floor_s / bare_s, "floor_seconds": floor_s, "floor": what}
+
+
+def _store_seconds_per_value(tracker: Tracker, run_id: str, metrics: dict[str, float],
+                             iterations_per_second: float, log_every: int) -> float:
+    """Seconds the store spends per logged value, in writes of the size a run at this rate
+    makes: the metrics of BUFFER_SECONDS of iterations (at most BUFFER_VALUES values), written
+    off the training thread but on the same cores, so perf counts them at their rate."""
+    logs = max(1, min(BUFFER_VALUES // max(len(metrics), 1),
+                      round(BUFFER_SECONDS * iterations_per_second / log_every)))
+    tracker.flush(run_id)
+    for k in range(logs):
+        tracker.log_metrics(run_id, metrics, -1000 - k, wait=False)
+    t0 = time.perf_counter()
+    tracker.flush(run_id)
+    return (time.perf_counter() - t0) / (logs * len(metrics))
+
+
+def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
+                   device: torch.device, min_seconds: float = MIN_SECONDS,
+                   block_seconds: float = BLOCK_SECONDS, floor: bool | None = None) -> Row:
+    """The real training loop vs the raw passes of its iteration, same net and batch; with the
+    floor (floor_training_step) when `floor` asks for it (see _with_floor)."""
+    cfg = _config(case, name, device)
+    method = _method(case, name, cfg, device)
+    state = new_loop_state(method, cfg.train, 0, device)
+    stream = BatchStream(case.dataset.train_batch, len(case.dataset), None,
+                         cfg.train.batch_size, 0, device)
+    run_id = tracker.start_run(experiment="perf", run_name=f"perf-{name}-{case.name}", tags={})
+    log_seconds: list[float] = []
+
+    def log(metrics: dict[str, float], step: int) -> None:  # as bench run logs
+        t0 = time.perf_counter()
+        tracker.log_metrics(run_id, metrics, step, wait=False)
+        log_seconds.append(time.perf_counter() - t0)
+
+    x0, _ = stream.batch(0)
+    bare_step, denominator = bare_training_passes(method, name, x0)
+    hooks = LoopHooks(log=log, critical=SignalGuard().deferred)  # as bench run's loop
+
+    def bench_block(n: int) -> float:
+        logged = sum(log_seconds)
+        _sync(device)
+        t0 = time.perf_counter()
+        train_loop(method, cfg.train, stream, state, hooks, until=state.step + n)
+        _sync(device)
+        return time.perf_counter() - t0 - (sum(log_seconds) - logged)
+
+    bare_block = _timed(bare_step, device)
+    sample_metrics = {"loss": 0.0, "lr": 0.0, "iters_per_second": 0.0, "images_per_second": 0.0,
+                      **method.schedule_values(0)}
+    for step in range(4):  # the first call starts MLflow's logging thread
+        log(sample_metrics, -1 - step)
+    bench_block(1)  # warm-up: the first optimizer step allocates its state
+    bare_block(1)
+    iteration_seconds = bare_block(1)
+    block = _block(iteration_seconds, block_seconds)
+    del log_seconds[:1]
+    store = _store_seconds_per_value(tracker, run_id, sample_metrics, 1.0 / iteration_seconds,
+                                     cfg.train.log_every)
+    log_share = (statistics.mean(log_seconds) + len(sample_metrics) * store) / cfg.train.log_every
+    bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block + log_share,
+                                            lambda: bare_block(block) / block, rounds,
+                                            min_seconds)
+    tracker.end_run(run_id)
+    target = CD_TRAIN_TARGET if name == "cd" else TRAIN_TARGET
+    row = {"figure": "train_overhead", "case": case.name, "method": name, "nfe": None,
+           "ratio": bench_s / bare_s, "target": target, "bench_seconds": bench_s,
+           "bare_seconds": bare_s, "denominator": denominator,
+           "iterations": done * block, "log_seconds_per_iteration": log_share,
+           "store_seconds_per_value": store}
+
+    def make_floor() -> tuple[Callable[[int], float], str]:
+        floor_step, what, _ = floor_training_step(method, name, x0, cfg)
+        return _timed(floor_step, device), what
+
+    return _with_floor(row, floor, make_floor, bare_block, block, rounds, min_seconds)
+
+
+# --- sampling and evaluation ---------------------------------------------------------------------
+
+
+def bare_sampler(model: nn.Module, sigmas: list[float], sigma_min: float, count: int,
+                 shape: tuple[int, ...], clamp: tuple[float, float] | None,
+                 device: torch.device, per_sample_noise: bool = False,
+                 ) -> Callable[[torch.Generator], torch.Tensor]:
+    """Algorithm 1 of Song et al. (2023) as a bare loop: torch.randn noise, len(sigmas) calls.
+    With per_sample_noise the noise is bench's per-sample streams (the sampling floor)."""
+    levels = [torch.full((count,), s, device=device) for s in sigmas]
+    scales = [(t**2 - sigma_min**2) ** 0.5 for t in sigmas[1:]]
+    size = (count, *shape)
+
+    def run(g: torch.Generator) -> torch.Tensor:
+        if per_sample_noise:
+            streams = StackedGenerator(0, range(count), device)
+            streams.reserve(shape, len(sigmas))
+
+            def noise() -> torch.Tensor:
+                return streams.randn(shape)
+        else:
+            def noise() -> torch.Tensor:
+                return torch.randn(size, generator=g, device=device)
+
+        with torch.inference_mode():
+            x0 = model(noise() * sigmas[0], levels[0])
+            x0 = x0 if clamp is None else x0.clamp(*clamp)
+            for level, scale in zip(levels[1:], scales, strict=True):
+                x = x0 + scale * noise()
+                x0 = model(x, level)
+                x0 = x0 if clamp is None else x0.clamp(*clamp)
+        return x0
+
+    return run
+
+
+def _sampling_method(case: PerfCase, device: torch.device) -> tuple[Any, RunConfig]:
+    cfg = _config(case, "cd", device)
+    return _method(case, "cd", cfg, device), cfg
+
+
+def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
+                    min_seconds: float = MIN_SECONDS, block_seconds: float = BLOCK_SECONDS,
+                    floor: bool | None = None) -> Row:
+    """`bench sample` (generate into host memory) vs the bare loop of the same network calls;
+    with the floor (the bare loop drawing bench's per-sample noise) when `floor` asks for it."""
+    from bench.engine.evaluation import generate
+
+    method, cfg = _sampling_method(case, device)
+    model = method.evaluation_model(None, nfe)
+    n = case.sample_count
+
+    def timed_sampler(per_sample_noise: bool) -> Callable[[int], float]:
+        run = bare_sampler(copy.deepcopy(model).eval(), method.sample_sigmas(nfe),
+                           cfg.diffusion.sigma_min, n, case.dataset.shape, case.dataset.clamp,
+                           device, per_sample_noise)
+        return _timed(lambda: run(torch.Generator(device).manual_seed(2)).cpu(), device)
+
+    def bench_once() -> None:
+        chunks: list[torch.Tensor] = []
+        generate(method, model, case.dataset, nfe, n, n, 0, device, False,
+                 lambda x: chunks.append(x.cpu()))
+
+    bench_block = _timed(bench_once, device)
+    bare_block = timed_sampler(False)
+    bench_block(1)
+    block = _block(bare_block(1), block_seconds)
+    bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block,
+                                            lambda: bare_block(block) / block, rounds,
+                                            min_seconds)
+    row = {"figure": "sample_overhead", "case": case.name, "method": "cd", "nfe": nfe,
+           "ratio": bench_s / bare_s, "target": SAMPLE_TARGET, "bench_seconds": bench_s,
+           "bare_seconds": bare_s, "samples": n, "calls": done * block,
+           "denominator": f"{nfe} network calls + torch.randn noise, re-noising and clipping"}
+    what = "the bare loop with bench's per-sample noise streams"
+    return _with_floor(row, floor, lambda: (timed_sampler(True), what), bare_block, block,
+                       rounds, min_seconds)
+
+
+def eval_overhead(case: PerfCase, rounds: int, device: torch.device, cache_dir: Path,
+                  min_seconds: float = MIN_SECONDS) -> Row:
+    """One evaluation at the case's NFE list vs generation + feature extraction alone."""
+    from bench.engine.evaluation import evaluate, prepare_metrics
+    from bench.metrics.image import EXTRACT_BATCH
+
+    method, cfg = _sampling_method(case, device)
+    dataset = case.dataset
+    nfes = list(cfg.eval.nfe)
+    if dataset.kind == "image":
+        from bench.engine.fid import prepare_image_metrics
+
+        extractor: ImageFeatureExtractor | None = RandomConvFeatures()
+        suite = prepare_image_metrics(dataset, cfg, cache_dir, extractor)
+        extraction = "features of the quantised images (16-d random-weights convolutions)"
+    else:
+        extractor = None
+        suite = prepare_metrics(dataset, cfg, cache_dir)
+        extraction = f"{', '.join(suite.names)} on the same samples"
+    model = copy.deepcopy(method.evaluation_model(None, nfes[0])).eval()
+    total, batch = cfg.eval.num_samples, cfg.eval.batch_size
+    samplers = {(nfe, count): bare_sampler(model, method.sample_sigmas(nfe),
+                                           cfg.diffusion.sigma_min, count, dataset.shape,
+                                           dataset.clamp, device)
+                for nfe in nfes for count in {min(batch, total - s)
+                                              for s in range(0, total, batch)}}
+
+    def bench_once() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        evaluate(method, None, dataset, cfg, nfes, suite, device)
+        return time.perf_counter() - t0
+
+    def bare_once() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        g = torch.Generator(device).manual_seed(2)
+        for nfe in nfes:
+            points: list[torch.Tensor] = []
+            for start in range(0, total, batch):
+                x = samplers[(nfe, min(batch, total - start))](g)
+                if extractor is None:
+                    points.append(x)
+                    continue
+                for chunk in images_to_uint8(x).split(EXTRACT_BATCH):
+                    extractor.extract(chunk)
+            if extractor is None:
+                metrics = suite.new()[0]
+                metrics.update(torch.cat(points))
+                metrics.compute()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    bench_once()
+    bare_once()
+    bench_s, bare_s, done = _paired_medians(bench_once, bare_once, rounds, min_seconds)
+    return {"figure": "eval_overhead", "case": case.name, "method": "cd", "nfe": None,
+            "ratio": bench_s / bare_s, "target": EVAL_TARGET, "bench_seconds": bench_s,
+            "bare_seconds": bare_s, "nfes": nfes, "samples": total, "evaluations": done,
+            "denominator": f"bare sampling at NFE {nfes} + {extraction}"}
+
+
+# --- peak memory ---------------------------------------------------------------------------------
+
+
+def _tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _module_bytes(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return _tensor_bytes([*module.parameters(), *module.buffers()])
+
+
+class _MemoryWork:
+    """One side of the memory figure: CD iterations of the real loop, or bare student fwd+bwd."""
+
+    def __init__(self, case: PerfCase, side: str, device: torch.device) -> None:
+        cfg = _config(case, "cd", device)
+        self.side = side
+        stream = BatchStream(case.dataset.train_batch, len(case.dataset), None,
+                             cfg.train.batch_size, 0, device)
+        x0, _ = stream.batch(0)
+        if side == "bench":
+            self.method = _method(case, "cd", cfg, device)
+            self.state = new_loop_state(self.method, cfg.train, 0, device)
+            self.run = lambda n: train_loop(self.method, cfg.train, stream, self.state,
+                                            LoopHooks(), until=self.state.step + n)
+            return
+        spec = model_spec(cfg, case.dataset, "cm")
+        student = Denoiser(new_raw_net(spec, 0), sigma_data=case.dataset.sigma_data,
+                           precond="cm").to(device).train()
+        sigma = torch.full((x0.shape[0],), 1.0, device=device)
+        step = _bare_passes(student, x0, sigma, [])
+
+        def run(n: int) -> None:
+            for _ in range(n):
+                step()
+
+        self.run = run
+
+    def extra_bytes(self) -> int:
+        """What CD keeps besides the student: teacher, target, EMA, optimizer state."""
+        if self.side != "bench":
+            return 0
+        optimizer = self.state.optimizer
+        state_tensors = [v for s in optimizer.state.values() for v in s.values()
+                         if isinstance(v, torch.Tensor)] if optimizer is not None else []
+        return (_module_bytes(self.method.teacher) + _module_bytes(self.method.target)
+                + _module_bytes(self.state.ema) + _tensor_bytes(state_tensors))
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_child(case_name: str, device_name: str) -> dict[str, dict[str, int]]:
+    """Peak memory of both sides of a case, one after the other, in a fresh process."""
+    device = torch.device(device_name)
+    case = _case(case_name)
+    return {side: _side_memory(case, side, device) for side in ("bench", "bare")}
+
+
+def _reset_peak(device: torch.device) -> int:
+    """Hand freed memory back, restart the peak and return the memory in use now."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory leaves the resident set
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := VmRSS
+    return _rss_kib("VmRSS") * 1024
+
+
+def _side_memory(case: PerfCase, side: str, device: torch.device) -> dict[str, int]:
+    """Peak memory of one side above the memory before its networks (module docstring)."""
+    torch.manual_seed(0)
+    warm = _MemoryWork(case, side, device)  # the same code on throwaway networks: warm caches
+    warm.run(2)
+    del warm
+    base = _reset_peak(device)
+    work = _MemoryWork(case, side, device)
+    _reset_peak(device)  # what building the networks freed is not the iterations' memory
+    work.run(MEMORY_ITERATIONS)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _rss_kib("VmHWM") * 1024
+    result = {"peak_bytes": peak - base, "extra_bytes": work.extra_bytes()}
+    del work
+    gc.collect()
+    return result
+
+
+def _memory_supported(device: torch.device) -> bool:
+    return device.type == "cuda" or (sys.platform == "linux"
+                                     and os.access("/proc/self/clear_refs", os.W_OK))
+
+
+def peak_memory(case_names: list[str], device: torch.device) -> list[Row]:
+    """CD's peak memory per case, in a child process per case (all run at once)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    # glibc keeps freed heap memory resident, so the peak would mix in whatever was freed
+    # before; with a fixed 64 KiB mmap threshold every tensor block is unmapped when freed
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+
+    def child(case_name: str) -> dict[str, dict[str, int]]:
+        out = subprocess.run([sys.executable, "-m", "bench.perf.run", case_name, device.type],
+                             env=env, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"memory child {case_name} failed: {out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    with concurrent.futures.ThreadPoolExecutor(len(case_names)) as pool:
+        results = dict(zip(case_names, pool.map(child, case_names), strict=True))
+    rows = []
+    for name in case_names:
+        bench, bare = results[name]["bench"], results[name]["bare"]
+        bare_bytes = bare["peak_bytes"] + bench["extra_bytes"]
+        rows.append({"figure": "peak_memory_ratio", "case": name, "method": "cd", "nfe": None,
+                     "ratio": bench["peak_bytes"] / bare_bytes, "target": MEMORY_TARGET,
+                     "bench_bytes": bench["peak_bytes"], "bare_bytes": bare_bytes,
+                     "extra_bytes": bench["extra_bytes"],
+                     "measure": ("CUDA max allocated" if device.type == "cuda"
+                                 else "peak RSS (VmHWM) of the iterations above the warm "
+                                      "process"),
+                     "denominator": "bare student fwd+bwd + teacher, target, EMA and "
+                                    "optimizer-state bytes"})
+    return rows
+
+
+# --- the whole run -------------------------------------------------------------------------------
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "dtype": "float32"}
+
+
+def run_perf(rounds: int, report: Report, device: torch.device | None = None,
+             case_names: list[str] | None = None, min_seconds: float = MIN_SECONDS,
+             block_seconds: float = BLOCK_SECONDS, floor: bool | None = None) -> list[Row]:
+    """Every figure on every case (or the named ones), as rows (min_seconds and block_seconds
+    at 0 make the quickest run: single-unit rounds, `rounds` of them). Training and sampling
+    rows get their floor when they miss their target, or always with floor True."""
+    device = device or torch.device("cpu")
+    chosen = [c for c in cases() if case_names is None or c.name in case_names]
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker = Tracker(default_tracking_uri(Path(tmp)), Path(tmp))
+        for case in chosen:
+            for name in TRAIN_METHODS:
+                report(f"timing {name} training: {case.name}")
+                rows.append(train_overhead(case, name, rounds, tracker, device, min_seconds,
+                                           block_seconds, floor))
+            for nfe in SAMPLE_NFES:
+                report(f"timing sampling: {case.name}, NFE {nfe}")
+                rows.append(sample_overhead(case, nfe, rounds, device, min_seconds,
+                                            block_seconds, floor))
+            report(f"timing an evaluation: {case.name}")
+            rows.append(eval_overhead(case, rounds, device, Path(tmp) / "cache", min_seconds))
+    if _memory_supported(device):
+        report("peak memory of CD iterations (child processes)")
+        rows.extend(peak_memory([c.name for c in chosen], device))
+    else:
+        report("peak memory skipped: needs Linux /proc/self/clear_refs on the CPU")
+    return rows
+
+
+SHORT_FIGURES = {"train_overhead": "train", "sample_overhead": "sample",
+                 "eval_overhead": "eval", "peak_memory_ratio": "memory"}
+
+
+def print_rows(rows: list[Row], console: Any) -> None:
+    """A rich table of the figures, pass/fail against each target, and the floor where one was
+    measured (red when the floor alone misses the target)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="bench perf: ratio = bench / bare PyTorch (medians)", box=box.SIMPLE,
+                  padding=(0, 1, 0, 0), pad_edge=False)
+    for col in ("figure", "case", "method", "bench", "bare", "ratio", "target", "", "floor"):
+        table.add_column(col, justify="left" if col in ("figure", "case", "method") else "right",
+                         no_wrap=True)
+    for r in rows:
+        ok = r["ratio"] <= r["target"]
+        style = "green" if ok else "red"
+        if "bench_bytes" in r:
+            bench, bare = (f"{r['bench_bytes'] / 2**20:.1f} MiB",
+                           f"{r['bare_bytes'] / 2**20:.1f} MiB")
+        else:
+            bench, bare = (f"{r['bench_seconds'] * 1e3:.2f} ms",
+                           f"{r['bare_seconds'] * 1e3:.2f} ms")
+        method = r["method"] if r["nfe"] is None else f"{r['method']} nfe {r['nfe']}"
+        floor = ""
+        if "floor_ratio" in r:
+            floor_style = "green" if r["floor_ratio"] <= r["target"] else "red"
+            floor = f"[{floor_style}]{r['floor_ratio']:.3f}[/{floor_style}]"
+        table.add_row(SHORT_FIGURES[r["figure"]], r["case"], method, bench, bare,
+                      f"[{style}]{r['ratio']:.3f}[/{style}]", f"{r['target']:.2f}",
+                      f"[{style}]{'pass' if ok else 'FAIL'}[/{style}]", floor)
+    console.print(table)
+    if any("floor_ratio" in r for r in rows):
+        console.print("floor: the bare side plus only what no implementation on the same "
+                      "kernels can skip (training: the fused Adam step and one lerp per "
+                      "parameter average; sampling: bench's per-sample noise), timed against "
+                      "the bare side afresh; a red floor misses the target by itself.")
+
+
+def write_json(rows: list[Row], path: Path, device: torch.device | None = None,
+               seconds: float | None = None) -> None:
+    """The rows plus the machine, the commit and the wall-clock seconds of the run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"machine": machine(device or torch.device("cpu")), "commit": git_commit(),
+                "seconds": seconds, "rows": rows}
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+if __name__ == "__main__":  # a memory child: python -m bench.perf.run CASE DEVICE
+    print(json.dumps(memory_child(sys.argv[1], sys.argv[2])))
