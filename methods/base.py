@@ -1,18 +1,24 @@
-"""The Method protocol: every algorithm (EDM, DDIM, PD, CD, CT, ...) meets the training loop
-and the evaluator through this interface, so neither branches on a method's name."""
+"""The Method protocol: every algorithm meets the training loop and the evaluator through this
+interface, so neither branches on a method's name. A method also declares what the rest of the
+house needs to know about it (its config section, report label and group, default sampler,
+capabilities, published numbers, search spaces, the passes `bench perf` times), so nothing
+outside `methods/` names a method."""
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from bench.core.config import RunConfig
-from bench.core.errors import UsageError, unknown_name
+from bench.core.config import RunConfig, Section, register_section
+from bench.core.errors import BenchError, UsageError, unknown_name
 from bench.data.datasets import Dataset
 from bench.data.shard import Shard
 from bench.diffusion.rng import StackedGenerator
@@ -34,14 +40,67 @@ class MethodContext:
     shard: Shard = field(default_factory=Shard)  # this process's rows of each global batch
 
 
+@dataclass(frozen=True)
+class PaperResult:
+    """Published numbers of a method on one dataset, as printed: "1/3.55 2/2.93" (NFE/value)."""
+
+    dataset: str  # bench's dataset name
+    source: str  # paper and table
+    values: str  # "NFE/value" pairs separated by spaces
+    metric: str = "fid"
+
+    def pairs(self) -> list[tuple[int, str]]:
+        """[(nfe, value as printed), ...]."""
+        return [(int(nfe), value) for nfe, value in
+                (pair.split("/") for pair in self.values.split())]
+
+
+@dataclass
+class PerfPasses:
+    """The raw passes of one training iteration, for `bench perf`'s bare loop: the student's
+    forward and backward at (x, sigma), and the no-grad forwards (module, x, sigma) a method
+    cannot skip (teacher steps, target)."""
+
+    student: nn.Module  # a copy of the student that the passes train
+    x: torch.Tensor
+    sigma: torch.Tensor
+    calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]
+    description: str  # e.g. "student fwd+bwd + target fwd"
+
+
 class Method(ABC):
     """One algorithm behind the common interface."""
 
     name: ClassVar[str]  # registry name, e.g. "cd"
     summary: ClassVar[str]  # one line for `bench methods`
+    Config: ClassVar[type[Section] | None] = None  # the method's config section [name]
+    label: ClassVar[str] = ""  # report label ("" = the name)
+    group: ClassVar[str] = "Other"  # report group; groups appear in registration order
+    default_sampler: ClassVar[str] = ""  # ODE baselines name their sampler: "EDM (Heun)"
     needs_teacher: ClassVar[bool] = False  # distillation methods and samplers of a teacher
+    provides_teacher: ClassVar[bool] = False  # its finished runs serve `--teacher auto`
     trains: ClassVar[bool] = True  # False for training-free baselines (ddim)
-    precond: ClassVar[str] = "edm"  # preconditioning of the student ("edm" or "cm")
+    precond: ClassVar[str] = "edm"  # the student's parameterisation (bench.diffusion.denoiser)
+    can_edit: ClassVar[bool] = False  # zero-shot editing (`bench edit`): a consistency function
+    in_suite: ClassVar[bool] = True  # part of `bench suite`'s default methods
+    paper: ClassVar[tuple[PaperResult, ...]] = ()  # published numbers the report shows beside
+    search_spaces: ClassVar[tuple[Path, ...]] = ()  # built-in sweep spaces (TOML files)
+    official_import: ClassVar[bool] = False  # `bench import` of the paper's released weights
+    perf_settings: ClassVar[tuple[str, ...]] = ()  # --set overrides of `bench perf`'s runs
+    perf_train_target: ClassVar[float] = 1.05  # `bench perf`: training overhead target
+    perf_reference: ClassVar[bool] = False  # the method `bench perf` samples and evaluates
+
+    @classmethod
+    def display_label(cls) -> str:
+        """The report label."""
+        return cls.label or cls.name
+
+    @classmethod
+    def section(cls, config: RunConfig) -> Section:
+        """This method's config section of a run's config."""
+        if cls.Config is None:
+            raise RuntimeError(f"method {cls.name!r} has no config section")
+        return config.section(cls.name, cls.Config)
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -96,6 +155,37 @@ class Method(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict returned."""
+
+    def parameters(self) -> list[dict[str, Any]]:
+        """What the optimizer updates, as torch.optim parameter groups: the student's
+        trainable parameters by default; a method may add others (e.g. a learned weighting)."""
+        student = self.student
+        if student is None:
+            return []
+        return [{"params": [p for p in student.parameters() if p.requires_grad]}]
+
+    def parameter_averages(self) -> list[str]:
+        """The averages of the student's parameters the method updates each iteration
+        (besides the run's evaluation EMA): what `bench perf`'s floor must also update."""
+        return []
+
+    def perf_passes(self, x0: torch.Tensor, z: torch.Tensor, generator: torch.Generator,
+                    ) -> PerfPasses:
+        """The raw network passes of one training iteration on x0 with noise z, further draws
+        from generator (`bench perf`'s bare loop); None where the method does not train."""
+        raise NotImplementedError(f"{self.name} declares no passes for bench perf")
+
+    def perf_student(self) -> nn.Module:
+        """A training copy of the student for perf_passes."""
+        if self.student is None:
+            raise RuntimeError(f"{self.name} does not train")
+        return copy.deepcopy(self.student).train()
+
+    @classmethod
+    def imported_modules(cls, config: RunConfig) -> tuple[str, ...]:
+        """`bench import`: the checkpoint modules besides the student and the EMA that hold
+        the released weights (e.g. a target network)."""
+        return ()
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -168,15 +258,37 @@ def ode_sigmas(nfe: int, sampler: str, config: RunConfig) -> list[float]:
 
 # --- registry --------------------------------------------------------------------------------
 
+ENTRY_POINT_GROUP = "cmbench.methods"  # where other packages register their methods
 _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Register a Method class under its name."""
+    """Register a Method class under its name, with its config section."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"{cls!r} is not a Method subclass")
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} registered twice")
+    if cls.Config is not None:
+        register_section(cls.name, cls.Config)
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def load_plugins() -> None:
+    """Register the methods other installed packages declare in the `cmbench.methods`
+    entry-point group (each entry point names a Method subclass)."""
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plug-in is the user's to fix: say which
+            raise BenchError(f"method plug-in {ep.name!r} ({ep.value}) failed to load: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        if getattr(cls, "name", None) in _REGISTRY and _REGISTRY[cls.name] is cls:
+            continue
+        if getattr(cls, "name", None) != ep.name:
+            raise BenchError(f"method plug-in {ep.name!r} ({ep.value}) must name a Method "
+                             f"subclass whose name is {ep.name!r}")
+        register(cls)
 
 
 def get_method(name: str) -> type[Method]:
@@ -189,3 +301,16 @@ def get_method(name: str) -> type[Method]:
 def method_names() -> list[str]:
     """Registered method names in registration order."""
     return list(_REGISTRY)
+
+
+def teacher_method() -> str:
+    """The method whose finished runs are the teachers (`--teacher auto`, the suite's first)."""
+    for cls in _REGISTRY.values():
+        if cls.provides_teacher:
+            return cls.name
+    raise BenchError("no registered method provides teachers")
+
+
+def all_methods() -> list[type[Method]]:
+    """Registered methods in registration order."""
+    return list(_REGISTRY.values())

@@ -10,20 +10,25 @@ import math
 from abc import abstractmethod
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from bench.core.config import RunConfig
 from bench.core.errors import BenchError, UsageError
-from bench.diffusion.denoiser import Denoiser
+from bench.diffusion.denoiser import Denoiser, append_dims
 from bench.diffusion.rng import StackedGenerator
 from bench.diffusion.samplers import Model, sample_consistency
 from bench.diffusion.schedules import karras_sigmas
 from bench.nets.averaging import ParamAverage
-from methods.base import Method, MethodContext
+from methods.base import Method, MethodContext, PerfPasses
+from methods.lpips_distance import lpips_distance
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DistanceName = Literal["l2", "l1", "pseudo_huber", "lpips"]  # consistency-loss distances
+Weighting = Literal["uniform", "inverse_gap"]  # consistency-loss weightings lambda(t_n)
+IndexSampling = Literal["uniform", "lognormal"]  # how the consistency index n is drawn
 
 
 def pseudo_huber(c: float) -> Distance:
@@ -61,8 +66,6 @@ def make_distance(name: str, shape: tuple[int, ...], huber_c: float, device: tor
     if name == "pseudo_huber":
         return pseudo_huber(huber_c_for(dim, huber_c))
     if name == "lpips":
-        from methods.lpips_distance import lpips_distance
-
         return lpips_distance(shape, device)
     raise UsageError(f"unknown distance {name!r}")
 
@@ -79,10 +82,13 @@ def consistency_weight(kind: str, sigma_next: torch.Tensor, sigma: torch.Tensor,
     raise ValueError(f"unknown consistency weighting {kind!r}")
 
 
-class ConsistencyMethod(Method):
-    """Shared machinery of CD, CT and iCT."""
+class ConsistencyModel(Method):
+    """What every consistency model shares, discrete-grid or continuous-time: the student f
+    under the consistency parameterisation, an optional target network theta^- kept as an
+    average of the student, multistep sampling (Algorithm 1) and so zero-shot editing."""
 
     precond = "cm"
+    can_edit = True
 
     def __init__(self, ctx: MethodContext, *, target_mu: float | None) -> None:
         super().__init__(ctx)
@@ -96,8 +102,6 @@ class ConsistencyMethod(Method):
         if self.separate_target:
             self.target = copy.deepcopy(self._student).requires_grad_(False)
             self._target_average = ParamAverage(self.target, self._student)
-        self._grids: dict[int, torch.Tensor] = {}
-        self._index_probs: dict[int, torch.Tensor] = {}
         self._sample_sigmas: dict[int, torch.Tensor] = {}  # per NFE, made once
 
     def initial_student(self) -> Denoiser:
@@ -114,15 +118,71 @@ class ConsistencyMethod(Method):
         """The target network theta^-, when it is separate from the student."""
         return {"target": self.target} if self.target is not None else {}
 
-    # --- schedules ----------------------------------------------------------------------------
+    @abstractmethod
+    def target_mu(self, step: int) -> float:
+        """Target EMA rate at iteration step."""
+
+    def after_step(self, step: int, ema: nn.Module | None) -> None:
+        """theta^- <- mu theta^- + (1 - mu) theta."""
+        if self._target_average is not None:
+            self._target_average.update(self.target_mu(step))
+
+    def parameter_averages(self) -> list[str]:
+        """The target network, when it is separate from the student."""
+        return ["target"] if self.target is not None else []
+
+    @classmethod
+    def imported_modules(cls, config: RunConfig) -> tuple[str, ...]:
+        """The target network, when the configuration keeps one."""
+        return ("target",) if cls.keeps_target(config) else ()
+
+    @classmethod
+    def keeps_target(cls, config: RunConfig) -> bool:
+        """Whether a run of this configuration has a separate target network."""
+        return True
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    def check_nfe(self, nfe: int) -> None:
+        """Any NFE >= 1: one consistency-function call per level."""
+        if nfe < 1:
+            raise UsageError(f"NFE must be >= 1, got {nfe}")
+
+    def noise_draws(self, nfe: int) -> int:
+        """The initial noise and one re-noising per call after the first (Algorithm 1)."""
+        return nfe
+
+    def sample_sigmas(self, nfe: int) -> list[float]:
+        """sample.sigmas when it has nfe levels, else sigma_max and nfe - 1 levels spaced
+        evenly in sigma^(1/rho) between sigma_max and sigma_min (both ends excluded)."""
+        explicit = self.config.sample.sigmas
+        if len(explicit) == nfe:
+            return [float(s) for s in explicit]
+        levels = karras_sigmas(nfe + 1, self.sigma_min, self.sigma_max, self.rho).flip(0)
+        return [float(s) for s in levels[:nfe]]
+
+    def sample(self, model: Model, noise: torch.Tensor, nfe: int, rng: StackedGenerator,
+               ) -> torch.Tensor:
+        """Multistep consistency sampling (Song et al. 2023, Algorithm 1)."""
+        if nfe not in self._sample_sigmas:
+            self._sample_sigmas[nfe] = torch.tensor(self.sample_sigmas(nfe))
+        sigmas = self._sample_sigmas[nfe]
+        return sample_consistency(model, noise * float(sigmas[0]), sigmas, rng, self.sigma_min,
+                                  self.ctx.dataset.clamp)
+
+
+class GridConsistencyMethod(ConsistencyModel):
+    """Consistency training and distillation on a discrete Karras grid (CD, CT, iCT): the
+    noise-index distribution, the weighting lambda(t_n), the distance d and the loss."""
+
+    def __init__(self, ctx: MethodContext, *, target_mu: float | None) -> None:
+        super().__init__(ctx, target_mu=target_mu)
+        self._grids: dict[int, torch.Tensor] = {}
+        self._index_probs: dict[int, torch.Tensor] = {}
 
     @abstractmethod
     def n_scales(self, step: int) -> int:
         """N at iteration step."""
-
-    @abstractmethod
-    def target_mu(self, step: int) -> float:
-        """Target EMA rate at iteration step."""
 
     def grid(self, n: int) -> torch.Tensor:
         """Ascending Karras grid of n levels on the device (cached)."""
@@ -210,43 +270,36 @@ class ConsistencyMethod(Method):
         weight = self.weight(sigma_next, sigma)
         return per_sample if weight is None else weight * per_sample
 
-    def after_step(self, step: int, ema: nn.Module | None) -> None:
-        """theta^- <- mu theta^- + (1 - mu) theta."""
-        if self._target_average is not None:
-            self._target_average.update(self.target_mu(step))
-
     def schedule_values(self, step: int) -> dict[str, float]:
         """N(k) and mu(k), logged against the iteration."""
         return {"n_scales": float(self.n_scales(step)), "target_mu": self.target_mu(step)}
 
-    # --- sampling -----------------------------------------------------------------------------
+    def perf_passes(self, x0: torch.Tensor, z: torch.Tensor, generator: torch.Generator,
+                    ) -> PerfPasses:
+        """The student's forward and backward at sigma_{n+1}, and the no-grad passes that
+        make the target: x_hat_passes (the teacher's step, if any), then theta^-."""
+        grid = self.grid(self.n_scales(0))
+        n = torch.randint(0, grid.numel() - 1, (x0.shape[0],), generator=generator,
+                          device=x0.device)
+        s_next, s = grid[n + 1], grid[n]
+        x = x0 + append_dims(s_next, x0.ndim) * z
+        x_hat = x0 + append_dims(s, x0.ndim) * z
+        student = self.perf_student()
+        calls, what = self.perf_x_hat_passes(x, x_hat, s_next, s)
+        if self.target is None:  # the stop-gradient student makes the target
+            calls.append((student, x_hat, s))
+            what.append("no-grad student fwd")
+        else:
+            calls.append((copy.deepcopy(self.target).requires_grad_(False), x_hat, s))
+            what.append("target fwd")
+        return PerfPasses(student, x, s_next, calls, " + ".join(["student fwd+bwd", *what]))
 
-    def check_nfe(self, nfe: int) -> None:
-        """Any NFE >= 1: one consistency-function call per level."""
-        if nfe < 1:
-            raise UsageError(f"NFE must be >= 1, got {nfe}")
-
-    def noise_draws(self, nfe: int) -> int:
-        """The initial noise and one re-noising per call after the first (Algorithm 1)."""
-        return nfe
-
-    def sample_sigmas(self, nfe: int) -> list[float]:
-        """sample.sigmas when it has nfe levels, else sigma_max and nfe - 1 levels spaced
-        evenly in sigma^(1/rho) between sigma_max and sigma_min (both ends excluded)."""
-        explicit = self.config.sample.sigmas
-        if len(explicit) == nfe:
-            return [float(s) for s in explicit]
-        levels = karras_sigmas(nfe + 1, self.sigma_min, self.sigma_max, self.rho).flip(0)
-        return [float(s) for s in levels[:nfe]]
-
-    def sample(self, model: Model, noise: torch.Tensor, nfe: int, rng: StackedGenerator,
-               ) -> torch.Tensor:
-        """Multistep consistency sampling (Song et al. 2023, Algorithm 1)."""
-        if nfe not in self._sample_sigmas:
-            self._sample_sigmas[nfe] = torch.tensor(self.sample_sigmas(nfe))
-        sigmas = self._sample_sigmas[nfe]
-        return sample_consistency(model, noise * float(sigmas[0]), sigmas, rng, self.sigma_min,
-                                  self.ctx.dataset.clamp)
+    def perf_x_hat_passes(self, x: torch.Tensor, x_hat: torch.Tensor, sigma_next: torch.Tensor,
+                          sigma: torch.Tensor,
+                          ) -> tuple[list[tuple[nn.Module, torch.Tensor, torch.Tensor]],
+                                     list[str]]:
+        """The network passes that make x_hat (none: x_hat is x0 + sigma_n z)."""
+        return [], []
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

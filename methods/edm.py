@@ -3,14 +3,34 @@ evaluated with its Heun sampler (the EDM baseline row, NFE = 2n - 1)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from pydantic import Field
 from torch import nn
 
+from bench.core.config import Section
 from bench.data.shard import Shard
 from bench.diffusion.denoiser import Denoiser, append_dims
 from bench.diffusion.rng import StackedGenerator
 from bench.diffusion.samplers import Model
-from methods.base import Method, MethodContext, ode_check_nfe, ode_sample, ode_sigmas
+from methods.base import (
+    Method,
+    MethodContext,
+    PaperResult,
+    PerfPasses,
+    ode_check_nfe,
+    ode_sample,
+    ode_sigmas,
+)
+from methods.papers import CM_TABLE1, CM_TABLE2
+
+SPACES = Path(__file__).resolve().parent / "spaces"
+
+
+class EDMConfig(Section):
+    p_mean: float = -1.2  # mean of ln(sigma) during teacher training
+    p_std: float = Field(default=1.2, gt=0)  # std of ln(sigma) during teacher training
 
 
 class EDMLoss:
@@ -48,13 +68,23 @@ class EDM(Method):
 
     name = "edm"
     summary = "EDM teacher (Karras et al. 2022): trained by denoising, sampled with Heun"
+    Config = EDMConfig
+    label = "EDM"
+    group = "Diffusion baselines"
+    default_sampler = "heun"
+    provides_teacher = True
+    official_import = True
+    paper = (PaperResult("cifar10", CM_TABLE1, "35/2.04"),
+             PaperResult("imagenet64", CM_TABLE2, "79/2.44"))
+    search_spaces = (SPACES / "edm-lr.toml",)
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self._student = Denoiser(ctx.new_net(), sigma_data=ctx.sigma_data, precond="edm",
                                  sigma_min=self.config.diffusion.sigma_min).to(ctx.device)
-        self.loss_fn = EDMLoss(self.config.edm.p_mean, self.config.edm.p_std, ctx.sigma_data)
-        self.sampler = self.config.sampler or "heun"
+        options = self.config.section(self.name, EDMConfig)
+        self.loss_fn = EDMLoss(options.p_mean, options.p_std, ctx.sigma_data)
+        self.sampler = self.config.sampler or self.default_sampler
 
     @property
     def student(self) -> nn.Module:
@@ -70,6 +100,15 @@ class EDM(Method):
     ) -> torch.Tensor:
         """EDM loss at a lognormal noise level."""
         return self.loss_fn(self.train_forward, x0, labels, generator, self.shard)
+
+    def perf_passes(self, x0: torch.Tensor, z: torch.Tensor, generator: torch.Generator,
+                    ) -> PerfPasses:
+        """The student's forward and backward at a lognormal noise level."""
+        student = self.perf_student()
+        sigma = (torch.randn(x0.shape[0], generator=generator, device=x0.device) * 1.2
+                 - 1.2).exp()
+        return PerfPasses(student, x0 + append_dims(sigma, x0.ndim) * z, sigma, [],
+                          "student fwd+bwd")
 
     def check_nfe(self, nfe: int) -> None:
         """Heun: odd NFE; Euler: any."""

@@ -29,18 +29,36 @@ Design (the official code is google-research/diffusion_distillation, `dpm.py` an
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from bench.core.config import Section
 from bench.core.errors import UsageError
 from bench.diffusion.denoiser import Denoiser, append_dims
 from bench.diffusion.rng import StackedGenerator
 from bench.diffusion.samplers import Model, euler_step, sample_euler
 from bench.diffusion.schedules import karras_sigmas
 from bench.nets.averaging import ParamAverage
-from methods.base import Method, MethodContext
+from methods.base import Method, MethodContext, PaperResult, PerfPasses
+from methods.papers import CM_TABLE1, CM_TABLE2
+
+SPACES = Path(__file__).resolve().parent / "spaces"
+
+
+class PDConfig(Section):
+    initial_steps: int = 16  # teacher Euler steps at the first stage (a power of two >= 2)
+    iters_per_stage: int = Field(default=400, ge=1)  # iterations per halving stage (paper: 50k)
+    last_stage_factor: float = Field(default=2.0, gt=0)  # the 1-step stage trains this x longer
+
+    @model_validator(mode="after")
+    def _power_of_two(self) -> PDConfig:
+        if not (self.initial_steps >= 2 and self.initial_steps.bit_count() == 1):
+            raise ValueError("pd.initial_steps must be a power of two >= 2")
+        return self
 
 StateDict = dict[str, torch.Tensor]
 
@@ -92,14 +110,23 @@ class PD(Method):
 
     name = "pd"
     summary = "progressive distillation (Salimans & Ho 2022): halve Euler steps per stage"
+    Config = PDConfig
+    label = "PD"
+    group = "Distillation"
     needs_teacher = True
+    paper = (PaperResult("cifar10", CM_TABLE1, "1/8.34 2/5.58"),
+             PaperResult("imagenet64", CM_TABLE2, "1/15.39 2/8.95"),
+             PaperResult("lsun-bedroom", CM_TABLE2, "1/16.92 2/8.47"),
+             PaperResult("lsun-cat", CM_TABLE2, "1/29.6 2/15.5"))
+    search_spaces = (SPACES / "pd-lr.toml", SPACES / "pd-steps.toml")
+    perf_settings = ("pd.iters_per_stage=1000000",)
     precond = "edm"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         if ctx.teacher is None:
             raise ValueError("pd needs a teacher")
-        d, p = self.config.diffusion, self.config.pd
+        d, p = self.config.diffusion, self.config.section(self.name, PDConfig)
         self.teacher = _frozen(ctx.teacher)  # the original teacher: stage 0 and NFE initial_steps
         self.initial_steps = p.initial_steps
         self.num_stages = p.initial_steps.bit_length() - 1  # log2(initial_steps)
@@ -169,6 +196,23 @@ class PD(Method):
         """The nested n-step grid with this run's diffusion settings (float64, descending)."""
         d = self.config.diffusion
         return nested_sigmas(n_steps, d.sigma_min, d.sigma_max, d.rho)
+
+    def parameter_averages(self) -> list[str]:
+        """The within-stage average of the student's iterates."""
+        return ["stage average"]
+
+    def perf_passes(self, x0: torch.Tensor, z: torch.Tensor, generator: torch.Generator,
+                    ) -> PerfPasses:
+        """The student's forward and backward, and the teacher's two DDIM steps."""
+        b, device = x0.shape[0], x0.device
+        grid = self.grid(2 * self.student_steps(0)).to(device, x0.dtype)
+        i = torch.randint(self.student_steps(0), (b,), generator=generator, device=device)
+        t, t2 = grid[2 * i], grid[2 * i + 1]
+        x_t = x0 + append_dims(t, x0.ndim) * z
+        x_t2 = x0 + append_dims(t2, x0.ndim) * z
+        return PerfPasses(self.perf_student(), x_t, t,
+                          [(self.teacher, x_t, t), (self.teacher, x_t2, t2)],
+                          "student fwd+bwd + 2 teacher fwds (two DDIM steps)")
 
     def _loss_grid(self, n_steps: int, like: torch.Tensor) -> torch.Tensor:
         """grid(n_steps) on like's device and dtype, made once per stage, not per iteration."""

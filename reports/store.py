@@ -20,6 +20,7 @@ from bench.app.tracking import RunRecord, Tracker, mask_credentials
 from bench.core.errors import BenchError, UsageError
 from bench.data.datasets import FOLDER_PREFIX, POINTS_PREFIX, dataset_names, describe_dataset
 from bench.engine.evaluation import LOWER_IS_BETTER
+from methods import method_names
 
 Select = Literal["best", "latest"]
 SELECTS: tuple[Select, ...] = ("best", "latest")
@@ -80,8 +81,6 @@ def _is_bench_run(record: RunRecord, dataset: str, methods: set[str]) -> bool:
 
 def candidate_runs(tracker: Tracker, datasets: Iterable[str] | None) -> dict[str, list[RunRecord]]:
     """dataset -> its finished bench runs (newest first); all datasets with runs when None."""
-    from methods import method_names
-
     methods = set(method_names())
     if datasets is None:
         names = [n for n in tracker.experiment_names()

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.app import runner
 from bench.app.tracking import RunRecord, Tracker, mask_credentials, param_text
 from bench.core.config import RunConfig, default_bench_files, flatten, resolve, to_dict
 from bench.core.errors import BenchError, RunInterrupted, UsageError, unknown_name
 from bench.data.datasets import GaussianMixture, describe_dataset
+from methods import get_method, method_names, teacher_method
 from reports.build import FORMATS, ReportOutput, build_report
-
-SUITE_METHODS = ("edm", "ddim", "pd", "cd", "ct", "ict")  # the teacher first
-TEACHER_METHOD = "edm"
 
 ProgressFn = Callable[[int, int, float], None]
 ProgressFactory = Callable[[], AbstractContextManager[ProgressFn]]
@@ -61,25 +60,31 @@ class SuiteOutcome:
                              f"finished runs are skipped")
 
 
-def parse_methods(text: str) -> list[str]:
-    """'cd,edm' -> ['edm', 'cd'] (teacher first, the suite's order); unknown names fail."""
-    from methods import method_names
+def suite_order() -> list[str]:
+    """Every registered method in the suite's order: the teacher first, then registration
+    order."""
+    teacher = teacher_method()
+    return [teacher, *(m for m in method_names() if m != teacher)]
 
+
+def parse_methods(text: str | None) -> list[str]:
+    """'cd,edm' -> ['edm', 'cd'] (the suite's order); None -> every method in the suite;
+    unknown names fail."""
+    if text is None:
+        return [m for m in suite_order() if get_method(m).in_suite]
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise UsageError("--methods needs at least one method, e.g. --methods edm,cd")
+        raise UsageError("--methods needs at least one method; `bench methods` lists them")
     for name in names:
         if name not in method_names():
             raise unknown_name("method", name, method_names())
-    order = {m: i for i, m in enumerate(SUITE_METHODS)}
-    return sorted(dict.fromkeys(names), key=lambda m: (order.get(m, len(order)), m))
+    order = {m: i for i, m in enumerate(suite_order())}
+    return sorted(dict.fromkeys(names), key=lambda m: order[m])
 
 
 def split_sets(sets: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
     """`--set k=v` for every run and `--set method:k=v` for one method (kept even when the
     method is not run this time, so one command line serves any --methods)."""
-    from methods import method_names
-
     common: list[str] = []
     per_method: dict[str, list[str]] = {}
     for item in sets:
@@ -121,7 +126,7 @@ def matching_run(tracker: Tracker, cfg: RunConfig, status: str) -> RunRecord | N
 
 def newest_teacher(tracker: Tracker, dataset: str) -> str | None:
     """The id of the newest finished edm run on the dataset, if any."""
-    runs = tracker.search(dataset, f"tags.method = '{TEACHER_METHOD}' and "
+    runs = tracker.search(dataset, f"tags.method = '{teacher_method()}' and "
                                    "attributes.status = 'FINISHED'", max_results=1)
     return runs[0].run_id if runs else None
 
@@ -144,9 +149,6 @@ def run_suite(
     progress: ProgressFactory | None = None,
 ) -> SuiteOutcome:
     """Run (or skip, or resume) every method on the dataset, then write its report."""
-    from bench.app import runner
-    from methods import get_method
-
     t0 = time.perf_counter()
     check_suite(dataset, methods, sets, cwd)
     data = describe_dataset(dataset)
@@ -165,15 +167,16 @@ def run_suite(
             teacher = teacher_run or ("" if teacher_failed else newest_teacher(tracker, data.name)
                                       or "")
             if not teacher:
-                why = ("the edm teacher did not finish" if teacher_failed else
-                       f"no finished edm run on {data.name}; add edm to --methods")
+                name = teacher_method()
+                why = (f"the {name} teacher did not finish" if teacher_failed else
+                       f"no finished {name} run on {data.name}; add {name} to --methods")
                 outcome.runs.append(SuiteRun(method, "not run", error=why))
                 continue
         cfg, preset = suite_config(data.name, method, teacher,
                                    [*common, *per_method.get(method, [])], cwd)
         row = _run_one(tracker, cfg, preset, f"{i}/{len(methods)}", report, progress, runner)
         outcome.runs.append(row)
-        if method == TEACHER_METHOD:
+        if get_method(method).provides_teacher:
             teacher_run = row.run_id if row.status in ("ran", "resumed", "skipped") else None
             teacher_failed = teacher_run is None
     pinned = {(data.name, r.method): r.run_id for r in outcome.runs

@@ -19,17 +19,11 @@ import polars as pl
 
 from bench.app.tracking import RUN_ID_PATTERN
 from bench.engine.evaluation import LOWER_IS_BETTER
+from methods import all_methods, get_method, method_names
 from reports.paper import paper_numbers, paper_sources
 from reports.store import RunInfo, Selection
 
-GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Diffusion baselines", ("edm", "ddim")),
-    ("Distillation", ("pd", "cd")),
-    ("Direct training", ("ct", "ict")),
-)
-OTHER_GROUP = "Other"
-LABELS = {"edm": "EDM", "ddim": "DDIM", "pd": "PD", "cd": "CD", "ct": "CT", "ict": "iCT"}
-DEFAULT_SAMPLER = {"edm": "heun", "ddim": "euler"}  # the ODE baselines name their sampler
+OTHER_GROUP = "Other"  # methods not registered here (a plug-in not installed) go last
 METRIC_ORDER = ("fid", "fcd", "w2", "fd", "swd", "nll", "mode_recall", "hq_fraction", "is",
                 "kid", "precision", "recall")
 PAPER_PREFIX = "paper:"
@@ -130,19 +124,26 @@ def format_value(value: float) -> str:
 
 
 def group_of(method: str) -> tuple[int, str, int]:
-    """(group position, group name, position in group); unknown methods go last."""
-    for g, (name, methods) in enumerate(GROUPS):
-        if method in methods:
-            return g, name, methods.index(method)
-    return len(GROUPS), OTHER_GROUP, 0
+    """(group position, group name, position in group): groups and their methods in
+    registration order; unregistered methods go last."""
+    groups: dict[str, list[str]] = {}
+    for cls in all_methods():
+        groups.setdefault(cls.group, []).append(cls.name)
+    for g, (name, members) in enumerate(groups.items()):
+        if method in members:
+            return g, name, members.index(method)
+    return len(groups), OTHER_GROUP, 0
 
 
 def method_label(method: str, sampler: str) -> str:
-    """'EDM (Heun)', 'DDIM (Euler)', 'CD', ..."""
-    label = LABELS.get(method, method)
-    default = DEFAULT_SAMPLER.get(method)
-    if default is not None:
-        label += f" ({(sampler or default).capitalize()})"
+    """'EDM (Heun)', 'DDIM (Euler)', 'CD', ... (the method's label, and its sampler where the
+    method declares a default one)."""
+    if method not in method_names():
+        return method
+    cls = get_method(method)
+    label = cls.display_label()
+    if cls.default_sampler:
+        label += f" ({(sampler or cls.default_sampler).capitalize()})"
     return label
 
 

@@ -1,6 +1,7 @@
 """Search spaces: TOML files of config keys and the ranges a sweep draws them from.
 
-A space file (the built-in ones live in sweeps/spaces/NAME.toml):
+A space file (each method declares its built-in ones, `Method.search_spaces`; those of the
+built-in methods live in methods/spaces/NAME.toml):
 
     description = "CT curriculum: s0, s1, mu0"   # optional, shown by `bench sweep --help`
     methods = ["ct"]                             # optional: the methods it applies to
@@ -28,8 +29,8 @@ from typing import Any
 
 from bench.core.config import read_toml
 from bench.core.errors import UsageError
+from methods import all_methods
 
-SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 TYPES = ("int", "float", "categorical")
 TOP_KEYS = {"description", "methods", "params"}
 FIELDS = {"int": {"type", "low", "high", "log", "step"},
@@ -87,8 +88,9 @@ class Space:
 
 
 def builtin_spaces() -> dict[str, Path]:
-    """Built-in space names and their files."""
-    return {p.stem: p for p in sorted(SPACES_DIR.glob("*.toml"))}
+    """Built-in space names and their files: every registered method's, sorted by name."""
+    found = {p.stem: p for cls in all_methods() for p in cls.search_spaces}
+    return dict(sorted(found.items()))
 
 
 def describe_builtins() -> list[tuple[str, str]]:

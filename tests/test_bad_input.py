@@ -4,7 +4,6 @@ imported run by default; the others (about 10 s each) with -m slow."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +113,7 @@ def make_inputs(d: Path) -> None:
     save_checkpoint(state, d / "teacher.pt")
     data = (d / "teacher.pt").read_bytes()
     (d / "truncated.pt").write_bytes(data[:len(data) // 3])
-    narrow = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, width=64))
+    narrow = cfg.model_copy(update={"net": cfg.net.model_copy(update={"width": 64})})
     save_checkpoint({**state, "model": model_spec(narrow, gmm8(), "edm")}, d / "otherarch.pt")
 
 

@@ -58,8 +58,7 @@ from bench.diffusion.rng import StackedGenerator, sample_seed
 from bench.diffusion.samplers import CallCounter, Model
 from bench.engine.evaluation import sample_labels
 from bench.metrics.base import MetricSuite
-from methods import get_method
-from methods.consistency import ConsistencyMethod
+from methods import Method, all_methods, get_method
 
 Reporter = Callable[[str], None]
 
@@ -128,8 +127,9 @@ def check_request(request: EditRequest, dataset: Dataset, method_name: str) -> N
     """Every mismatch of task, flags, method and dataset is a one-line usage error."""
     if request.task not in TASKS:
         raise UsageError(f"unknown task {request.task!r}; valid: {', '.join(TASKS)}")
-    if not issubclass(get_method(method_name), ConsistencyMethod):
-        raise UsageError(f"bench edit needs a consistency model run (cd, ct or ict); run "
+    if not get_method(method_name).can_edit:
+        editable = ", ".join(cls.name for cls in all_methods() if cls.can_edit)
+        raise UsageError(f"bench edit needs a consistency model run ({editable}); run "
                          f"{request.run_id} is {method_name}")
     if request.mask not in MASKS:
         raise UsageError(f"unknown mask {request.mask!r}; valid: {', '.join(MASKS)}")
@@ -197,8 +197,6 @@ def edit_run(tracker: Tracker, request: EditRequest, report: Reporter) -> EditOu
         raise UsageError(f"--sigma must lie in ({levels.sigma_min:g}, {levels.sigma_max:g}], "
                          f"got {sigma:g}")
     p, state = load_run(tracker, request.run_id, report, nfes)
-    method = p.method
-    assert isinstance(method, ConsistencyMethod)
     outcome = EditOutcome("", request.run_id, request.task, dataset.name,
                           BASELINES[request.task])
     with tempfile.TemporaryDirectory() as tmp:
@@ -282,7 +280,7 @@ class _ImageEditor:
     def __init__(self, p: Prepared, ema: nn.Module | None, request: EditRequest,
                  sigma: float | None, out: Path) -> None:
         self.p, self.ema, self.request, self.sigma, self.out = p, ema, request, sigma, out
-        self.method: ConsistencyMethod = p.method  # type: ignore[assignment]
+        self.method: Method = p.method
         self.dataset = p.dataset
         self.clamp = p.dataset.clamp or (-1.0, 1.0)
         device = p.device
@@ -422,7 +420,7 @@ class _PointsEditor:
         gmm = p.dataset
         assert isinstance(gmm, GaussianMixture)
         self.p, self.ema, self.request, self.sigma, self.out = p, ema, request, sigma, out
-        self.method: ConsistencyMethod = p.method  # type: ignore[assignment]
+        self.method: Method = p.method
         self.gmm = gmm
         generator = torch.Generator().manual_seed(sample_seed(request.seed, _TRUTH_STREAM))
         self.observed = gmm.sample(request.n, generator).to(torch.float64)

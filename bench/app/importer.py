@@ -14,7 +14,6 @@ the EMA weights) and, for consistency models, target network.
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,9 +31,8 @@ from bench.engine.checkpoint import save_checkpoint
 from bench.engine.models import denoiser_from_spec, model_spec
 from bench.metrics.extractors import file_sha256
 from bench.nets.adm import ADMUNet, from_official
-from methods import get_method
+from methods import all_methods, get_method, teacher_method
 
-IMPORT_KINDS = ("edm", "cd", "ct")  # what the released checkpoints are
 IMPORT_DATASETS = ("imagenet64", "lsun-bedroom", "lsun-cat")  # where the PyTorch code has them
 
 Reporter = Callable[[str], None]
@@ -45,7 +43,7 @@ class ImportRequest:
     """What `bench import` was asked to do."""
 
     checkpoint: Path  # the official .pt file (a state dict of UNetModel)
-    kind: str  # "edm" (teacher), "cd" or "ct"
+    kind: str  # the method it was trained with (one that declares official_import)
     dataset: str  # "imagenet64", "lsun-bedroom" or "lsun-cat"
     name: str | None = None  # run name; default <kind>-<dataset>-<file stem>
     teacher: str = "auto"  # cd: the EDM teacher's run id, or auto (newest finished edm run)
@@ -68,14 +66,16 @@ def read_official(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _teacher_run(tracker: Tracker, teacher: str, dataset: str) -> str:
-    """The EDM teacher's run id for an imported CD model (its evaluation rebuilds CD)."""
+    """The teacher's run id for an imported distilled model (its evaluation rebuilds it)."""
     if teacher in ("", "auto"):
-        runs = tracker.search(dataset, "tags.method = 'edm' and attributes.status = 'FINISHED'",
-                              max_results=1)
+        method = teacher_method()
+        runs = tracker.search(dataset, f"tags.method = '{method}' and "
+                              "attributes.status = 'FINISHED'", max_results=1)
         if not runs:
-            raise BenchError(f"no finished edm run on {dataset} to serve as the CD teacher: "
-                             f"import the EDM checkpoint first (bench import --kind edm "
-                             f"--dataset {dataset} --checkpoint edm_....pt) or pass --teacher")
+            raise BenchError(f"no finished {method} run on {dataset} to serve as the teacher: "
+                             f"import the teacher's checkpoint first (bench import --kind "
+                             f"{method} --dataset {dataset} --checkpoint ....pt) or pass "
+                             f"--teacher")
         return runs[0].run_id
     if not RUN_ID_PATTERN.match(teacher):
         raise UsageError(f"--teacher must be a run id or auto, got {teacher!r}")
@@ -88,9 +88,9 @@ def _teacher_run(tracker: Tracker, teacher: str, dataset: str) -> str:
 
 def imported_config(request: ImportRequest, cwd: Path) -> RunConfig:
     """The paper preset of (kind, dataset) with the request's --set overrides."""
-    if request.kind not in IMPORT_KINDS:
-        raise UsageError(f"--kind must be one of {', '.join(IMPORT_KINDS)}, got "
-                         f"{request.kind!r}")
+    kinds = [cls.name for cls in all_methods() if cls.official_import]
+    if request.kind not in kinds:
+        raise UsageError(f"--kind must be one of {', '.join(kinds)}, got {request.kind!r}")
     if request.dataset not in IMPORT_DATASETS:
         raise UsageError(f"--dataset must be one of {', '.join(IMPORT_DATASETS)} (the "
                          f"datasets of the released PyTorch checkpoints), got "
@@ -106,9 +106,8 @@ def imported_config(request: ImportRequest, cwd: Path) -> RunConfig:
 def _modules(kind: str, cfg: RunConfig, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The networks a run of `kind` checkpoints, all holding the imported weights."""
     modules: dict[str, Any] = {"student": weights}
-    # the target network theta^- exists when mu > 0 (CD) or is scheduled (CT): methods.consistency
-    if kind == "ct" or (kind == "cd" and cfg.cd.target_mu > 0):
-        modules["target"] = weights
+    for name in get_method(kind).imported_modules(cfg):  # e.g. a target network theta^-
+        modules[name] = weights
     if cfg.train.ema_rate > 0:
         modules["ema"] = weights
     return modules
@@ -119,9 +118,9 @@ def import_checkpoint(tracker: Tracker, request: ImportRequest, cwd: Path,
     """Create a FINISHED run from an official checkpoint; return its run id."""
     cfg = imported_config(request, cwd)
     state = read_official(request.checkpoint)
-    teacher = _teacher_run(tracker, request.teacher, request.dataset) \
-        if request.kind == "cd" else "none"
-    cfg = dataclasses.replace(cfg, teacher=teacher)
+    needs_teacher = get_method(request.kind).needs_teacher
+    teacher = _teacher_run(tracker, request.teacher, request.dataset) if needs_teacher else "none"
+    cfg = cfg.model_copy(update={"teacher": teacher})
     dataset = describe_dataset(request.dataset)
     spec = model_spec(cfg, dataset, get_method(request.kind).precond)
     denoiser = denoiser_from_spec(spec, seed=cfg.seed)
@@ -149,7 +148,7 @@ def import_checkpoint(tracker: Tracker, request: ImportRequest, cwd: Path,
         "method": request.kind,
         "dataset": request.dataset,
         "teacher": teacher,
-        "teacher_kind": "run" if request.kind == "cd" else "none",
+        "teacher_kind": "run" if needs_teacher else "none",
         "imported_from": str(request.checkpoint.resolve()),
         "imported_sha256": sha,
         "device": "cpu",

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 import time
@@ -113,7 +112,7 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter, shard: Shard = S
     if method_cls.needs_teacher:
         teacher = resolve_teacher(cfg.teacher, dataset, tracker, device)
         teacher_model, teacher_source, teacher_kind = teacher.model, teacher.source, teacher.kind
-    cfg = dataclasses.replace(cfg, teacher=teacher_source)
+    cfg = cfg.model_copy(update={"teacher": teacher_source})
     spec = model_spec(cfg, dataset, method_cls.precond)
     ctx = MethodContext(
         config=cfg,
@@ -511,9 +510,9 @@ def load_run(tracker: Tracker, run_id: str, report: Reporter, nfe: list[int] | N
     changes: dict[str, Any] = {}
     if device:
         changes["device"] = device
-    cfg = dataclasses.replace(cfg, **changes)
+    cfg = cfg.model_copy(update=changes)
     if nfe:
-        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, nfe=nfe))
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"nfe": nfe})})
     p = prepare(cfg, tracker, report)
     state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
     if p.method.trains:
@@ -584,7 +583,8 @@ def sample_run(tracker: Tracker, run_id: str, nfe: int, count: int, seed: int,
     p, state = load_run(tracker, run_id, report, [nfe])
     cfg = p.config
     if compile_net:
-        cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, compile=True))
+        cfg = cfg.model_copy(
+            update={"sample": cfg.sample.model_copy(update={"compile": True})})
     model = sampling_model(p.method.evaluation_model(state.ema, nfe), cfg, p.device)
     chunks: list[torch.Tensor] = []
     conditional = bool(p.spec["num_classes"])

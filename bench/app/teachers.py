@@ -14,6 +14,7 @@ from bench.data.datasets import Dataset, GaussianMixture
 from bench.diffusion.denoiser import AnalyticDenoiser
 from bench.engine.checkpoint import load_checkpoint
 from bench.engine.models import load_denoiser
+from methods import teacher_method
 
 CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
 
@@ -46,12 +47,14 @@ def resolve_teacher(spec: str, dataset: Dataset, tracker: Tracker, device: torch
                              f"(gmm8, gmm25), not {dataset.name}")
         return Teacher(AnalyticDenoiser(dataset.denoise).to(device), "analytic", "analytic")
     if spec in ("", "auto"):
-        runs = tracker.search(dataset.name, "tags.method = 'edm' and "
+        method = teacher_method()
+        runs = tracker.search(dataset.name, f"tags.method = '{method}' and "
                               "attributes.status = 'FINISHED'", max_results=1)
         if not runs:
             hint = " or pass --teacher analytic" if isinstance(dataset, GaussianMixture) else ""
-            raise BenchError(f"no finished edm teacher for {dataset.name} in the store: train "
-                             f"one with `bench run --method edm --dataset {dataset.name}`{hint}")
+            raise BenchError(f"no finished {method} teacher for {dataset.name} in the store: "
+                             f"train one with `bench run --method {method} --dataset "
+                             f"{dataset.name}`{hint}")
         spec = runs[0].run_id
     if RUN_ID_PATTERN.match(spec) and not Path(spec).exists():
         record = tracker.get_run(spec)

@@ -21,6 +21,15 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+
+@app.callback()
+def _registry() -> None:
+    # before any command: the methods (built-in, then plug-ins), whose config sections every
+    # config, bench.toml and preset is checked against
+    import methods  # noqa: F401
+
+
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config key: --set train.lr=3e-4 (repeatable; TOML values).")]
 TrackingOption = Annotated[str | None, typer.Option(
@@ -232,11 +241,13 @@ def _relaunch(nproc: int) -> None:
 def import_(
     checkpoint: Annotated[Path, typer.Option(
         help="A checkpoint released with the consistency-models PyTorch code (state dict).")],
-    kind: Annotated[str, typer.Option(help="What it is: edm (teacher), cd or ct.")],
+    kind: Annotated[str, typer.Option(
+        help="The method it was trained with (`bench methods`: the ones marked 'import').")],
     dataset: Annotated[str, typer.Option(help="imagenet64, lsun-bedroom or lsun-cat.")],
     name: Annotated[str | None, typer.Option(help="Run name.")] = None,
     teacher: Annotated[str, typer.Option(
-        help="cd: the EDM teacher's run id, or auto (newest finished edm run).")] = "auto",
+        help="Distillation: the teacher's run id, or auto (the newest finished teacher run)."
+    )] = "auto",
     set_: SetOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
@@ -254,8 +265,8 @@ def sweep(
     method: Annotated[str, typer.Option(help="Method (see `bench methods`).")],
     dataset: Annotated[str, typer.Option(help="Dataset (see `bench datasets`).")],
     space: Annotated[list[str], typer.Option(
-        help="Search space: a built-in name (ct-schedule, cd-ema, cd-n, pd-steps, "
-             "ict-curriculum, <method>-lr) or a .toml file; repeat to combine.")],
+        help="Search space: a built-in name (`bench methods` lists each method's) or a .toml "
+             "file; repeat to combine.")],
     trials: Annotated[int, typer.Option(
         help="Finished (complete or pruned) trials the study should hold.", min=1)],
     objective: Annotated[list[str] | None, typer.Option(
@@ -436,15 +447,19 @@ def methods() -> None:
     """List the registered methods."""
     from rich.table import Table
 
-    from methods import get_method, method_names
+    from methods import all_methods
 
     table = Table(title="methods")
-    for col in ("name", "trains", "teacher", "summary"):
+    for col in ("name", "label", "group", "trains", "teacher", "can", "spaces", "summary"):
         table.add_column(col)
-    for name in method_names():
-        cls = get_method(name)
-        table.add_row(name, "yes" if cls.trains else "no",
-                      "needed" if cls.needs_teacher else "-", cls.summary)
+    for cls in all_methods():
+        can = [c for c, ok in (("edit", cls.can_edit), ("import", cls.official_import),
+                               ("suite", cls.in_suite)) if ok]
+        table.add_row(cls.name, cls.display_label(), cls.group, "yes" if cls.trains else "no",
+                      "needed" if cls.needs_teacher else
+                      ("provides" if cls.provides_teacher else "-"),
+                      ", ".join(can) or "-", ", ".join(p.stem for p in cls.search_spaces) or "-",
+                      cls.summary)
     _console().print(table)
 
 
@@ -541,9 +556,10 @@ def report(
 @app.command()
 def suite(
     dataset: Annotated[str, typer.Option(help="Dataset (see `bench datasets`).")] = "gmm8",
-    methods_: Annotated[str, typer.Option(
-        "--methods", help="Comma-separated methods (run in the order edm, ddim, pd, cd, ct, ict).")
-    ] = "edm,ddim,pd,cd,ct,ict",
+    methods_: Annotated[str | None, typer.Option(
+        "--methods", help="Comma-separated methods, run teacher first, then in registration "
+                          "order (default: every method `bench methods` marks 'suite').")
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Config override for every run (key=value) or one method "
                       "(cd:train.steps=500); repeatable.")] = None,

@@ -1,284 +1,219 @@
 """Typed run configuration and its layered resolution.
 
-Precedence, lowest first: the dataclass defaults below < the shipped bench.toml < ./bench.toml
+Precedence, lowest first: the model defaults below < the shipped bench.toml < ./bench.toml
 < the bench.toml presets [preset."*".<dataset>] < [preset.<method>."*"]
 < [preset.<method>.<dataset>] < --config FILE
 < command-line flags < repeatable --set key=value (values parsed as TOML literals).
+
+The sections shared by every run are defined here; each method declares its own section (a
+`Section` subclass in its module, registered with `register_section`), so a run's config holds
+the shared sections and one section per registered method. Validation is pydantic's (strict
+types, no unknown keys, bounds on the fields); its errors become one line naming the key.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import tomllib
-import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
+
+import annotated_types
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from bench.core.errors import UsageError
 
 PACKAGE_DEFAULTS = Path(__file__).resolve().parents[1] / "_defaults" / "bench.toml"
 SOURCE_DEFAULTS = Path(__file__).resolve().parents[2] / "bench.toml"
 ALL = "*"  # preset key matching every method ([preset."*".<dataset>]) or every dataset
-LR_SCHEDULES = ("constant", "cosine", "linear")  # learning rate after warm-up
-INDEX_SAMPLINGS = ("uniform", "lognormal")  # how the consistency index n is drawn
-WEIGHTINGS = ("uniform", "inverse_gap")  # consistency-loss weightings lambda(t_n)
-EVAL_NOISES = ("auto", "random", "qmc")  # evaluation noise: eval.noise
-PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision: autocast of the forward passes
-DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")  # consistency-loss distances
-NET_KINDS = ("auto", "mlp", "unet", "adm", "ddpmpp", "ncsnpp")  # net.kind (bench.nets.build)
+
+NonNegInt = Annotated[int, Field(ge=0)]
+PosInt = Annotated[int, Field(ge=1)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Rate = Annotated[float, Field(ge=0, lt=1)]  # a probability or an averaging rate in [0, 1)
 
 
-@dataclass
-class DataConfig:
+class Section(BaseModel):
+    """One table of the config: typed fields with defaults; unknown keys and wrong types fail."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class DataConfig(Section):
     path: str = ""  # local folder or file of a path dataset ("" = unset)
 
 
-@dataclass
-class NetConfig:
-    kind: str = "auto"  # "mlp", "unet", "adm", "ddpmpp", "ncsnpp"; "auto": mlp/unet by data
-    width: int = 128  # MLP hidden width
-    depth: int = 3  # MLP residual blocks
-    emb_dim: int = 0  # noise-embedding width; 0 = 128 (MLP) or 4 * model_channels (UNet)
-    model_channels: int = 64  # UNet base channels
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # per-level widths;
+class NetConfig(Section):
+    # "mlp", "unet", "adm", "ddpmpp", "ncsnpp" (bench.nets.build); "auto": mlp/unet by data
+    kind: Literal["auto", "mlp", "unet", "adm", "ddpmpp", "ncsnpp"] = "auto"
+    width: PosInt = 128  # MLP hidden width
+    depth: PosInt = 3  # MLP residual blocks
+    emb_dim: NonNegInt = 0  # noise-embedding width; 0 = 128 (MLP) or 4 * model_channels (UNet)
+    model_channels: PosInt = 64  # UNet base channels
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2])  # per-level widths;
     # [] = the official ADM default for the resolution (adm) or [2, 2, 2] (ddpmpp, ncsnpp)
-    num_res_blocks: int = 2  # UNet residual blocks per level
-    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # UNet attention levels
-    dropout: float = 0.0  # dropout probability inside blocks
-    num_heads: int = 1  # attention heads
-    num_head_channels: int = 0  # adm: channels per attention head (> 0 overrides num_heads)
+    num_res_blocks: PosInt = 2  # UNet residual blocks per level
+    attn_resolutions: list[int] = Field(default_factory=lambda: [16])  # UNet attention levels
+    dropout: Rate = 0.0  # dropout probability inside blocks
+    num_heads: PosInt = 1  # attention heads
+    num_head_channels: NonNegInt = 0  # adm: channels per attention head (> 0 overrides heads)
     scale_shift_norm: bool = True  # unet, adm: embedding as GroupNorm scale and shift
     resblock_updown: bool = False  # adm: residual blocks for up/downsampling
     class_conditional: bool = False  # condition on labels when the dataset has them
 
 
-@dataclass
-class DiffusionConfig:
-    sigma_min: float = 0.002  # smallest noise level (Karras et al. 2022)
+class DiffusionConfig(Section):
+    sigma_min: PosFloat = 0.002  # smallest noise level (Karras et al. 2022)
     sigma_max: float = 80.0  # largest noise level
     rho: float = 7.0  # Karras grid curvature
-    sigma_data: float = 0.0  # data std for preconditioning; 0 = the dataset's own value
+    sigma_data: NonNegFloat = 0.0  # data std for preconditioning; 0 = the dataset's own value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DiffusionConfig:
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError("diffusion.sigma_min must be in (0, sigma_max)")
+        return self
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 4000  # optimizer iterations
-    batch_size: int = 512  # samples per iteration
-    optimizer: str = "adam"  # "adam" or "radam"
-    lr: float = 1e-3  # peak learning rate
+class TrainConfig(Section):
+    steps: NonNegInt = 4000  # optimizer iterations
+    batch_size: PosInt = 512  # samples per iteration
+    optimizer: Literal["adam", "radam"] = "adam"
+    lr: PosFloat = 1e-3  # peak learning rate
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.999  # Adam beta2
     weight_decay: float = 0.0  # decoupled weight decay (AdamW style when > 0)
-    warmup_steps: int = 100  # linear learning-rate warm-up
-    lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine"/"linear" decay to 0
-    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
-    ema_rate: float = 0.999  # evaluation EMA of the student per iteration; 0 disables
-    checkpoint_every: int = 1000  # iterations between checkpoints (0 = only at the end)
-    log_every: int = 50  # iterations between logged training metrics
-    eval_every: int = 0  # iterations between intermediate evaluations (0 = only at the end)
-    nonfinite: str = "stop"  # on a non-finite loss: "stop" the run or "skip" the step
-    precision: str = "fp32"  # forward passes: "fp32", "bf16" autocast, "fp16" (CUDA, scaled)
+    warmup_steps: NonNegInt = 100  # linear learning-rate warm-up
+    # after warm-up: "constant", or "cosine"/"linear" decay to 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    grad_clip: NonNegFloat = 0.0  # max gradient norm; 0 disables clipping
+    ema_rate: Rate = 0.999  # evaluation EMA of the student per iteration; 0 disables
+    checkpoint_every: NonNegInt = 1000  # iterations between checkpoints (0 = only at the end)
+    log_every: PosInt = 50  # iterations between logged training metrics
+    eval_every: NonNegInt = 0  # iterations between intermediate evaluations (0 = at the end)
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a non-finite loss: stop, or skip the step
+    # forward passes: "fp32", "bf16" autocast, "fp16" (CUDA, scaled)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False  # image networks and batches in NHWC memory order
     compile: bool = False  # torch.compile the student's forward
 
 
-@dataclass
-class EvalConfig:
-    nfe: list[int] = field(default_factory=lambda: [1, 2, 4])  # NFEs to evaluate
-    num_samples: int = 2000  # generated samples per NFE
-    batch_size: int = 1000  # samples per generation batch
-    metrics: list[str] = field(default_factory=list)  # [] = the dataset's default metrics
-    seed: int = 0  # sampling seed: sample i uses (seed, i), identical across methods
-    noise: str = "auto"  # "random", "qmc" (scrambled Sobol, 2-D data only), "auto" = qmc on 2-D
-    reference_seed: int = 1  # seed of the reference draw of the data
+class EvalConfig(Section):
+    nfe: Annotated[list[PosInt], Field(min_length=1)] = Field(
+        default_factory=lambda: [1, 2, 4])  # NFEs to evaluate
+    num_samples: Annotated[int, Field(ge=2)] = 2000  # generated samples per NFE
+    batch_size: PosInt = 1000  # samples per generation batch
+    metrics: list[str] = Field(default_factory=list)  # [] = the dataset's default metrics
+    seed: NonNegInt = 0  # sampling seed: sample i uses (seed, i), identical across methods
+    # "random", "qmc" (scrambled Sobol, 2-D data only), "auto" = qmc on 2-D
+    noise: Literal["auto", "random", "qmc"] = "auto"
+    reference_seed: NonNegInt = 1  # seed of the reference draw of the data
     inception_weights: str = ""  # local Inception-v3 weights for FID ("" = torch hub cache)
-    metric_tool: str = "torch-fidelity"  # image metrics: "torch-fidelity" or "clean-fid"
-    clean_fid_mode: str = "clean"  # clean-fid: "clean", "legacy_tensorflow", "legacy_pytorch"
-    reference_split: str = "train"  # image metrics: split the reference statistics come from
-    image_metrics: list[str] = field(default_factory=lambda: ["fid"])  # of fid, is, kid, prc
+    # image metrics: "torch-fidelity" or "clean-fid"
+    metric_tool: Literal["torch-fidelity", "clean-fid"] = "torch-fidelity"
+    # clean-fid: "clean", "legacy_tensorflow", "legacy_pytorch"
+    clean_fid_mode: Literal["clean", "legacy_tensorflow", "legacy_pytorch"] = "clean"
+    # image metrics: split the reference statistics come from
+    reference_split: Literal["train", "test"] = "train"
+    # a subset of fid, is, kid, prc
+    image_metrics: list[Literal["fid", "is", "kid", "prc"]] = Field(
+        default_factory=lambda: ["fid"])
     save_png: bool = False  # also write every evaluated image as a PNG (image datasets)
     reference_stats: str = ""  # published .npz with mu and sigma (clean-fid, guided-diffusion)
-    reference_num_samples: int = 0  # reference images for the statistics; 0 = the whole split
+    reference_num_samples: NonNegInt = 0  # reference images for the statistics; 0 = all
 
 
-@dataclass
-class SampleConfig:
-    sigmas: list[float] = field(default_factory=list)  # explicit consistency-sampling levels
+class SampleConfig(Section):
+    sigmas: list[PosFloat] = Field(default_factory=list)  # explicit consistency levels
     # torch.compile the sampling network (on CUDA in "reduce-overhead" mode: CUDA graphs)
     compile: bool = False
 
-
-@dataclass
-class EDMConfig:
-    p_mean: float = -1.2  # mean of ln(sigma) during teacher training
-    p_std: float = 1.2  # std of ln(sigma) during teacher training
-
-
-@dataclass
-class CDConfig:
-    n_scales: int = 18  # N: levels of the Karras discretisation
-    solver: str = "heun"  # teacher ODE solver for one step: "heun" (2 calls) or "euler" (1)
-    distance: str = "l2"  # "l2", "l1", "pseudo_huber" or "lpips"
-    weighting: str = "uniform"  # lambda(t_n): "uniform" (the paper) or "inverse_gap" (iCT)
-    indices: str = "uniform"  # n: "uniform" (the paper) or "lognormal" (iCT, p_mean/p_std)
-    p_mean: float = -1.1  # lognormal index distribution: mean of ln(sigma)
-    p_std: float = 2.0  # lognormal index distribution: std of ln(sigma)
-    target_mu: float = 0.0  # target EMA rate mu (0 = the target is the student, stop-grad)
-    huber_c: float = 0.0  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
+    @model_validator(mode="after")
+    def _decreasing(self) -> SampleConfig:
+        if any(a <= b for a, b in zip(self.sigmas, self.sigmas[1:], strict=False)):
+            raise ValueError("sample.sigmas must be strictly decreasing")
+        return self
 
 
-@dataclass
-class CTConfig:
-    s0: int = 2  # initial discretisation steps of the N(k) curriculum
-    s1: int = 150  # final discretisation steps
-    mu0: float = 0.9  # target EMA rate at the start
-    distance: str = "l2"  # "l2", "l1", "pseudo_huber" or "lpips"
-    weighting: str = "uniform"  # lambda(t_n): "uniform" (the paper) or "inverse_gap" (iCT)
-    indices: str = "uniform"  # n: "uniform" (the paper) or "lognormal" (iCT, p_mean/p_std)
-    p_mean: float = -1.1  # lognormal index distribution: mean of ln(sigma)
-    p_std: float = 2.0  # lognormal index distribution: std of ln(sigma)
-    mu_official: bool = False  # mu(k) with N(k) - 1 in the denominator, as the official code
-    huber_c: float = 0.0  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
-
-
-@dataclass
-class ICTConfig:
-    s0: int = 10  # initial discretisation steps of the doubling curriculum
-    s1: int = 1280  # final discretisation steps
-    p_mean: float = -1.1  # lognormal noise-index distribution: mean of ln(sigma)
-    p_std: float = 2.0  # lognormal noise-index distribution: std of ln(sigma)
-    huber_c: float = 0.0  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
-
-
-@dataclass
-class PDConfig:
-    initial_steps: int = 16  # teacher Euler steps at the first stage (a power of two >= 2)
-    iters_per_stage: int = 400  # optimizer iterations per halving stage (paper: 50k)
-    last_stage_factor: float = 2.0  # the final (1-step) stage trains this many times longer
-
-
-@dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
     runs_dir: str = "runs"  # everything a run writes goes here
     uri: str = ""  # MLflow tracking URI; "" = sqlite:///<runs_dir>/mlflow.db
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Section):
+    """The shared part of every run's config; `config_model()` adds the methods' sections."""
+
     method: str = ""  # registered method name (bench methods)
     dataset: str = ""  # registered dataset name, folder:PATH or points:PATH (bench datasets)
-    seed: int = 0  # training seed
+    seed: NonNegInt = 0  # training seed
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     teacher: str = "auto"  # run id, checkpoint path, "analytic" or "auto"
-    sampler: str = ""  # "euler" or "heun" for diffusion models; "" = the method's default
-    data: DataConfig = field(default_factory=DataConfig)
-    net: NetConfig = field(default_factory=NetConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    edm: EDMConfig = field(default_factory=EDMConfig)
-    cd: CDConfig = field(default_factory=CDConfig)
-    ct: CTConfig = field(default_factory=CTConfig)
-    ict: ICTConfig = field(default_factory=ICTConfig)
-    pd: PDConfig = field(default_factory=PDConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # "euler" or "heun" for diffusion models; "" = the method's default
+    sampler: Literal["", "euler", "heun"] = ""
+    data: DataConfig = Field(default_factory=DataConfig)
+    net: NetConfig = Field(default_factory=NetConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
-    def validate(self) -> None:
-        """Check value ranges and choices; raise UsageError naming the key."""
-        checks: list[tuple[bool, str]] = [
-            (self.seed >= 0, "seed must be >= 0"),
-            (self.sampler in ("", "euler", "heun"), "sampler must be 'euler' or 'heun'"),
-            (self.net.kind in NET_KINDS, f"net.kind must be one of {', '.join(NET_KINDS)}"),
-            (self.net.num_head_channels >= 0, "net.num_head_channels must be >= 0"),
-            (0.0 <= self.net.dropout < 1.0, "net.dropout must be in [0, 1)"),
-            (self.train.steps >= 0, "train.steps must be >= 0"),
-            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
-            (self.train.lr > 0, "train.lr must be > 0"),
-            (self.train.optimizer in ("adam", "radam"), "train.optimizer must be adam or radam"),
-            (0.0 <= self.train.ema_rate < 1.0, "train.ema_rate must be in [0, 1)"),
-            (self.train.grad_clip >= 0, "train.grad_clip must be >= 0"),
-            (self.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-            (self.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
-            (self.train.log_every >= 1, "train.log_every must be >= 1"),
-            (self.train.lr_schedule in LR_SCHEDULES,
-             f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
-            (self.train.eval_every >= 0, "train.eval_every must be >= 0"),
-            (self.train.nonfinite in ("stop", "skip"), "train.nonfinite must be stop or skip"),
-            (self.train.precision in PRECISIONS,
-             f"train.precision must be one of {', '.join(PRECISIONS)}"),
-            (len(self.eval.nfe) > 0, "eval.nfe must not be empty"),
-            (all(n >= 1 for n in self.eval.nfe), "eval.nfe values must be >= 1"),
-            (self.eval.num_samples >= 2, "eval.num_samples must be >= 2"),
-            (self.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
-            (self.eval.seed >= 0 and self.eval.reference_seed >= 0, "eval seeds must be >= 0"),
-            (self.eval.noise in EVAL_NOISES,
-             f"eval.noise must be one of {', '.join(EVAL_NOISES)}"),
-            (all(s > 0 for s in self.sample.sigmas), "sample.sigmas must be > 0"),
-            (
-                0 < self.diffusion.sigma_min < self.diffusion.sigma_max,
-                "diffusion.sigma_min must be in (0, sigma_max)",
-            ),
-            (self.diffusion.sigma_data >= 0, "diffusion.sigma_data must be >= 0"),
-            (self.pd.initial_steps >= 2 and self.pd.initial_steps.bit_count() == 1,
-             "pd.initial_steps must be a power of two >= 2"),
-            (self.pd.iters_per_stage >= 1, "pd.iters_per_stage must be >= 1"),
-            (self.pd.last_stage_factor > 0, "pd.last_stage_factor must be > 0"),
-            (self.eval.metric_tool in ("torch-fidelity", "clean-fid"),
-             "eval.metric_tool must be torch-fidelity or clean-fid"),
-            (self.eval.clean_fid_mode in ("clean", "legacy_tensorflow", "legacy_pytorch"),
-             "eval.clean_fid_mode must be clean, legacy_tensorflow or legacy_pytorch"),
-            (self.cd.n_scales >= 2, "cd.n_scales must be >= 2"),
-            (self.cd.solver in ("heun", "euler"), "cd.solver must be heun or euler"),
-            (self.cd.distance in DISTANCES, f"cd.distance must be one of {', '.join(DISTANCES)}"),
-            (self.ct.distance in DISTANCES, f"ct.distance must be one of {', '.join(DISTANCES)}"),
-            (self.cd.weighting in WEIGHTINGS,
-             f"cd.weighting must be one of {', '.join(WEIGHTINGS)}"),
-            (self.ct.weighting in WEIGHTINGS,
-             f"ct.weighting must be one of {', '.join(WEIGHTINGS)}"),
-            (self.cd.indices in INDEX_SAMPLINGS,
-             f"cd.indices must be one of {', '.join(INDEX_SAMPLINGS)}"),
-            (self.ct.indices in INDEX_SAMPLINGS,
-             f"ct.indices must be one of {', '.join(INDEX_SAMPLINGS)}"),
-            (self.cd.p_std > 0, "cd.p_std must be > 0"),
-            (self.ct.p_std > 0, "ct.p_std must be > 0"),
-            (0.0 <= self.cd.target_mu < 1.0, "cd.target_mu must be in [0, 1)"),
-            (0.0 < self.ct.mu0 < 1.0, "ct.mu0 must be in (0, 1)"),
-            (2 <= self.ct.s0 <= self.ct.s1, "ct.s0 and ct.s1 must satisfy 2 <= s0 <= s1"),
-            (1 <= self.ict.s0 <= self.ict.s1, "ict.s0 and ict.s1 must satisfy 1 <= s0 <= s1"),
-            (self.ict.p_std > 0, "ict.p_std must be > 0"),
-            (min(self.cd.huber_c, self.ct.huber_c, self.ict.huber_c) >= 0,
-             "huber_c must be >= 0"),
-            (self.eval.reference_num_samples >= 0, "eval.reference_num_samples must be >= 0"),
-            (self.eval.reference_split in ("train", "test"),
-             "eval.reference_split must be train or test"),
-            (set(self.eval.image_metrics) <= {"fid", "is", "kid", "prc"},
-             "eval.image_metrics must be a subset of fid, is, kid, prc"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-        sigmas = self.sample.sigmas
-        if any(a <= b for a, b in zip(sigmas, sigmas[1:], strict=False)):
-            raise UsageError("sample.sigmas must be strictly decreasing")
+    def section(self, name: str, kind: type[S]) -> S:
+        """A method's section by name, as its own type."""
+        value = getattr(self, name, None)
+        if not isinstance(value, kind):
+            raise KeyError(f"config has no [{name}] section of type {kind.__name__}")
+        return value
+
+
+S = TypeVar("S", bound=Section)
+
+# ---------------------------------------------------------------------------------------------
+# the methods' sections
+
+_SECTIONS: dict[str, type[Section]] = {}
+
+
+def register_section(name: str, section: type[Section]) -> None:
+    """Add a method's config section [name] to every run's config."""
+    if name in RunConfig.model_fields or (name in _SECTIONS and _SECTIONS[name] is not section):
+        raise ValueError(f"config section [{name}] is already defined")
+    _SECTIONS[name] = section
+    config_model.cache_clear()
+
+
+@cache
+def config_model() -> type[RunConfig]:
+    """RunConfig with one field per registered method section, in registration order."""
+    fields: dict[str, Any] = {name: (section, Field(default_factory=section))
+                              for name, section in _SECTIONS.items()}
+    return create_model("RunConfig", __base__=RunConfig, **fields)
 
 
 # ---------------------------------------------------------------------------------------------
-# dict <-> dataclass, with one-line errors naming the key
+# dict <-> model, with one-line errors naming the key
 
 
 def defaults_dict() -> dict[str, Any]:
     """The built-in defaults as a nested dict."""
-    return dataclasses.asdict(RunConfig())
+    return config_model()().model_dump()
+
+
+def default_config() -> RunConfig:
+    """Every default, with every registered method's section."""
+    return config_model()()
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The config as a nested dict of TOML-serialisable values."""
-    return dataclasses.asdict(cfg)
+    return cfg.model_dump()
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -293,59 +228,115 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+def _field_at(model: type[BaseModel], loc: tuple[int | str, ...],
+              ) -> tuple[type[BaseModel], FieldInfo | None]:
+    """The model that holds the last named key of loc, and that key's field."""
+    info: FieldInfo | None = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(part)
+        if info is None:
+            return model, None
+        inner = info.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            model = inner
+    return model, info
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check value against the annotated type tp; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise UsageError(f"config key '{key}' expects a list of {_type_name(inner)}, "
-                             f"got {value!r}")
-        return [_coerce(key, v, inner) for v in value]
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type for {key}")
-    ok = (
-        (tp is bool and isinstance(value, bool))
-        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
-        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
-        or (tp is str and isinstance(value, str))
-    )
-    if not ok:
-        raise UsageError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
-    return float(value) if tp is float else value
+def _bounds(info: FieldInfo | None, element: bool) -> str:
+    """'>= 1', '> 0' or 'in [0, 1)' from the field's (or its list elements') constraints."""
+    metadata = list(info.metadata) if info is not None else []
+    if element and info is not None:
+        for arg in typing.get_args(info.annotation):
+            metadata += [m for a in typing.get_args(arg) for m in getattr(a, "metadata", [])]
+            metadata += typing.get_args(arg)[1:] if typing.get_origin(arg) is Annotated else []
+    low = high = None
+    for m in metadata:
+        for kind in (annotated_types.Ge, annotated_types.Gt):
+            if isinstance(m, kind):
+                low = ("[" if kind is annotated_types.Ge else "(", m.ge if hasattr(m, "ge")
+                       else m.gt)
+        for kind in (annotated_types.Le, annotated_types.Lt):
+            if isinstance(m, kind):
+                high = ("]" if kind is annotated_types.Le else ")", m.le if hasattr(m, "le")
+                        else m.lt)
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
+    if high:
+        return f"{'<=' if high[0] == ']' else '<'} {high[1]}"
+    return "in range"
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        if key not in names:
-            raise UsageError(_unknown_key_message(f"{prefix}{key}", prefix, sorted(names)))
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, Mapping):
-                raise UsageError(f"config key '{prefix}{key}' is a table, got {value!r}")
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")  # type: ignore[arg-type]
-        else:
-            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
-    return cls(**kwargs)
+def _choices(info: FieldInfo | None) -> list[str]:
+    """The allowed values of a Literal field (or of a list of Literals)."""
+    tp = info.annotation if info is not None else None
+    if typing.get_origin(tp) is list:
+        (tp,) = typing.get_args(tp)
+    return [str(c) for c in typing.get_args(tp)] if typing.get_origin(tp) is Literal else []
 
 
-def _unknown_key_message(key: str, prefix: str, valid: list[str]) -> str:
-    where = f"[{prefix[:-1]}]" if prefix else "the top level"
-    return f"unknown config key '{key}' (valid in {where}: {', '.join(valid)})"
+def _type_name(error_type: str) -> str:
+    return {"int_type": "int", "int_from_float": "int", "float_type": "float",
+            "string_type": "str", "bool_type": "bool"}.get(error_type, error_type)
+
+
+def _message(model: type[BaseModel], error: Any) -> str:
+    """One line for pydantic's first error, naming the dotted key."""
+    loc: tuple[int | str, ...] = tuple(error["loc"])
+    names = [str(p) for p in loc if not isinstance(p, int)]
+    key = ".".join(names)
+    kind, value = error["type"], error.get("input")
+    holder, info = _field_at(model, loc)
+    if kind == "extra_forbidden":
+        prefix = ".".join(names[:-1])
+        where = f"[{prefix}]" if prefix else "the top level"
+        valid = ", ".join(sorted(holder.model_fields))
+        return f"unknown config key '{key}' (valid in {where}: {valid})"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"config key '{key}' is a table, got {value!r}"
+    if kind == "list_type":
+        inner = typing.get_args(info.annotation) if info is not None else ()
+        name = getattr(inner[0], "__name__", "value") if inner else "value"
+        if inner and typing.get_origin(inner[0]) is Annotated:
+            name = typing.get_args(inner[0])[0].__name__
+        return f"config key '{key}' expects a list of {name}, got {value!r}"
+    if kind in ("int_type", "int_from_float", "float_type", "string_type", "bool_type"):
+        if loc and isinstance(loc[-1], int):
+            return f"config key '{key}' expects a list of {_type_name(kind)}, got {value!r}"
+        return f"config key '{key}' expects {_type_name(kind)}, got {value!r}"
+    if kind in ("enum", "literal_error"):
+        choices = _choices(info)
+        listed = (" or ".join(choices) if len(choices) == 2
+                  else f"one of {', '.join(choices)}")
+        if info is not None and typing.get_origin(info.annotation) is list:
+            return f"{key} must be a subset of {', '.join(choices)}"
+        return f"{key} must be {listed}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        element = bool(loc) and isinstance(loc[-1], int)
+        what = f"{key} values" if element else key
+        return f"{what} must be {_bounds(info, element)}"
+    if kind == "too_short":
+        return f"{key} must not be empty"
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    return f"config key '{key}': {error['msg']}"
+
+
+def validate(model: type[RunConfig], data: Mapping[str, Any]) -> RunConfig:
+    """Build a config from a nested dict; the first error is a UsageError naming the key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(_message(model, exc.errors()[0])) from None
 
 
 def from_dict(data: Mapping[str, Any]) -> RunConfig:
-    """Build and validate a RunConfig from a nested dict (unknown keys and wrong types fail)."""
-    cfg = _build(RunConfig, data, "")
-    cfg.validate()
-    return cfg
+    """Build and validate a full RunConfig from a nested dict (unknown keys and wrong types
+    fail)."""
+    return validate(config_model(), data)
 
 
 def merge(base: dict[str, Any], layer: Mapping[str, Any], source: str, prefix: str = "") -> None:
@@ -354,7 +345,9 @@ def merge(base: dict[str, Any], layer: Mapping[str, Any], source: str, prefix: s
         name = f"{prefix}{key}"
         if key not in base:
             valid = sorted(base)
-            raise UsageError(f"{source}: " + _unknown_key_message(name, prefix, valid))
+            where = f"[{prefix[:-1]}]" if prefix else "the top level"
+            raise UsageError(f"{source}: unknown config key '{name}' "
+                             f"(valid in {where}: {', '.join(valid)})")
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise UsageError(f"{source}: config key '{name}' is a table, got {value!r}")
@@ -419,7 +412,7 @@ def load_bench_file(path: Path) -> BenchFile:
     if not isinstance(settings.get("data", {}), dict):
         raise UsageError(f"{path}: [data] must be a table ([data.<dataset>] path = ...)")
     data = dict(settings.get("data", {}))
-    known = {f.name for f in dataclasses.fields(DataConfig)}
+    known = set(DataConfig.model_fields)
     data_tables = {k: v for k, v in data.items() if k not in known and isinstance(v, dict)}
     settings["data"] = {k: v for k, v in data.items() if k not in data_tables}
     presets = raw.get("preset", {})
@@ -439,14 +432,23 @@ def load_bench_file(path: Path) -> BenchFile:
     return BenchFile(str(path), settings, data_tables, presets)
 
 
+_SCHEMA_ERRORS = ("extra_forbidden", "model_type", "dict_type", "model_attributes_type",
+                  "list_type", "int_type", "int_from_float", "float_type", "string_type",
+                  "bool_type")
+
+
 def _check_layer(layer: Mapping[str, Any], source: str) -> None:
-    """Unknown keys and wrong types of one layer are errors naming the source and the key."""
+    """Unknown keys and wrong types of one layer are errors naming the source and the key
+    (ranges and choices are checked on the resolved config, where later layers are in)."""
     data = defaults_dict()
     merge(data, layer, source)
+    model = config_model()
     try:
-        _build(RunConfig, data, "")
-    except UsageError as exc:
-        raise UsageError(f"{source}: {exc}") from None
+        model.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            if error["type"] in _SCHEMA_ERRORS:
+                raise UsageError(f"{source}: {_message(model, error)}") from None
 
 
 def default_bench_files(cwd: Path) -> list[BenchFile]:
@@ -541,6 +543,4 @@ def merge_free(base: dict[str, Any], layer: Mapping[str, Any]) -> None:
 
 def dumps(cfg: RunConfig) -> str:
     """The config as TOML text that `--config` accepts back."""
-    import tomli_w
-
     return tomli_w.dumps(to_dict(cfg))

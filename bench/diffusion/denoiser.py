@@ -1,16 +1,21 @@
-"""Preconditioning: every network meets the samplers as D(x; sigma) -> x0."""
+"""Preconditioning: every network meets the samplers as D(x; sigma) -> x0.
+
+A parameterisation (c_skip, c_out, c_in and the noise input c_noise as functions of sigma) is
+registered by name; a method picks one for its student, and the name is saved with the network.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from bench.core.errors import unknown_name
 from bench.diffusion.schedules import SIGMA_MIN
 
-Precond = Literal["edm", "cm"]
+Scalings = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -47,6 +52,39 @@ def c_noise_of(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.log() / 4
 
 
+@dataclass(frozen=True)
+class Parameterization:
+    """How D(x; sigma) wraps the raw network F: the scalings and F's noise input."""
+
+    scalings: Callable[[torch.Tensor, float, float], Scalings]  # (sigma, sigma_data, sigma_min)
+    c_noise: Callable[[torch.Tensor], torch.Tensor] = c_noise_of
+    description: str = ""
+
+
+PARAMETERIZATIONS: dict[str, Parameterization] = {}
+
+
+def register_parameterization(name: str, parameterization: Parameterization) -> None:
+    """Make a parameterisation available to methods under name."""
+    if name in PARAMETERIZATIONS:
+        raise ValueError(f"parameterisation {name!r} registered twice")
+    PARAMETERIZATIONS[name] = parameterization
+
+
+def get_parameterization(name: str) -> Parameterization:
+    """The parameterisation registered under name; an unknown name lists the valid ones."""
+    if name not in PARAMETERIZATIONS:
+        raise unknown_name("parameterisation", name, list(PARAMETERIZATIONS))
+    return PARAMETERIZATIONS[name]
+
+
+register_parameterization("edm", Parameterization(
+    lambda sigma, sigma_data, sigma_min: edm_scalings(sigma, sigma_data),
+    description="EDM (Karras et al. 2022): diffusion denoisers"))
+register_parameterization("cm", Parameterization(
+    cm_scalings, description="consistency models (Song et al. 2023): f(x, sigma_min) = x"))
+
+
 class Denoiser(nn.Module):
     """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) around a raw network F."""
 
@@ -55,22 +93,19 @@ class Denoiser(nn.Module):
         net: nn.Module,
         *,
         sigma_data: float,  # data standard deviation used by the scalings
-        precond: Precond,  # "edm" for diffusion, "cm" for the consistency boundary condition
+        precond: str,  # a registered parameterisation: "edm", "cm", ...
         sigma_min: float = SIGMA_MIN,  # boundary of the consistency parameterisation
     ) -> None:
         super().__init__()
-        if precond not in ("edm", "cm"):
-            raise ValueError(f"unknown preconditioning {precond!r}")
+        self.parameterization = get_parameterization(precond)
         self.net = net
         self.sigma_data = float(sigma_data)
-        self.precond: Precond = precond
+        self.precond = precond
         self.sigma_min = float(sigma_min)
 
-    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scalings(self, sigma: torch.Tensor) -> Scalings:
         """c_skip, c_out, c_in for this preconditioning."""
-        if self.precond == "edm":
-            return edm_scalings(sigma, self.sigma_data)
-        return cm_scalings(sigma, self.sigma_data, self.sigma_min)
+        return self.parameterization.scalings(sigma, self.sigma_data, self.sigma_min)
 
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None
@@ -78,7 +113,7 @@ class Denoiser(nn.Module):
         """Denoised estimate of x0 from x at noise level sigma (shape (B,) or scalar)."""
         sigma = sigma.to(torch.float32).reshape(-1).expand(x.shape[0])
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
-        f = self.net(c_in * x, c_noise_of(sigma), class_labels)
+        f = self.net(c_in * x, self.parameterization.c_noise(sigma), class_labels)
         return c_skip * x + c_out * f.to(x.dtype)
 
 
@@ -88,7 +123,7 @@ class AnalyticDenoiser(nn.Module):
     def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.denoise = denoise
-        self.precond: Precond = "edm"
+        self.precond = "edm"
 
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -60,7 +59,7 @@ def model_spec(cfg: RunConfig, dataset: Dataset, precond: str) -> dict[str, Any]
         "kind": net_kind(cfg.net, dataset),
         "shape": list(dataset.shape),
         "num_classes": dataset.num_classes if conditional else 0,
-        "net": dataclasses.asdict(cfg.net),
+        "net": cfg.net.model_dump(),
         "precond": precond,
         "sigma_data": sigma_data_of(cfg, dataset),
         "sigma_min": cfg.diffusion.sigma_min,
@@ -70,7 +69,7 @@ def model_spec(cfg: RunConfig, dataset: Dataset, precond: str) -> dict[str, Any]
 
 def new_raw_net(spec: dict[str, Any], seed: int) -> nn.Module:
     """A freshly initialised raw network F from a model spec."""
-    options = net_options(NetConfig(**spec["net"]))
+    options = net_options(NetConfig.model_validate(spec["net"]))
     return build_net(spec["kind"], tuple(spec["shape"]), int(spec["num_classes"]), options,
                      seed=seed)
 

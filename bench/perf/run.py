@@ -70,7 +70,7 @@ from bench.app.tracking import (
 )
 from bench.core.config import RunConfig, resolve
 from bench.data.datasets import Dataset, get_dataset
-from bench.diffusion.denoiser import Denoiser, append_dims
+from bench.diffusion.denoiser import Denoiser
 from bench.diffusion.rng import StackedGenerator
 from bench.engine.models import model_spec, new_raw_net
 from bench.engine.signals import SignalGuard
@@ -84,12 +84,9 @@ from bench.engine.training import (
 )
 from bench.metrics.extractors import ExtractedBatch, ImageFeatureExtractor, images_to_uint8
 from bench.nets.averaging import ParamAverage, flatten_parameters
-from methods import MethodContext, get_method
+from methods import MethodContext, all_methods, get_method, teacher_method
 
-TRAIN_METHODS = ("edm", "cd", "ct", "ict", "pd")
 SAMPLE_NFES = (1, 2, 4)
-TRAIN_TARGET = 1.05  # every method's training overhead ...
-CD_TRAIN_TARGET = 1.03  # ... but CD's (the official code spends 1.05 on a CD step)
 SAMPLE_TARGET = 1.02
 EVAL_TARGET = 1.05
 MEMORY_TARGET = 1.10
@@ -189,11 +186,24 @@ def _case(name: str) -> PerfCase:
     return {c.name: c for c in cases()}[name]
 
 
+def train_methods() -> list[str]:
+    """The methods whose training iteration `bench perf` times: those that train."""
+    return [cls.name for cls in all_methods() if cls.trains]
+
+
+def reference_method() -> str:
+    """The method whose sampling, evaluation and memory `bench perf` measures."""
+    for cls in all_methods():
+        if cls.perf_reference:
+            return cls.name
+    raise RuntimeError("no registered method is bench perf's reference")
+
+
 def _config(case: PerfCase, method: str, device: torch.device) -> RunConfig:
-    """The issue's configuration: N = 18, l2, Heun teacher; no checkpoints, no stage change."""
+    """Every method's perf settings (for CD: N = 18, l2, Heun teacher); no checkpoints, no
+    stage change."""
     sets = [*case.sets, *case.eval_sets, "train.checkpoint_every=0", "train.steps=1000000",
-            "cd.solver=heun", "cd.distance=l2", "cd.n_scales=18", "pd.iters_per_stage=1000000",
-            f"device={device.type}"]
+            *(s for cls in all_methods() for s in cls.perf_settings), f"device={device.type}"]
     return resolve(bench_files=[], flags={"method": method, "dataset": "gmm8"},
                    sets=sets).config
 
@@ -203,8 +213,9 @@ def _method(case: PerfCase, name: str, cfg: RunConfig, device: torch.device) -> 
     cls = get_method(name)
     teacher = None
     if cls.needs_teacher:
-        teacher = Denoiser(new_raw_net(model_spec(cfg, case.dataset, "edm"), 1),
-                           sigma_data=case.dataset.sigma_data, precond="edm")
+        precond = get_method(teacher_method()).precond
+        teacher = Denoiser(new_raw_net(model_spec(cfg, case.dataset, precond), 1),
+                           sigma_data=case.dataset.sigma_data, precond=precond)
         teacher.to(device).eval().requires_grad_(False)
     spec = model_spec(cfg, case.dataset, cls.precond)
     ctx = MethodContext(config=cfg, dataset=case.dataset, device=device,
@@ -260,19 +271,14 @@ def _bare_passes(student: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
 def bare_training_passes(method: Any, name: str, x0: torch.Tensor,
                          ) -> tuple[Callable[[], None], str]:
     """The raw passes of one iteration of `name` on copies of its networks, and what they are."""
-    step, denominator, _ = _training_passes(method, name, x0)
+    step, denominator, _ = _training_passes(method, x0)
     return step, denominator
 
 
 def parameter_averages(method: Any, name: str, cfg: RunConfig) -> list[str]:
     """The averages of the student's parameters the training loop of `name` updates each
-    iteration: the eval EMA, the consistency target (CD, CT) or PD's stage average."""
-    averages = ["eval EMA"] if cfg.train.ema_rate > 0 else []
-    if name in ("cd", "ct") and method.target is not None:
-        averages.append("target")
-    if name == "pd":
-        averages.append("stage average")
-    return averages
+    iteration: the eval EMA and the method's own (a consistency target, PD's stage average)."""
+    return (["eval EMA"] if cfg.train.ema_rate > 0 else []) + method.parameter_averages()
 
 
 def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig,
@@ -283,7 +289,7 @@ def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig
     else: no data, draws, schedules, checks or logging. What it costs above the raw passes is
     the least any loop on these kernels pays. Returns the step, what it does and the modules
     it changes (the student copy, then one module per average)."""
-    passes, denominator, student = _training_passes(method, name, x0)
+    passes, denominator, student = _training_passes(method, x0)
     flatten_parameters(student)
     optimizer_step = FusedAdamStep(make_optimizer(
         [p for p in student.parameters() if p.requires_grad], cfg.train))
@@ -302,42 +308,14 @@ def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig
     return step, what, [student, *copies]
 
 
-def _training_passes(method: Any, name: str, x0: torch.Tensor,
+def _training_passes(method: Any, x0: torch.Tensor,
                      ) -> tuple[Callable[[], None], str, nn.Module]:
     """bare_training_passes, with the student copy the passes train."""
     g = torch.Generator(x0.device).manual_seed(1)
     z = torch.randn(x0.shape, generator=g, device=x0.device)
-    b = x0.shape[0]
-    student = copy.deepcopy(method.student).train()
-    if name == "edm":
-        sigma = (torch.randn(b, generator=g, device=x0.device) * 1.2 - 1.2).exp()
-        return (_bare_passes(student, x0 + append_dims(sigma, x0.ndim) * z, sigma, []),
-                "student fwd+bwd", student)
-    if name == "pd":
-        grid = method.grid(2 * method.student_steps(0)).to(x0.device, x0.dtype)
-        i = torch.randint(method.student_steps(0), (b,), generator=g, device=x0.device)
-        t, t2 = grid[2 * i], grid[2 * i + 1]
-        x_t = x0 + append_dims(t, x0.ndim) * z
-        x_t2 = x0 + append_dims(t2, x0.ndim) * z
-        calls = [(method.teacher, x_t, t), (method.teacher, x_t2, t2)]
-        return (_bare_passes(student, x_t, t, calls),
-                "student fwd+bwd + 2 teacher fwds (two DDIM steps)", student)
-    grid = method.grid(method.n_scales(0))
-    n = torch.randint(0, grid.numel() - 1, (b,), generator=g, device=x0.device)
-    s_next, s = grid[n + 1], grid[n]
-    x = x0 + append_dims(s_next, x0.ndim) * z
-    x_hat = x0 + append_dims(s, x0.ndim) * z
-    if name == "ict":
-        return (_bare_passes(student, x, s_next, [(student, x_hat, s)]),
-                "student fwd+bwd + no-grad student fwd", student)
-    target = copy.deepcopy(method.target if method.target is not None else method.student)
-    target.requires_grad_(False)
-    if name == "ct":
-        return (_bare_passes(student, x, s_next, [(target, x_hat, s)]),
-                "student fwd+bwd + target fwd", student)
-    calls = [(method.teacher, x, s_next), (method.teacher, x_hat, s), (target, x_hat, s)]
-    return (_bare_passes(student, x, s_next, calls),
-            "student fwd+bwd + 2 teacher fwds (Heun) + target fwd", student)
+    passes = method.perf_passes(x0, z, g)
+    return (_bare_passes(passes.student, passes.x, passes.sigma, passes.calls),
+            passes.description, passes.student)
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> Callable[[int], float]:
@@ -437,7 +415,7 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
                                             lambda: bare_block(block) / block, rounds,
                                             min_seconds)
     tracker.end_run(run_id)
-    target = CD_TRAIN_TARGET if name == "cd" else TRAIN_TARGET
+    target = get_method(name).perf_train_target
     row = {"figure": "train_overhead", "case": case.name, "method": name, "nfe": None,
            "ratio": bench_s / bare_s, "target": target, "bench_seconds": bench_s,
            "bare_seconds": bare_s, "denominator": denominator,
@@ -488,8 +466,8 @@ def bare_sampler(model: nn.Module, sigmas: list[float], sigma_min: float, count:
 
 
 def _sampling_method(case: PerfCase, device: torch.device) -> tuple[Any, RunConfig]:
-    cfg = _config(case, "cd", device)
-    return _method(case, "cd", cfg, device), cfg
+    cfg = _config(case, reference_method(), device)
+    return _method(case, reference_method(), cfg, device), cfg
 
 
 def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
@@ -521,7 +499,7 @@ def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
     bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block,
                                             lambda: bare_block(block) / block, rounds,
                                             min_seconds)
-    row = {"figure": "sample_overhead", "case": case.name, "method": "cd", "nfe": nfe,
+    row = {"figure": "sample_overhead", "case": case.name, "method": reference_method(), "nfe": nfe,
            "ratio": bench_s / bare_s, "target": SAMPLE_TARGET, "bench_seconds": bench_s,
            "bare_seconds": bare_s, "samples": n, "calls": done * block,
            "denominator": f"{nfe} network calls + torch.randn noise, re-noising and clipping"}
@@ -586,7 +564,7 @@ def eval_overhead(case: PerfCase, rounds: int, device: torch.device, cache_dir: 
     bench_once()
     bare_once()
     bench_s, bare_s, done = _paired_medians(bench_once, bare_once, rounds, min_seconds)
-    return {"figure": "eval_overhead", "case": case.name, "method": "cd", "nfe": None,
+    return {"figure": "eval_overhead", "case": case.name, "method": reference_method(), "nfe": None,
             "ratio": bench_s / bare_s, "target": EVAL_TARGET, "bench_seconds": bench_s,
             "bare_seconds": bare_s, "nfes": nfes, "samples": total, "evaluations": done,
             "denominator": f"bare sampling at NFE {nfes} + {extraction}"}
@@ -609,13 +587,13 @@ class _MemoryWork:
     """One side of the memory figure: CD iterations of the real loop, or bare student fwd+bwd."""
 
     def __init__(self, case: PerfCase, side: str, device: torch.device) -> None:
-        cfg = _config(case, "cd", device)
+        cfg = _config(case, reference_method(), device)
         self.side = side
         stream = BatchStream(case.dataset.train_batch, len(case.dataset), None,
                              cfg.train.batch_size, 0, device)
         x0, _ = stream.batch(0)
         if side == "bench":
-            self.method = _method(case, "cd", cfg, device)
+            self.method = _method(case, reference_method(), cfg, device)
             self.state = new_loop_state(self.method, cfg.train, 0, device)
             self.run = lambda n: train_loop(self.method, cfg.train, stream, self.state,
                                             LoopHooks(), until=self.state.step + n)
@@ -720,7 +698,8 @@ def peak_memory(case_names: list[str], device: torch.device) -> list[Row]:
     for name in case_names:
         bench, bare = results[name]["bench"], results[name]["bare"]
         bare_bytes = bare["peak_bytes"] + bench["extra_bytes"]
-        rows.append({"figure": "peak_memory_ratio", "case": name, "method": "cd", "nfe": None,
+        rows.append({"figure": "peak_memory_ratio", "case": name, "method": reference_method(),
+                     "nfe": None,
                      "ratio": bench["peak_bytes"] / bare_bytes, "target": MEMORY_TARGET,
                      "bench_bytes": bench["peak_bytes"], "bare_bytes": bare_bytes,
                      "extra_bytes": bench["extra_bytes"],
@@ -763,7 +742,7 @@ def run_perf(rounds: int, report: Report, device: torch.device | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         tracker = Tracker(default_tracking_uri(Path(tmp)), Path(tmp))
         for case in chosen:
-            for name in TRAIN_METHODS:
+            for name in train_methods():
                 report(f"timing {name} training: {case.name}")
                 rows.append(train_overhead(case, name, rounds, tracker, device, min_seconds,
                                            block_seconds, floor))
