@@ -168,76 +168,82 @@ def test_cpu_noise_path_equals_the_tensor_path() -> None:
             assert torch.equal(fast.randn(shape, dtype), tensor_path.randn(shape, dtype))
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "radam"])
-@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_fused_adam_step_equals_optimizer_step(optimizer: str, weight_decay: float) -> None:
-    """The training loop's optimizer step (lists built once for fused Adam/AdamW) leaves the
-    same weights and the same optimizer state as optimizer.step()."""
+@pytest.mark.parametrize(("optimizer", "weight_decay", "expected"), [
+    ("adam", 0.0, torch.optim.Adam), ("adam", 0.01, torch.optim.AdamW),
+    ("radam", 0.0, torch.optim.RAdam), ("radam", 0.01, torch.optim.RAdam)])
+def test_make_optimizer_is_torchs_fused_optimizer_where_torch_has_one(
+        optimizer: str, weight_decay: float, expected: type[torch.optim.Optimizer]) -> None:
+    """Adam and AdamW run torch's fused implementation on the CPU, RAdam (no fused one) its
+    foreach implementation, with the configured hyperparameters; parameters on a device
+    without fused kernels get foreach."""
+    import inspect
+
     from bench.core.config import TrainConfig
-    from bench.engine.training import FusedAdamStep, make_optimizer
-    from bench.nets.averaging import flatten_parameters
+    from bench.engine.training import make_optimizer
 
-    torch.manual_seed(0)
-    nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))]
-    nets.append(__import__("copy").deepcopy(nets[0]))
-    cfg = TrainConfig(optimizer=optimizer, weight_decay=weight_decay, lr=1e-2)
-    flatten_parameters(nets[1])  # as the training loop lays out a student
-    optimizers = [make_optimizer(list(net.parameters()), cfg) for net in nets]
-    fast = FusedAdamStep(optimizers[1])
-    for step in range(5):
-        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
-        for net, opt in zip(nets, optimizers, strict=True):
-            opt.param_groups[0]["lr"] = 1e-2 / (step + 1)
-            opt.zero_grad(set_to_none=True)
-            net(x).square().mean().backward()
-        optimizers[0].step()
-        fast()
-    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
-        assert torch.equal(a, b)
-    state_a, state_b = optimizers[0].state_dict()["state"], optimizers[1].state_dict()["state"]
-    for key in state_a:
-        for name in state_a[key]:
-            assert torch.equal(state_a[key][name], state_b[key][name]), (key, name)
+    cfg = TrainConfig(optimizer=optimizer, weight_decay=weight_decay, lr=3e-3, beta1=0.8,
+                      beta2=0.95)
+    net = torch.nn.Linear(3, 2)
+    opt = make_optimizer(list(net.parameters()), cfg)
+    group = opt.param_groups[0]
+    assert type(opt) is expected
+    fused = "fused" in inspect.signature(expected).parameters
+    assert (bool(group.get("fused")), bool(group["foreach"])) == (fused, not fused)
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-3, (0.8, 0.95),
+                                                                    weight_decay)
+    if optimizer == "radam":
+        assert group["decoupled_weight_decay"] == (weight_decay > 0)
+    meta = make_optimizer(list(torch.nn.Linear(3, 2, device="meta").parameters()), cfg)
+    assert not meta.param_groups[0].get("fused") and meta.param_groups[0]["foreach"]
 
 
-def test_a_saved_flat_optimizer_state_loads_and_continues_identically(tmp_path: Path) -> None:
-    """Step counts kept as views of one tensor survive torch.save / weights_only load, and a
-    loaded optimizer continues exactly as the one that never stopped."""
+def test_a_checkpoint_with_shared_step_counts_loads_and_continues_identically(
+        tmp_path: Path) -> None:
+    """Checkpoints of earlier versions hold every parameter's Adam step count as a view of
+    one tensor. Such a checkpoint loads (weights_only) with each count a tensor of its own,
+    and the loaded optimizer continues exactly as the one that never stopped."""
     import copy
 
     from bench.core.config import TrainConfig
-    from bench.engine.training import FusedAdamStep, make_optimizer
-    from bench.nets.averaging import flatten_parameters
+    from bench.engine.checkpoint import load_checkpoint, save_checkpoint
+    from bench.engine.training import LoopState, load_loop_state, loop_state_dict, make_optimizer
 
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 3))
-    flatten_parameters(net)
     cfg = TrainConfig(lr=1e-2)
     opt = make_optimizer(list(net.parameters()), cfg)
-    step = FusedAdamStep(opt)
 
-    def train(model: torch.nn.Module, run: FusedAdamStep, k: int) -> None:
+    def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, k: int) -> None:
         x = torch.randn(8, 3, generator=torch.Generator().manual_seed(k))
-        for p in model.parameters():
-            p.grad = None
+        optimizer.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
-        run()
+        optimizer.step()
 
     for k in range(3):
-        train(net, step, k)
-    torch.save({"net": net.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
-    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+        train(net, opt, k)
     twin = copy.deepcopy(net)
-    twin.load_state_dict(saved["net"])
-    flatten_parameters(twin)
+    saved = loop_state_dict(LoopState(3, opt, None, torch.Generator()))
+    states = list(saved["optimizer"]["state"].values())
+    shared = torch.stack([s["step"] for s in states])  # the earlier layout
+    for i, s in enumerate(states):
+        s["step"] = shared[i]
+    save_checkpoint({"loop": saved}, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")["loop"]
+    steps = [s["step"] for s in loaded["optimizer"]["state"].values()]
+    assert len({t.untyped_storage().data_ptr() for t in steps}) == 1  # still one tensor
     twin_opt = make_optimizer(list(twin.parameters()), cfg)
-    twin_opt.load_state_dict(saved["opt"])
-    twin_step = FusedAdamStep(twin_opt)
+    state = LoopState(0, twin_opt, None, torch.Generator())
+    load_loop_state(state, loaded)
+    assert state.step == 3
+    own = [s["step"] for s in twin_opt.state.values()]
+    assert len({t.untyped_storage().data_ptr() for t in own}) == len(own)
     for k in range(3, 6):
-        train(net, step, k)
-        train(twin, twin_step, k)
+        train(net, opt, k)
+        train(twin, twin_opt, k)
     for a, b in zip(net.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
+    for a, b in zip(opt.state.values(), twin_opt.state.values(), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert all(float(s["step"]) == 6 for s in twin_opt.state.values())
 
 

@@ -76,7 +76,6 @@ from bench.engine.models import model_spec, new_raw_net
 from bench.engine.signals import SignalGuard
 from bench.engine.training import (
     BatchStream,
-    FusedAdamStep,
     LoopHooks,
     make_optimizer,
     new_loop_state,
@@ -278,15 +277,14 @@ def parameter_averages(method: Any, name: str, cfg: RunConfig) -> list[str]:
 def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig,
                         ) -> tuple[Callable[[], None], str, list[nn.Module]]:
     """The floor of an iteration of `name`: its raw passes (as bare_training_passes) plus what
-    no training loop can skip, made with the kernels bench's loop uses: the optimizer step
-    (torch's fused Adam on the flat student) and one flat lerp per parameter average. Nothing
-    else: no data, draws, schedules, checks or logging. What it costs above the raw passes is
-    the least any loop on these kernels pays. Returns the step, what it does and the modules
-    it changes (the student copy, then one module per average)."""
+    no training loop can skip, made with the ops bench's loop uses: the optimizer's step
+    (make_optimizer's, fused Adam where torch has it) and one update per parameter average
+    (ParamAverage). Nothing else: no data, draws, schedules, checks or logging. What it costs
+    above the raw passes is the least any loop on these ops pays. Returns the step, what it
+    does and the modules it changes (the student copy, then one module per average)."""
     passes, denominator, student = _training_passes(method, name, x0)
     flatten_parameters(student)
-    optimizer_step = FusedAdamStep(make_optimizer(
-        [p for p in student.parameters() if p.requires_grad], cfg.train))
+    optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg.train)
     names = parameter_averages(method, name, cfg)
     copies = [copy.deepcopy(student).requires_grad_(False) for _ in names]
     averages = [ParamAverage(module, student) for module in copies]
@@ -294,11 +292,13 @@ def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig
 
     def step() -> None:
         passes()
-        optimizer_step()
+        optimizer.step()
         for average in averages:
             average.update(rate)
 
-    what = " + ".join([denominator, "fused Adam step", *(f"{n} lerp" for n in names)])
+    kernel = "fused" if optimizer.param_groups[0].get("fused") else "foreach"
+    what = " + ".join([denominator, f"{kernel} {type(optimizer).__name__} step",
+                       *(f"{n} lerp" for n in names)])
     return step, what, [student, *copies]
 
 
