@@ -82,9 +82,9 @@ def test_floors_are_timed_when_asked_and_name_what_they_add(tmp_path: Path) -> N
     ("ict", ["eval EMA"]), ("pd", ["eval EMA", "stage average"])])
 def test_the_training_floor_steps_the_optimizer_and_every_average(name: str,
                                                                    averages: list[str]) -> None:
-    """The floor's iteration really trains its student copy (the fused Adam step) and moves
-    each parameter average towards it, as many averages as the method's loop keeps (CD's
-    target is the student itself unless cd.target_mu > 0)."""
+    """The floor's iteration really trains its student copy (make_optimizer's fused Adam step)
+    and moves each parameter average towards it, as many averages as the method's loop keeps
+    (CD's target is the student itself unless cd.target_mu > 0)."""
     from bench.perf.run import _case, _config, _method, floor_training_step, parameter_averages
 
     case = _case("gmm8-mlp")
@@ -103,7 +103,7 @@ def test_the_training_floor_steps_the_optimizer_and_every_average(name: str,
     assert not torch.equal(after[0], before[0])  # the optimizer stepped the student
     expected = torch.lerp(before[0], after[0], 1.0 - cfg.train.ema_rate)
     for average in after[1:]:
-        torch.testing.assert_close(average, expected, rtol=0, atol=1e-7)
+        assert torch.equal(average, expected)
     original = torch.nn.utils.parameters_to_vector(method.student.parameters())
     assert not torch.equal(original, after[0])  # a copy trained, not the method's student
 
@@ -247,33 +247,62 @@ def test_a_checkpoint_with_shared_step_counts_loads_and_continues_identically(
     assert all(float(s["step"]) == 6 for s in twin_opt.state.values())
 
 
-def test_param_average_flat_and_per_tensor_paths_agree() -> None:
-    """One lerp_ over flat modules equals the per-tensor average, and an average keeps
-    following a model whose tensors are swapped after it was built (as .to() does)."""
-    from bench.nets.averaging import ParamAverage, flat_view
+def test_param_average_is_lerp_per_element_and_follows_swapped_tensors() -> None:
+    """An update is lerp(average, model, 1 - rate) element by element (the same bits as
+    torch.lerp), buffers are copied, an average keeps following a model whose tensors are
+    swapped after it was built (as .to() does), and modules that differ are refused."""
+    import copy
+
+    from bench.nets.averaging import ParamAverage
 
     torch.manual_seed(2)
-    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))
-    avg = __import__("copy").deepcopy(model)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Linear(8, 2))
+    avg = copy.deepcopy(model)
     reference = [p.detach().clone() for p in avg.parameters()]
+    pointers = [p.data_ptr() for p in [*model.parameters(), *avg.parameters()]]
     average = ParamAverage(avg, model)
-    assert flat_view(list(avg.parameters())) is not None
-    assert flat_view(list(model.parameters())) is not None
-    for k in range(3):
+    for k, rate in enumerate((0.9, 0.999, 0.3)):
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(0.1 * (k + 1))
-        average.update(0.9)
-        reference = [0.9 * r + 0.1 * p.detach() for r, p in zip(reference, model.parameters(),
-                                                                 strict=True)]
-    for r, a in zip(reference, avg.parameters(), strict=True):
-        torch.testing.assert_close(a, r)
-    for p in model.parameters():  # no longer flat: the per-tensor path, on the new tensors
+                p.add_(torch.randn_like(p) * (k + 1))
+            model[1].running_mean.add_(1.0)
+        average.update(rate)
+        reference = [torch.lerp(r, p.detach(), 1.0 - rate)
+                     for r, p in zip(reference, model.parameters(), strict=True)]
+        for r, a in zip(reference, avg.parameters(), strict=True):
+            assert torch.equal(a, r)
+        assert torch.equal(avg[1].running_mean, model[1].running_mean)
+    assert [p.data_ptr() for p in [*model.parameters(), *avg.parameters()]] == pointers
+    for p in model.parameters():  # new tensors under the same Parameter objects
         p.data = p.data.clone() + 1.0
-    assert flat_view(list(model.parameters())) is None
     average.update(0.0)
     for p, a in zip(model.parameters(), avg.parameters(), strict=True):
         assert torch.equal(a, p)
+    with pytest.raises(ValueError, match="differ in structure"):
+        ParamAverage(torch.nn.Linear(2, 8), torch.nn.Linear(8, 2))
+
+
+def test_training_leaves_the_students_parameter_storage_alone() -> None:
+    """The loop trains the student's own parameter tensors: none is moved into a shared
+    buffer, before or after iterations (the eval EMA and a CT target alike)."""
+    from bench.perf.run import _config, _method
+
+    case = cases()[0]
+    device = torch.device("cpu")
+    cfg = _config(case, "ct", device)
+    method = _method(case, "ct", cfg, device)
+    student = method.student
+    pointers = [p.data_ptr() for p in student.parameters()]
+    state = new_loop_state(method, cfg.train, 0, device)
+    stream = BatchStream(case.dataset.train_batch, len(case.dataset), None, 64, 0, device)
+    before = [p.detach().clone() for p in student.parameters()]
+    train_loop(method, cfg.train, stream, state, LoopHooks(), until=2)
+    assert [p.data_ptr() for p in student.parameters()] == pointers
+    assert not any(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    for module in (student, state.ema, method.target):
+        for p in module.parameters():  # each parameter alone in its storage
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
 
 
 def test_reserved_draws_equal_the_draws_made_one_by_one() -> None:

@@ -20,7 +20,7 @@ from bench.core.config import TrainConfig
 from bench.core.errors import BenchError
 from bench.data.shard import Shard
 from bench.diffusion.rng import sample_seed
-from bench.nets.averaging import ParamAverage, flatten_parameters
+from bench.nets.averaging import ParamAverage
 from methods.base import Method
 
 
@@ -155,7 +155,6 @@ def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.de
     optimizer = None
     ema = None
     if student is not None and method.trains:
-        flatten_parameters(student)  # one buffer: averages and the optimizer's steps are cheap
         optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg)
         if cfg.ema_rate > 0:
             ema = copy.deepcopy(student).eval().requires_grad_(False)

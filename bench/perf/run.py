@@ -32,10 +32,11 @@ its share per iteration (the mean time of a log call / train.log_every), to whic
 write of the logged values is added at its rate (off the training thread, on the same cores).
 
 A training or sampling figure that misses its target also gets its floor (always, with floor
-True): the bare side plus only what no implementation on the same kernels can skip (training:
-the fused Adam step and one lerp per parameter average; sampling: bench's per-sample noise),
-timed against the bare side afresh. A floor above the target means the target is out of reach
-on these kernels; figure minus floor is what bench adds.
+True): the bare side plus only what no implementation on the same kernels can skip, made with
+the ops the real loop uses (training: the optimizer's step, torch's fused Adam, and each
+parameter average's lerp_ of every parameter; sampling: bench's per-sample noise), timed against
+the bare side afresh. A floor above the target means the target is out of reach on these
+kernels; figure minus floor is what bench adds.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ from bench.engine.training import (
     train_loop,
 )
 from bench.metrics.extractors import ExtractedBatch, ImageFeatureExtractor, images_to_uint8
-from bench.nets.averaging import ParamAverage, flatten_parameters
+from bench.nets.averaging import ParamAverage
 from methods import MethodContext, get_method
 
 TRAIN_METHODS = ("edm", "cd", "ct", "ict", "pd")
@@ -283,7 +284,6 @@ def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig
     above the raw passes is the least any loop on these ops pays. Returns the step, what it
     does and the modules it changes (the student copy, then one module per average)."""
     passes, denominator, student = _training_passes(method, name, x0)
-    flatten_parameters(student)
     optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg.train)
     names = parameter_averages(method, name, cfg)
     copies = [copy.deepcopy(student).requires_grad_(False) for _ in names]
@@ -816,9 +816,10 @@ def print_rows(rows: list[Row], console: Any) -> None:
     console.print(table)
     if any("floor_ratio" in r for r in rows):
         console.print("floor: the bare side plus only what no implementation on the same "
-                      "kernels can skip (training: the fused Adam step and one lerp per "
-                      "parameter average; sampling: bench's per-sample noise), timed against "
-                      "the bare side afresh; a red floor misses the target by itself.")
+                      "kernels can skip (training: the optimizer's step and each parameter "
+                      "average's lerp_ of every parameter; sampling: bench's per-sample noise), "
+                      "timed against the bare side afresh; a red floor misses the target by "
+                      "itself.")
 
 
 def write_json(rows: list[Row], path: Path, device: torch.device | None = None,
