@@ -147,25 +147,34 @@ def test_a_non_finite_loss_stops_the_loop_before_any_checkpoint(tmp_path: Path,
     assert saved == [4]  # the checkpoint due at 8 would hold non-finite weights: never written
 
 
-def test_cpu_noise_path_equals_the_tensor_path() -> None:
-    """On the CPU the per-sample noise is hashed in numpy (the fast path); any other device runs
-    the same hash as tensor ops. Both must give the same values, in float32 and float64."""
+def test_one_hash_for_ints_numpy_and_tensors_and_one_noise_path_for_both() -> None:
+    """mix32 is the lowbias32 hash (a reference written from its definition) on Python ints,
+    numpy and torch int64 arrays alike; on the CPU the noise is hashed in numpy, on any other
+    device in tensor ops: the same code and the same values, in float32 and float64."""
     import numpy as np
 
-    from bench.diffusion.rng import StackedGenerator, mix32, mix32_np
+    from bench.diffusion.rng import StackedGenerator, _index_array, _Streams, mix32
 
-    edge = np.array([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789], dtype=np.uint32)
-    assert np.array_equal(mix32_np(edge).astype(np.int64),
-                          mix32(torch.from_numpy(edge.astype(np.int64))).numpy())
+    def lowbias32(x: int) -> int:
+        x ^= x >> 16
+        x = x * 0x7FEB352D % 2**32
+        x ^= x >> 15
+        x = x * 0x846CA68B % 2**32
+        return x ^ (x >> 16)
+
+    edge = [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 0x846CA68B]
+    expected = [lowbias32(x) for x in edge]
+    assert [mix32(x) for x in edge] == expected
+    assert mix32(np.array(edge, dtype=np.int64)).tolist() == expected
+    assert mix32(torch.tensor(edge, dtype=torch.int64)).tolist() == expected
     for seed, indices in ((0, range(0, 50)), (2**40 + 3, [7, 2**32 - 1, 0, 5])):
-        fast = StackedGenerator(seed, indices)
-        tensor_path = StackedGenerator(seed, indices)
-        key1, key2 = tensor_path._np_keys
-        tensor_path._keys = (torch.from_numpy(key1.astype(np.int64)),
-                             torch.from_numpy(key2.astype(np.int64)))
+        numpy_path = StackedGenerator(seed, indices)
+        assert isinstance(numpy_path._streams.key1, np.ndarray)
+        tensor_path = StackedGenerator(seed, indices)  # keyed and hashed in tensor ops
+        tensor_path._streams = _Streams(seed, torch.from_numpy(_index_array(indices)))
         for shape, dtype in (((3, 8, 8), torch.float32), ((2,), torch.float64),
                              ((3, 8, 8), torch.float64)):
-            assert torch.equal(fast.randn(shape, dtype), tensor_path.randn(shape, dtype))
+            assert torch.equal(numpy_path.randn(shape, dtype), tensor_path.randn(shape, dtype))
 
 
 @pytest.mark.parametrize(("optimizer", "weight_decay", "expected"), [

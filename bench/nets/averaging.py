@@ -27,7 +27,7 @@ class ParamAverage:
     def update(self, rate: float) -> None:
         """One averaging step at `rate` (0 copies the model, 1 keeps the average)."""
         weight = 1.0 - rate
-        for average, param in self.params:
-            average.lerp_(param, weight)
-        for average, buffer in self.buffers:
-            average.copy_(buffer)
+        for average_param, param in self.params:
+            average_param.lerp_(param, weight)
+        for average_buffer, buffer in self.buffers:
+            average_buffer.copy_(buffer)
