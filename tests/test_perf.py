@@ -83,9 +83,9 @@ def test_floors_are_timed_when_asked_and_name_what_they_add(tmp_path: Path) -> N
     ("ict", ["eval EMA"]), ("pd", ["eval EMA", "stage average"])])
 def test_the_training_floor_steps_the_optimizer_and_every_average(name: str,
                                                                    averages: list[str]) -> None:
-    """The floor's iteration really trains its student copy (the fused Adam step) and moves
-    each parameter average towards it, as many averages as the method's loop keeps (CD's
-    target is the student itself unless cd.target_mu > 0)."""
+    """The floor's iteration really trains its student copy (make_optimizer's fused Adam step)
+    and moves each parameter average towards it, as many averages as the method's loop keeps
+    (CD's target is the student itself unless cd.target_mu > 0)."""
     from bench.perf.run import _case, _config, _method, floor_training_step, parameter_averages
 
     case = _case("gmm8-mlp")
@@ -104,7 +104,7 @@ def test_the_training_floor_steps_the_optimizer_and_every_average(name: str,
     assert not torch.equal(after[0], before[0])  # the optimizer stepped the student
     expected = torch.lerp(before[0], after[0], 1.0 - cfg.train.ema_rate)
     for average in after[1:]:
-        torch.testing.assert_close(average, expected, rtol=0, atol=1e-7)
+        assert torch.equal(average, expected)
     original = torch.nn.utils.parameters_to_vector(method.student.parameters())
     assert not torch.equal(original, after[0])  # a copy trained, not the method's student
 
@@ -148,127 +148,171 @@ def test_a_non_finite_loss_stops_the_loop_before_any_checkpoint(tmp_path: Path,
     assert saved == [4]  # the checkpoint due at 8 would hold non-finite weights: never written
 
 
-def test_cpu_noise_path_equals_the_tensor_path() -> None:
-    """On the CPU the per-sample noise is hashed in numpy (the fast path); any other device runs
-    the same hash as tensor ops. Both must give the same values, in float32 and float64."""
+def test_one_hash_for_ints_numpy_and_tensors_and_one_noise_path_for_both() -> None:
+    """mix32 is the lowbias32 hash (a reference written from its definition) on Python ints,
+    numpy and torch int64 arrays alike; on the CPU the noise is hashed in numpy, on any other
+    device in tensor ops: the same code and the same values, in float32 and float64."""
     import numpy as np
 
-    from bench.diffusion.rng import StackedGenerator, mix32, mix32_np
+    from bench.diffusion.rng import StackedGenerator, _index_array, _Streams, mix32
 
-    edge = np.array([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789], dtype=np.uint32)
-    assert np.array_equal(mix32_np(edge).astype(np.int64),
-                          mix32(torch.from_numpy(edge.astype(np.int64))).numpy())
+    def lowbias32(x: int) -> int:
+        x ^= x >> 16
+        x = x * 0x7FEB352D % 2**32
+        x ^= x >> 15
+        x = x * 0x846CA68B % 2**32
+        return x ^ (x >> 16)
+
+    edge = [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 0x846CA68B]
+    expected = [lowbias32(x) for x in edge]
+    assert [mix32(x) for x in edge] == expected
+    assert mix32(np.array(edge, dtype=np.int64)).tolist() == expected
+    assert mix32(torch.tensor(edge, dtype=torch.int64)).tolist() == expected
     for seed, indices in ((0, range(0, 50)), (2**40 + 3, [7, 2**32 - 1, 0, 5])):
-        fast = StackedGenerator(seed, indices)
-        tensor_path = StackedGenerator(seed, indices)
-        key1, key2 = tensor_path._np_keys
-        tensor_path._keys = (torch.from_numpy(key1.astype(np.int64)),
-                             torch.from_numpy(key2.astype(np.int64)))
+        numpy_path = StackedGenerator(seed, indices)
+        assert isinstance(numpy_path._streams.key1, np.ndarray)
+        tensor_path = StackedGenerator(seed, indices)  # keyed and hashed in tensor ops
+        tensor_path._streams = _Streams(seed, torch.from_numpy(_index_array(indices)))
         for shape, dtype in (((3, 8, 8), torch.float32), ((2,), torch.float64),
                              ((3, 8, 8), torch.float64)):
-            assert torch.equal(fast.randn(shape, dtype), tensor_path.randn(shape, dtype))
+            assert torch.equal(numpy_path.randn(shape, dtype), tensor_path.randn(shape, dtype))
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "radam"])
-@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_fused_adam_step_equals_optimizer_step(optimizer: str, weight_decay: float) -> None:
-    """The training loop's optimizer step (lists built once for fused Adam/AdamW) leaves the
-    same weights and the same optimizer state as optimizer.step()."""
+@pytest.mark.parametrize(("optimizer", "weight_decay", "expected"), [
+    ("adam", 0.0, torch.optim.Adam), ("adam", 0.01, torch.optim.AdamW),
+    ("radam", 0.0, torch.optim.RAdam), ("radam", 0.01, torch.optim.RAdam)])
+def test_make_optimizer_is_torchs_fused_optimizer_where_torch_has_one(
+        optimizer: str, weight_decay: float, expected: type[torch.optim.Optimizer]) -> None:
+    """Adam and AdamW run torch's fused implementation on the CPU, RAdam (no fused one) its
+    foreach implementation, with the configured hyperparameters; parameters on a device
+    without fused kernels get foreach."""
+    import inspect
+
     from bench.core.config import TrainConfig
-    from bench.engine.training import FusedAdamStep, make_optimizer
-    from bench.nets.averaging import flatten_parameters
+    from bench.engine.training import make_optimizer
 
-    torch.manual_seed(0)
-    nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))]
-    nets.append(__import__("copy").deepcopy(nets[0]))
-    cfg = TrainConfig(optimizer=optimizer, weight_decay=weight_decay, lr=1e-2)
-    flatten_parameters(nets[1])  # as the training loop lays out a student
-    optimizers = [make_optimizer(list(net.parameters()), cfg) for net in nets]
-    fast = FusedAdamStep(optimizers[1])
-    for step in range(5):
-        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
-        for net, opt in zip(nets, optimizers, strict=True):
-            opt.param_groups[0]["lr"] = 1e-2 / (step + 1)
-            opt.zero_grad(set_to_none=True)
-            net(x).square().mean().backward()
-        optimizers[0].step()
-        fast()
-    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
-        assert torch.equal(a, b)
-    state_a, state_b = optimizers[0].state_dict()["state"], optimizers[1].state_dict()["state"]
-    for key in state_a:
-        for name in state_a[key]:
-            assert torch.equal(state_a[key][name], state_b[key][name]), (key, name)
+    cfg = TrainConfig(optimizer=optimizer, weight_decay=weight_decay, lr=3e-3, beta1=0.8,
+                      beta2=0.95)
+    net = torch.nn.Linear(3, 2)
+    opt = make_optimizer(list(net.parameters()), cfg)
+    group = opt.param_groups[0]
+    assert type(opt) is expected
+    fused = "fused" in inspect.signature(expected).parameters
+    assert (bool(group.get("fused")), bool(group["foreach"])) == (fused, not fused)
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-3, (0.8, 0.95),
+                                                                    weight_decay)
+    if optimizer == "radam":
+        assert group["decoupled_weight_decay"] == (weight_decay > 0)
+    meta = make_optimizer(list(torch.nn.Linear(3, 2, device="meta").parameters()), cfg)
+    assert not meta.param_groups[0].get("fused") and meta.param_groups[0]["foreach"]
 
 
-def test_a_saved_flat_optimizer_state_loads_and_continues_identically(tmp_path: Path) -> None:
-    """Step counts kept as views of one tensor survive torch.save / weights_only load, and a
-    loaded optimizer continues exactly as the one that never stopped."""
+def test_a_checkpoint_with_shared_step_counts_loads_and_continues_identically(
+        tmp_path: Path) -> None:
+    """Checkpoints of earlier versions hold every parameter's Adam step count as a view of
+    one tensor. Such a checkpoint loads (weights_only) with each count a tensor of its own,
+    and the loaded optimizer continues exactly as the one that never stopped."""
     import copy
 
     from bench.core.config import TrainConfig
-    from bench.engine.training import FusedAdamStep, make_optimizer
-    from bench.nets.averaging import flatten_parameters
+    from bench.engine.checkpoint import load_checkpoint, save_checkpoint
+    from bench.engine.training import LoopState, load_loop_state, loop_state_dict, make_optimizer
 
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 3))
-    flatten_parameters(net)
     cfg = TrainConfig(lr=1e-2)
     opt = make_optimizer(list(net.parameters()), cfg)
-    step = FusedAdamStep(opt)
 
-    def train(model: torch.nn.Module, run: FusedAdamStep, k: int) -> None:
+    def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, k: int) -> None:
         x = torch.randn(8, 3, generator=torch.Generator().manual_seed(k))
-        for p in model.parameters():
-            p.grad = None
+        optimizer.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
-        run()
+        optimizer.step()
 
     for k in range(3):
-        train(net, step, k)
-    torch.save({"net": net.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
-    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+        train(net, opt, k)
     twin = copy.deepcopy(net)
-    twin.load_state_dict(saved["net"])
-    flatten_parameters(twin)
+    saved = loop_state_dict(LoopState(3, opt, None, torch.Generator()))
+    states = list(saved["optimizer"]["state"].values())
+    shared = torch.stack([s["step"] for s in states])  # the earlier layout
+    for i, s in enumerate(states):
+        s["step"] = shared[i]
+    save_checkpoint({"loop": saved}, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")["loop"]
+    steps = [s["step"] for s in loaded["optimizer"]["state"].values()]
+    assert len({t.untyped_storage().data_ptr() for t in steps}) == 1  # still one tensor
     twin_opt = make_optimizer(list(twin.parameters()), cfg)
-    twin_opt.load_state_dict(saved["opt"])
-    twin_step = FusedAdamStep(twin_opt)
+    state = LoopState(0, twin_opt, None, torch.Generator())
+    load_loop_state(state, loaded)
+    assert state.step == 3
+    own = [s["step"] for s in twin_opt.state.values()]
+    assert len({t.untyped_storage().data_ptr() for t in own}) == len(own)
     for k in range(3, 6):
-        train(net, step, k)
-        train(twin, twin_step, k)
+        train(net, opt, k)
+        train(twin, twin_opt, k)
     for a, b in zip(net.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
+    for a, b in zip(opt.state.values(), twin_opt.state.values(), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert all(float(s["step"]) == 6 for s in twin_opt.state.values())
 
 
-def test_param_average_flat_and_per_tensor_paths_agree() -> None:
-    """One lerp_ over flat modules equals the per-tensor average, and an average keeps
-    following a model whose tensors are swapped after it was built (as .to() does)."""
-    from bench.nets.averaging import ParamAverage, flat_view
+def test_param_average_is_lerp_per_element_and_follows_swapped_tensors() -> None:
+    """An update is lerp(average, model, 1 - rate) element by element (the same bits as
+    torch.lerp), buffers are copied, an average keeps following a model whose tensors are
+    swapped after it was built (as .to() does), and modules that differ are refused."""
+    import copy
+
+    from bench.nets.averaging import ParamAverage
 
     torch.manual_seed(2)
-    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))
-    avg = __import__("copy").deepcopy(model)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Linear(8, 2))
+    avg = copy.deepcopy(model)
     reference = [p.detach().clone() for p in avg.parameters()]
+    pointers = [p.data_ptr() for p in [*model.parameters(), *avg.parameters()]]
     average = ParamAverage(avg, model)
-    assert flat_view(list(avg.parameters())) is not None
-    assert flat_view(list(model.parameters())) is not None
-    for k in range(3):
+    for k, rate in enumerate((0.9, 0.999, 0.3)):
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(0.1 * (k + 1))
-        average.update(0.9)
-        reference = [0.9 * r + 0.1 * p.detach() for r, p in zip(reference, model.parameters(),
-                                                                 strict=True)]
-    for r, a in zip(reference, avg.parameters(), strict=True):
-        torch.testing.assert_close(a, r)
-    for p in model.parameters():  # no longer flat: the per-tensor path, on the new tensors
+                p.add_(torch.randn_like(p) * (k + 1))
+            model[1].running_mean.add_(1.0)
+        average.update(rate)
+        reference = [torch.lerp(r, p.detach(), 1.0 - rate)
+                     for r, p in zip(reference, model.parameters(), strict=True)]
+        for r, a in zip(reference, avg.parameters(), strict=True):
+            assert torch.equal(a, r)
+        assert torch.equal(avg[1].running_mean, model[1].running_mean)
+    assert [p.data_ptr() for p in [*model.parameters(), *avg.parameters()]] == pointers
+    for p in model.parameters():  # new tensors under the same Parameter objects
         p.data = p.data.clone() + 1.0
-    assert flat_view(list(model.parameters())) is None
     average.update(0.0)
     for p, a in zip(model.parameters(), avg.parameters(), strict=True):
         assert torch.equal(a, p)
+    with pytest.raises(ValueError, match="differ in structure"):
+        ParamAverage(torch.nn.Linear(2, 8), torch.nn.Linear(8, 2))
+
+
+def test_training_leaves_the_students_parameter_storage_alone() -> None:
+    """The loop trains the student's own parameter tensors: none is moved into a shared
+    buffer, before or after iterations (the eval EMA and a CT target alike)."""
+    from bench.perf.run import _config, _method
+
+    case = cases()[0]
+    device = torch.device("cpu")
+    cfg = _config(case, "ct", device)
+    method = _method(case, "ct", cfg, device)
+    student = method.student
+    pointers = [p.data_ptr() for p in student.parameters()]
+    state = new_loop_state(method, cfg.train, 0, device)
+    stream = BatchStream(case.dataset.train_batch, len(case.dataset), None, 64, 0, device)
+    before = [p.detach().clone() for p in student.parameters()]
+    train_loop(method, cfg.train, stream, state, LoopHooks(), until=2)
+    assert [p.data_ptr() for p in student.parameters()] == pointers
+    assert not any(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    for module in (student, state.ema, method.target):
+        for p in module.parameters():  # each parameter alone in its storage
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
 
 
 def test_reserved_draws_equal_the_draws_made_one_by_one() -> None:

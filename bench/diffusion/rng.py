@@ -2,7 +2,10 @@
 
 Noise comes from a counter-based generator: every value is a hash of (seed, sample index, draw
 number, element index), computed with vectorised integer ops. So a batch of any size costs a few
-tensor ops (no per-sample generator objects), and the values are the same on every device.
+array ops (no per-sample generator objects), and the values are the same on every device. The
+hash is written once, in operators that Python ints, numpy arrays and torch tensors share: the
+integer work runs in numpy on the CPU (a fraction of a torch op's fixed cost per operation) and
+as tensor ops on any other device; Box-Muller runs in torch's kernels on both.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import copy
 import functools
 import math
 from collections.abc import Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +23,10 @@ MASK32 = 0xFFFFFFFF
 _SCALE = 1.0 / 4294967296.0  # 2^-32: uint32 -> (0, 1)
 RESERVE_MAX_VALUES = 1 << 16  # reserve() only where fixed costs dominate (float64 values)
 
+# 32-bit values: a Python int, or an int64 numpy array or torch tensor (hashed in place)
+Bits = TypeVar("Bits", int, np.ndarray, torch.Tensor)
+Ints = TypeVar("Ints", np.ndarray, torch.Tensor)
+
 
 def sample_seed(seed: int, index: int) -> int:
     """A 63-bit seed for stream `index` of a run seeded with `seed` (for torch.Generator)."""
@@ -26,67 +34,41 @@ def sample_seed(seed: int, index: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32) held in int64, without int64 overflow."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
+def _mul32(x: Bits, c: int) -> Bits:
+    """(x * c) mod 2^32 for x in [0, 2^32) and c in [0, 2^32), arrays in place: c is taken as
+    c - 2^32 (the same residue) when c >= 2^31, so no int64 product overflows."""
+    x *= c if c < 1 << 31 else c - (1 << 32)
+    x &= MASK32
+    return x
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """The lowbias32 integer hash (C. Wellons) on int64 tensors holding 32-bit values."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def mix32_int(x: int) -> int:
-    """mix32 of one 32-bit Python int, with no tensor ops (the same values as mix32)."""
+def mix32(x: Bits) -> Bits:
+    """The lowbias32 integer hash (C. Wellons) of 32-bit values; arrays are hashed in place."""
     x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK32
+    x = _mul32(x, 0x7FEB352D)
     x ^= x >> 15
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
-
-
-_U16, _U15 = np.uint32(16), np.uint32(15)
-_M1, _M2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
-
-
-def mix32_np(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
-    """mix32 on uint32 arrays, whose products wrap modulo 2^32 natively (the same values).
-    With `scratch` (a uint32 array shaped like x) x is hashed in place, allocating nothing."""
-    if scratch is None:
-        x, scratch = x.copy(), np.empty_like(x)
-    np.right_shift(x, _U16, out=scratch)
-    x ^= scratch
-    x *= _M1
-    np.right_shift(x, _U15, out=scratch)
-    x ^= scratch
-    x *= _M2
-    np.right_shift(x, _U16, out=scratch)
-    x ^= scratch
+    x = _mul32(x, 0x846CA68B)
+    x ^= x >> 16
     return x
 
 
 def _draw_key(number: int) -> int:
     """The hash that makes randn call `number` of a stream a fresh block of it."""
-    return mix32_int(number * 0x9E3779B9 & MASK32)
+    return mix32(number * 0x9E3779B9 & MASK32)
 
 
 def _fold(value: int) -> int:
     """A 32-bit digest of an arbitrary non-negative Python int."""
     out = 0x2545F491
     while True:
-        out = mix32_int((out ^ (value & MASK32)) & MASK32)
+        out = mix32((out ^ (value & MASK32)) & MASK32)
         value >>= 32
         if value == 0:
             return out
 
 
 def _index_array(indices: Sequence[int]) -> np.ndarray:
-    """Sample indices as uint32, checked to lie in [0, 2^32); a range costs no Python loop."""
+    """Sample indices as int64, checked to lie in [0, 2^32); a range costs no Python loop."""
     if isinstance(indices, range):
         idx = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64)
         ends = (indices[0], indices[-1]) if len(indices) else (0, 0)
@@ -96,7 +78,44 @@ def _index_array(indices: Sequence[int]) -> np.ndarray:
         low, high = (int(idx.min()), int(idx.max())) if idx.size else (0, 0)
     if low < 0 or high > MASK32:
         raise ValueError("sample indices must lie in [0, 2^32)")
-    return idx.astype(np.uint32)
+    return idx
+
+
+def _arange(n: int, like: Ints) -> Ints:
+    """0, 1, ..., n - 1 as int64, in like's library (and on its device)."""
+    if isinstance(like, torch.Tensor):
+        return torch.arange(n, dtype=torch.int64, device=like.device)
+    return np.arange(n, dtype=np.int64)
+
+
+class _Streams(Generic[Ints]):
+    """The counter-based streams of a set of sample indices (int64 numpy arrays or tensors):
+    two 32-bit keys per sample, and the normals of any draws of them."""
+
+    def __init__(self, seed: int, indices: Ints) -> None:
+        key1 = mix32(indices ^ _fold(seed))
+        key1 ^= 0x68E31DA4
+        self.key1: Ints = mix32(key1)
+        self.key2: Ints = mix32(self.key1 ^ 0xB5297A4D)
+
+    def __len__(self) -> int:
+        return int(self.key1.shape[0])
+
+    def normals(self, per_sample: int, draws: Sequence[int]) -> torch.Tensor:
+        """Standard normals of the randn calls numbered `draws`, shape (n, len(draws),
+        per_sample), float64: each value hashes (sample keys, draw, element) into two uint32
+        u1, u2, then sqrt(-2 log((u1 + 0.5) 2^-32)) cos(2 pi (u2 + 0.5) 2^-32)."""
+        element = _mul32(_arange(len(draws) * per_sample, self.key1) % per_sample, 0x27D4EB2F)
+        for k, number in enumerate(draws):  # draw after draw: (len(draws) * per_sample,)
+            element[k * per_sample:(k + 1) * per_sample] ^= _draw_key(number)
+        u1 = mix32(self.key1[:, None] ^ element[None, :])  # (n, len(draws) * per_sample)
+        u1 ^= self.key2[:, None]
+        u1 = mix32(u1)
+        u2 = mix32(u1 ^ 0x165667B1)
+        # in place, in this order: the same float64 values from the same integers anywhere
+        r = torch.as_tensor(u1).to(torch.float64).add_(0.5).mul_(_SCALE).log_().mul_(-2.0)
+        c = torch.as_tensor(u2).to(torch.float64).add_(0.5).mul_(2.0 * math.pi).mul_(_SCALE)
+        return r.sqrt_().mul_(c.cos_()).reshape(len(self), len(draws), per_sample)
 
 
 class StackedGenerator:
@@ -106,24 +125,15 @@ class StackedGenerator:
                  ) -> None:
         self.device = torch.device(device)
         idx = _index_array(indices)
-        seed_key = np.uint32(_fold(seed))
-        # the same hashes as mix32 on int64 tensors, in numpy's wrapping uint32 arithmetic: a
-        # few array ops instead of dozens of tensor ops (on the CPU the noise is made there too)
-        scratch = np.empty_like(idx)
-        key1 = mix32_np(idx ^ seed_key, scratch)
-        key1 ^= np.uint32(0x68E31DA4)
-        mix32_np(key1, scratch)
-        key2 = key1 ^ np.uint32(0xB5297A4D)
-        self._np_keys = (key1, mix32_np(key2, scratch))
-        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # on a GPU: on the device
-        if self.device.type != "cpu":
-            self._keys = (torch.from_numpy(key1.astype(np.int64)).to(self.device),
-                          torch.from_numpy(self._np_keys[1].astype(np.int64)).to(self.device))
+        # hashed in numpy on the CPU, in tensor ops on any other device
+        self._streams: _Streams[np.ndarray] | _Streams[torch.Tensor] = (
+            _Streams(seed, idx) if self.device.type == "cpu"
+            else _Streams(seed, torch.from_numpy(idx).to(self.device)))
         self._draws = 0  # number of randn calls so far: each call is a fresh block of the stream
         self._reserved: list[tuple[int, tuple[int, ...], torch.Tensor]] = []  # see reserve()
 
     def __len__(self) -> int:
-        return int(self._np_keys[0].shape[0])
+        return len(self._streams)
 
     def reserve(self, shape: Sequence[int], count: int) -> None:
         """Compute the next `count` draws of `shape` in one pass (on the CPU, for small
@@ -132,12 +142,11 @@ class StackedGenerator:
         draw k however it was computed."""
         shape = tuple(int(d) for d in shape)
         per_sample = math.prod(shape)
-        if (self._keys is not None or count < 2
+        if (self.device.type != "cpu" or count < 2
                 or len(self) * per_sample * count > RESERVE_MAX_VALUES):
             return
         first = self._draws + len(self._reserved)
-        draws = [_draw_key(d) for d in range(first, first + count)]
-        values = self._randn_numpy(per_sample, draws)
+        values = self._streams.normals(per_sample, range(first, first + count))
         self._reserved.extend((first + k, shape, values[:, k]) for k in range(count))
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -149,46 +158,8 @@ class StackedGenerator:
             if ahead == number and kept_shape == tuple(shape):
                 return values.to(dtype).reshape(len(self), *shape)
             self._reserved.clear()  # another shape was asked for: compute as usual
-        per_sample = math.prod(shape)
-        draw = _draw_key(number)
-        if self._keys is None:
-            return self._randn_numpy(per_sample, [draw]).to(dtype).reshape(len(self), *shape)
-        key1_t, key2_t = self._keys
-        element = torch.arange(per_sample, dtype=torch.int64, device=self.device)
-        h = mix32((element[None, :] * 0x27D4EB2F & MASK32) ^ key1_t[:, None] ^ draw)
-        u1 = mix32(h ^ key2_t[:, None])
-        u2 = mix32(u1 ^ 0x165667B1)
-        # in place, in the same order as sqrt(-2 log((u1 + 0.5) s)) cos(2 pi (u2 + 0.5) s)
-        r = u1.to(torch.float64).add_(0.5).mul_(_SCALE).log_().mul_(-2.0).sqrt_()
-        c = u2.to(torch.float64).add_(0.5).mul_(2.0 * math.pi).mul_(_SCALE).cos_()
-        return r.mul_(c).to(dtype).reshape(len(self), *shape)
-
-    def _randn_numpy(self, per_sample: int, draws: list[int]) -> torch.Tensor:
-        """randn on the CPU for the hashed draw numbers `draws`, shape (n, len(draws),
-        per_sample): the hashes and the float64 + and x in numpy, log, sqrt and cos by torch's
-        kernels as on any device: the same values, fewer dispatches."""
-        key1, key2 = self._np_keys
-        element = np.arange(per_sample, dtype=np.uint32) * np.uint32(0x27D4EB2F)
-        block = element[None, :] ^ np.asarray(draws, dtype=np.uint32)[:, None]  # (k, per_sample)
-        u1 = block.reshape(1, -1) ^ key1[:, None]  # (n, k * per_sample): 2-D broadcasts
-        scratch = np.empty_like(u1)  # every hash in place: no array allocated per operation
-        mix32_np(u1, scratch)  # h
-        u1 ^= key2[:, None]
-        mix32_np(u1, scratch)
-        u2 = mix32_np(u1 ^ np.uint32(0x165667B1), scratch)
-        r = u1.astype(np.float64)
-        r += 0.5
-        r *= _SCALE
-        torch.from_numpy(r).log_()
-        r *= -2.0
-        torch.from_numpy(r).sqrt_()
-        c = u2.astype(np.float64)
-        c += 0.5
-        c *= 2.0 * math.pi
-        c *= _SCALE
-        torch.from_numpy(c).cos_()
-        r *= c
-        return torch.from_numpy(r.reshape(len(key1), len(draws), per_sample))
+        values = self._streams.normals(math.prod(shape), [number])
+        return values.to(dtype).reshape(len(self), *shape)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         """Noise shaped like the batch x, one stream per row."""

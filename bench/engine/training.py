@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -19,101 +20,34 @@ from bench.core.config import TrainConfig
 from bench.core.errors import BenchError
 from bench.data.shard import Shard
 from bench.diffusion.rng import sample_seed
-from bench.nets.averaging import ParamAverage, flat_view, flatten_parameters
+from bench.nets.averaging import ParamAverage
 from methods.base import Method
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or RAdam with the configured betas and decoupled weight decay.
-
-    Adam and AdamW use the fused kernels where PyTorch has them (CPU and CUDA, float
-    parameters): one kernel over all parameters, about 3x faster than the foreach path on a
-    small MLP on the CPU. RAdam has no fused kernel and uses foreach.
-    """
+    """Adam (AdamW with weight decay) or RAdam with the configured betas and decoupled weight
+    decay, in torch's fused implementation where torch has one for that optimizer and the
+    parameters' device (Adam and AdamW on the CPU and CUDA: one kernel over all parameters),
+    else in its foreach implementation."""
     betas = (cfg.beta1, cfg.beta2)
+    options: dict[str, Any] = {}
+    optimizer: type[torch.optim.Optimizer]
     if cfg.optimizer == "radam":
-        return torch.optim.RAdam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
-                                 decoupled_weight_decay=cfg.weight_decay > 0, foreach=True)
-    fused = _can_fuse(params)
-    speed: dict[str, bool] = {"fused": True} if fused else {"foreach": True}
-    if cfg.weight_decay > 0:
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
-                                 **speed)
-    return torch.optim.Adam(params, lr=cfg.lr, betas=betas, **speed)
+        optimizer = torch.optim.RAdam
+        options["decoupled_weight_decay"] = cfg.weight_decay > 0
+    else:
+        optimizer = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
+    options["fused" if _can_fuse(optimizer, params) else "foreach"] = True
+    return optimizer(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **options)
 
 
-def _can_fuse(params: list[nn.Parameter]) -> bool:
-    """Fused Adam needs floating-point parameters on one CPU or CUDA device."""
+def _can_fuse(optimizer: type[torch.optim.Optimizer], params: list[nn.Parameter]) -> bool:
+    """The optimizer has a fused implementation (a `fused` argument) and the parameters are
+    floating point on one CPU or CUDA device, where torch's fused kernels run."""
     devices = {p.device.type for p in params}
-    return (len(devices) == 1 and devices <= {"cpu", "cuda"}
+    return ("fused" in inspect.signature(optimizer).parameters
+            and len(devices) == 1 and devices <= {"cpu", "cuda"}
             and all(p.is_floating_point() for p in params))
-
-
-class FusedAdamStep:
-    """optimizer.step() of a fused Adam or AdamW with one parameter group, calling torch's own
-    kernels with the tensor lists built once: torch's step regroups every tensor on every call,
-    which on a small net takes about as long as the kernel itself. Anything else (RAdam, an
-    unfused optimizer, parameters without gradients) goes through optimizer.step(). Build a new
-    one whenever the optimizer's state is replaced (load_state_dict)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-        self._lists: tuple[list[torch.Tensor], ...] | None = None
-        self._steps = torch.zeros(0)
-        self._first = True
-
-    def __call__(self) -> None:
-        """One optimizer step."""
-        lists = self._lists
-        if lists is None:
-            self.optimizer.step()
-            if self._first:  # the first step creates the state the lists point at
-                self._first = False
-                self._lists = self._fast_lists()
-            return
-        params, exp_avgs, exp_avg_sqs, steps = lists
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            self.optimizer.step()
-            return
-        group = self.optimizer.param_groups[0]
-        beta1, beta2 = group["betas"]
-        fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        self._steps.add_(1)  # every parameter's step count (views of this one tensor)
-        fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
-              beta1=float(beta1), beta2=float(beta2), weight_decay=group["weight_decay"],
-              eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
-
-    def _fast_lists(self) -> tuple[list[torch.Tensor], ...] | None:
-        """(params, exp_avgs, exp_avg_sqs, steps) when the fast path applies, else None."""
-        opt = self.optimizer
-        if not isinstance(opt, torch.optim.Adam) or len(opt.param_groups) != 1:
-            return None
-        group = opt.param_groups[0]
-        if (not group.get("fused") or group["amsgrad"] or group["maximize"]
-                or group["capturable"] or group["differentiable"]
-                or isinstance(group["lr"], torch.Tensor)
-                or any(isinstance(b, torch.Tensor) for b in group["betas"])
-                or "decoupled_weight_decay" not in group):
-            return None
-        params = list(group["params"])
-        states = [opt.state.get(p, {}) for p in params]
-        if not params or not all({"exp_avg", "exp_avg_sq", "step"} <= set(s) for s in states):
-            return None
-        if len({(p.device, p.dtype) for p in params}) != 1:
-            return None
-        steps = [s["step"] for s in states]
-        if any(t.dim() != 0 for t in steps) or len({(t.device, t.dtype) for t in steps}) != 1:
-            return None
-        flat = flat_view(steps)
-        if flat is None:  # one tensor of all step counts, each parameter's a view of it
-            flat = torch.stack([t.detach() for t in steps])
-            for i, s in enumerate(states):
-                s["step"] = flat[i]
-            steps = [s["step"] for s in states]
-        self._steps = flat
-        return (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                steps)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -210,9 +144,8 @@ class LoopState:
     loss_count: int = 0
     skipped: int = 0  # iterations skipped for a non-finite loss (train.nonfinite = "skip")
     scaler: torch.amp.GradScaler | None = None  # train.precision = "fp16": the loss scale
-    # the loop's optimizer step and EMA average, kept from one train_loop call to the next
-    # (not checkpointed; load_loop_state drops them)
-    helpers: tuple[FusedAdamStep, ParamAverage | None] | None = field(default=None, repr=False)
+    # the loop's update of `ema`, kept from one train_loop call to the next (not checkpointed)
+    ema_average: ParamAverage | None = field(default=None, repr=False)
 
 
 def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.device,
@@ -222,7 +155,6 @@ def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.de
     optimizer = None
     ema = None
     if student is not None and method.trains:
-        flatten_parameters(student)  # one buffer: averages and the optimizer's steps are cheap
         optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg)
         if cfg.ema_rate > 0:
             ema = copy.deepcopy(student).eval().requires_grad_(False)
@@ -250,7 +182,7 @@ def load_loop_state(state: LoopState, saved: dict[str, Any]) -> None:
     """Restore what loop_state_dict saved."""
     state.step = int(saved["step"])
     if state.optimizer is not None and saved.get("optimizer"):
-        state.optimizer.load_state_dict(saved["optimizer"])
+        state.optimizer.load_state_dict(_own_step_counts(saved["optimizer"]))
     if state.ema is not None and saved.get("ema"):
         state.ema.load_state_dict(saved["ema"])
     if saved["generator"].numel():  # empty: an imported run, no RNG state to restore
@@ -263,7 +195,16 @@ def load_loop_state(state: LoopState, saved: dict[str, Any]) -> None:
         state.skipped = int(saved.get("skipped", 0))
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
-    state.helpers = None  # their tensor lists point at the replaced optimizer state
+
+
+def _own_step_counts(saved: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict whose per-parameter step counts are tensors of their own, as
+    torch's optimizers keep them (checkpoints of earlier versions hold them as views of one
+    shared tensor: the same values)."""
+    state = {key: {**values, "step": values["step"].clone()}
+             if isinstance(values.get("step"), torch.Tensor) else values
+             for key, values in saved["state"].items()}
+    return {**saved, "state": state}
 
 
 @dataclass
@@ -351,10 +292,9 @@ def _iterate(
         return
     optimizer = state.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if state.helpers is None or state.helpers[0].optimizer is not optimizer:
-        state.helpers = (FusedAdamStep(optimizer),
-                         ParamAverage(state.ema, student) if state.ema is not None else None)
-    optimizer_step, ema = state.helpers
+    if state.ema is not None and state.ema_average is None:
+        state.ema_average = ParamAverage(state.ema, student)
+    ema = state.ema_average
     scaler = state.scaler
     if not student.training:  # Module.train() walks every submodule: ~0.1 ms on a small MLP
         student.train()
@@ -390,7 +330,7 @@ def _iterate(
                 state.skipped += 1
             else:
                 if scaler is None:
-                    optimizer_step()
+                    optimizer.step()
                 else:
                     scaler.step(optimizer)
                     scaler.update()

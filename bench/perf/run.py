@@ -32,10 +32,11 @@ its share per iteration (the mean time of a log call / train.log_every), to whic
 write of the logged values is added at its rate (off the training thread, on the same cores).
 
 A training or sampling figure that misses its target also gets its floor (always, with floor
-True): the bare side plus only what no implementation on the same kernels can skip (training:
-the fused Adam step and one lerp per parameter average; sampling: bench's per-sample noise),
-timed against the bare side afresh. A floor above the target means the target is out of reach
-on these kernels; figure minus floor is what bench adds.
+True): the bare side plus only what no implementation on the same kernels can skip, made with
+the ops the real loop uses (training: the optimizer's step, torch's fused Adam, and each
+parameter average's lerp_ of every parameter; sampling: bench's per-sample noise), timed against
+the bare side afresh. A floor above the target means the target is out of reach on these
+kernels; figure minus floor is what bench adds.
 """
 
 from __future__ import annotations
@@ -76,14 +77,13 @@ from bench.engine.models import model_spec, new_raw_net
 from bench.engine.signals import SignalGuard
 from bench.engine.training import (
     BatchStream,
-    FusedAdamStep,
     LoopHooks,
     make_optimizer,
     new_loop_state,
     train_loop,
 )
 from bench.metrics.extractors import ExtractedBatch, ImageFeatureExtractor, images_to_uint8
-from bench.nets.averaging import ParamAverage, flatten_parameters
+from bench.nets.averaging import ParamAverage
 from methods import MethodContext, all_methods, get_method, teacher_method
 
 SAMPLE_NFES = (1, 2, 4)
@@ -284,15 +284,13 @@ def parameter_averages(method: Any, name: str, cfg: RunConfig) -> list[str]:
 def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig,
                         ) -> tuple[Callable[[], None], str, list[nn.Module]]:
     """The floor of an iteration of `name`: its raw passes (as bare_training_passes) plus what
-    no training loop can skip, made with the kernels bench's loop uses: the optimizer step
-    (torch's fused Adam on the flat student) and one flat lerp per parameter average. Nothing
-    else: no data, draws, schedules, checks or logging. What it costs above the raw passes is
-    the least any loop on these kernels pays. Returns the step, what it does and the modules
-    it changes (the student copy, then one module per average)."""
+    no training loop can skip, made with the ops bench's loop uses: the optimizer's step
+    (make_optimizer's, fused Adam where torch has it) and one update per parameter average
+    (ParamAverage). Nothing else: no data, draws, schedules, checks or logging. What it costs
+    above the raw passes is the least any loop on these ops pays. Returns the step, what it
+    does and the modules it changes (the student copy, then one module per average)."""
     passes, denominator, student = _training_passes(method, x0)
-    flatten_parameters(student)
-    optimizer_step = FusedAdamStep(make_optimizer(
-        [p for p in student.parameters() if p.requires_grad], cfg.train))
+    optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg.train)
     names = parameter_averages(method, name, cfg)
     copies = [copy.deepcopy(student).requires_grad_(False) for _ in names]
     averages = [ParamAverage(module, student) for module in copies]
@@ -300,11 +298,13 @@ def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig
 
     def step() -> None:
         passes()
-        optimizer_step()
+        optimizer.step()
         for average in averages:
             average.update(rate)
 
-    what = " + ".join([denominator, "fused Adam step", *(f"{n} lerp" for n in names)])
+    kernel = "fused" if optimizer.param_groups[0].get("fused") else "foreach"
+    what = " + ".join([denominator, f"{kernel} {type(optimizer).__name__} step",
+                       *(f"{n} lerp" for n in names)])
     return step, what, [student, *copies]
 
 
@@ -795,9 +795,10 @@ def print_rows(rows: list[Row], console: Any) -> None:
     console.print(table)
     if any("floor_ratio" in r for r in rows):
         console.print("floor: the bare side plus only what no implementation on the same "
-                      "kernels can skip (training: the fused Adam step and one lerp per "
-                      "parameter average; sampling: bench's per-sample noise), timed against "
-                      "the bare side afresh; a red floor misses the target by itself.")
+                      "kernels can skip (training: the optimizer's step and each parameter "
+                      "average's lerp_ of every parameter; sampling: bench's per-sample noise), "
+                      "timed against the bare side afresh; a red floor misses the target by "
+                      "itself.")
 
 
 def write_json(rows: list[Row], path: Path, device: torch.device | None = None,
