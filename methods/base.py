@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.core.config import RunConfig, Section, register_section
+from bench.core.config import RunConfig, Section, register_presets, register_section
 from bench.core.errors import BenchError, UsageError, unknown_name
 from bench.data.datasets import Dataset
 from bench.data.shard import Shard
@@ -85,6 +85,8 @@ class Method(ABC):
     in_suite: ClassVar[bool] = True  # part of `bench suite`'s default methods
     paper: ClassVar[tuple[PaperResult, ...]] = ()  # published numbers the report shows beside
     search_spaces: ClassVar[tuple[Path, ...]] = ()  # built-in sweep spaces (TOML files)
+    # its own presets: [preset.<name>.<dataset>] tables in bench.toml's format, below bench.toml
+    presets: ClassVar[Path | None] = None
     official_import: ClassVar[bool] = False  # `bench import` of the paper's released weights
     perf_settings: ClassVar[tuple[str, ...]] = ()  # --set overrides of `bench perf`'s runs
     perf_train_target: ClassVar[float] = 1.05  # `bench perf`: training overhead target
@@ -158,7 +160,10 @@ class Method(ABC):
 
     def parameters(self) -> list[dict[str, Any]]:
         """What the optimizer updates, as torch.optim parameter groups: the student's
-        trainable parameters by default; a method may add others (e.g. a learned weighting)."""
+        trainable parameters by default. A method may add groups of its own (a learned loss
+        weighting, say), saved through extra_modules(); a group's "lr_scale" multiplies the
+        scheduled learning rate. With several processes the loop averages the gradients of
+        these over the ranks as DDP does the student's."""
         student = self.student
         if student is None:
             return []
@@ -270,6 +275,8 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {cls.name!r} registered twice")
     if cls.Config is not None:
         register_section(cls.name, cls.Config)
+    if cls.presets is not None:
+        register_presets(cls.name, cls.presets)
     _REGISTRY[cls.name] = cls
     return cls
 

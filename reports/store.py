@@ -76,7 +76,10 @@ def check_dataset_name(name: str) -> None:
 
 
 def _is_bench_run(record: RunRecord, dataset: str, methods: set[str]) -> bool:
-    return record.tags.get("dataset") == dataset and record.tags.get("method") in methods
+    """A run of a method on the dataset; not a sweep's own run (it logs each trial's objective
+    values against the trial number, not results against the NFE)."""
+    return (record.tags.get("dataset") == dataset and record.tags.get("method") in methods
+            and record.tags.get("sweep") != "true")
 
 
 def candidate_runs(tracker: Tracker, datasets: Iterable[str] | None) -> dict[str, list[RunRecord]]:

@@ -19,6 +19,9 @@ from bench.core.config import (
     to_dict,
 )
 from bench.core.errors import UsageError
+from methods import method_names
+
+assert method_names(), "the methods (and so their config sections) are registered on import"
 
 
 def write(path: Path, text: str) -> Path:

@@ -84,8 +84,10 @@ def store(tmp_path: Path, template_db: Path) -> tuple[Tracker, dict[str, str]]:
         "gmm_cd": add_run(tracker, "gmm8", "cd", {1: {"w2": 0.2}, 2: {"w2": 0.15}},
                           teacher="analytic"),
     }
-    # a sweep parent without a method tag is not a result
-    parent = tracker.start_run(experiment="gmm8", run_name="sweep", tags={"dataset": "gmm8"})
+    # a sweep's own run (tagged as the driver tags it) is not a result: it logs each trial's
+    # objective against the trial number
+    parent = tracker.start_run(experiment="gmm8", run_name="sweep",
+                               tags={"dataset": "gmm8", "method": "cd", "sweep": "true"})
     tracker.log_metrics(parent, {"w2": 0.01}, 1)
     tracker.end_run(parent)
     return tracker, ids

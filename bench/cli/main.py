@@ -450,17 +450,20 @@ def methods() -> None:
     from methods import all_methods
 
     table = Table(title="methods")
-    for col in ("name", "label", "group", "trains", "teacher", "can", "spaces", "summary"):
-        table.add_column(col)
+    for col in ("name", "label", "group", "trains", "teacher", "can", "spaces"):
+        table.add_column(col, no_wrap=col in ("name", "label"))
     for cls in all_methods():
         can = [c for c, ok in (("edit", cls.can_edit), ("import", cls.official_import),
                                ("suite", cls.in_suite)) if ok]
         table.add_row(cls.name, cls.display_label(), cls.group, "yes" if cls.trains else "no",
                       "needed" if cls.needs_teacher else
                       ("provides" if cls.provides_teacher else "-"),
-                      ", ".join(can) or "-", ", ".join(p.stem for p in cls.search_spaces) or "-",
-                      cls.summary)
-    _console().print(table)
+                      ", ".join(can) or "-", ", ".join(p.stem for p in cls.search_spaces) or "-")
+    console = _console()
+    console.print(table)
+    for cls in all_methods():  # the summaries, and the module each method comes from
+        console.print(f"[bold]{cls.name}[/bold] ({cls.__module__}): {cls.summary}",
+                      highlight=False)
 
 
 @app.command()

@@ -4,6 +4,8 @@ Precedence, lowest first: the model defaults below < the shipped bench.toml < ./
 < the bench.toml presets [preset."*".<dataset>] < [preset.<method>."*"]
 < [preset.<method>.<dataset>] < --config FILE
 < command-line flags < repeatable --set key=value (values parsed as TOML literals).
+At each preset level a method's own presets file (`register_presets`) comes before the
+bench.toml files.
 
 The sections shared by every run are defined here; each method declares its own section (a
 `Section` subclass in its module, registered with `register_section`), so a run's config holds
@@ -189,6 +191,15 @@ def register_section(name: str, section: type[Section]) -> None:
     config_model.cache_clear()
 
 
+_PRESET_FILES: dict[str, Path] = {}  # method name -> its presets (register_presets)
+
+
+def register_presets(name: str, path: Path) -> None:
+    """Add a method's own presets: a TOML file of [preset.<name>.<dataset>] tables (bench.toml's
+    format) that applies below every bench.toml, so a user's file still overrides it."""
+    _PRESET_FILES[name] = path
+
+
 @cache
 def config_model() -> type[RunConfig]:
     """RunConfig with one field per registered method section, in registration order."""
@@ -313,11 +324,11 @@ def _message(model: type[BaseModel], error: Any) -> str:
                   else f"one of {', '.join(choices)}")
         if info is not None and typing.get_origin(info.annotation) is list:
             return f"{key} must be a subset of {', '.join(choices)}"
-        return f"{key} must be {listed}"
+        return f"{key} must be {listed}, got {value!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         element = bool(loc) and isinstance(loc[-1], int)
         what = f"{key} values" if element else key
-        return f"{what} must be {_bounds(info, element)}"
+        return f"{what} must be {_bounds(info, element)}, got {value!r}"
     if kind == "too_short":
         return f"{key} must not be empty"
     if kind == "value_error":
@@ -451,8 +462,22 @@ def _check_layer(layer: Mapping[str, Any], source: str) -> None:
                 raise UsageError(f"{source}: {_message(model, error)}") from None
 
 
+def method_preset_files() -> list[BenchFile]:
+    """The presets methods registered (register_presets); each file may only hold its own
+    method's [preset.<name>.<dataset>] tables."""
+    loaded = []
+    for name, path in _PRESET_FILES.items():
+        f = load_bench_file(path)
+        if f.settings != {"data": {}} or f.data_tables or set(f.presets) - {name}:
+            raise UsageError(f"{path}: a method's presets file holds only "
+                             f"[preset.{name}.<dataset>] tables")
+        loaded.append(f)
+    return loaded
+
+
 def default_bench_files(cwd: Path) -> list[BenchFile]:
-    """The shipped bench.toml, then ./bench.toml if it is a different file."""
+    """The methods' own presets, the shipped bench.toml, then ./bench.toml if it is a
+    different file."""
     files: list[Path] = []
     for candidate in (PACKAGE_DEFAULTS, SOURCE_DEFAULTS):
         if candidate.is_file():
@@ -461,7 +486,7 @@ def default_bench_files(cwd: Path) -> list[BenchFile]:
     local = cwd / "bench.toml"
     if local.is_file() and not any(local.resolve() == f.resolve() for f in files):
         files.append(local)
-    return [load_bench_file(f) for f in files]
+    return [*method_preset_files(), *(load_bench_file(f) for f in files)]
 
 
 @dataclass

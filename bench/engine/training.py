@@ -24,11 +24,17 @@ from bench.nets.averaging import ParamAverage
 from methods.base import Method
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter] | list[dict[str, Any]], cfg: TrainConfig,
+                   ) -> torch.optim.Optimizer:
     """Adam (AdamW with weight decay) or RAdam with the configured betas and decoupled weight
     decay, in torch's fused implementation where torch has one for that optimizer and the
     parameters' device (Adam and AdamW on the CPU and CUDA: one kernel over all parameters),
-    else in its foreach implementation."""
+    else in its foreach implementation. params: parameters, or torch.optim parameter groups
+    (Method.parameters()); a group's "lr_scale" multiplies the scheduled learning rate."""
+    groups: list[dict[str, Any]] = (
+        [g for g in params if isinstance(g, dict)] if params and isinstance(params[0], dict)
+        else [{"params": list(params)}])
+    every = [p for g in groups for p in g["params"]]
     betas = (cfg.beta1, cfg.beta2)
     options: dict[str, Any] = {}
     optimizer: type[torch.optim.Optimizer]
@@ -37,8 +43,8 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
         options["decoupled_weight_decay"] = cfg.weight_decay > 0
     else:
         optimizer = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
-    options["fused" if _can_fuse(optimizer, params) else "foreach"] = True
-    return optimizer(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **options)
+    options["fused" if _can_fuse(optimizer, every) else "foreach"] = True
+    return optimizer(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **options)
 
 
 def _can_fuse(optimizer: type[torch.optim.Optimizer], params: list[nn.Parameter]) -> bool:
@@ -155,7 +161,7 @@ def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.de
     optimizer = None
     ema = None
     if student is not None and method.trains:
-        optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg)
+        optimizer = make_optimizer(method.parameters(), cfg)
         if cfg.ema_rate > 0:
             ema = copy.deepcopy(student).eval().requires_grad_(False)
     generator = torch.Generator(device=device).manual_seed(sample_seed(seed, 2**31))
@@ -292,6 +298,11 @@ def _iterate(
         return
     optimizer = state.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    # a method's own parameters (Method.parameters() beyond the student): DDP averages only
+    # the student's gradients, so with several processes the loop averages these itself
+    in_student = {id(p) for p in student.parameters()}
+    reduce = hooks.reduce
+    own = [p for p in params if id(p) not in in_student] if reduce is not None else []
     if state.ema is not None and state.ema_average is None:
         state.ema_average = ParamAverage(state.ema, student)
     ema = state.ema_average
@@ -307,7 +318,7 @@ def _iterate(
             step = state.step
             lr = lr_at(step, cfg, total)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             x0, labels = stream.batch(step)
             for p in params:  # before the forward: no old gradients at its peak
                 p.grad = None
@@ -315,6 +326,9 @@ def _iterate(
                 loss = method.loss(x0, labels, step, state.generator).float().mean()
             (loss if scaler is None else scaler.scale(loss)).backward()
             seen = loss.detach() if hooks.reduce is None else hooks.reduce(loss)
+            for p in own:
+                if p.grad is not None and reduce is not None:
+                    p.grad.copy_(reduce(p.grad))
             if scaler is not None:
                 scaler.unscale_(optimizer)  # an overflow is the scaler's to skip, not an error
             checked = seen
