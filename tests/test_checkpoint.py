@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.core.config import TrainConfig
 from bench.core.errors import BenchError
 from bench.engine.checkpoint import load_checkpoint, save_checkpoint
+from bench.engine.training import LoopState, load_loop_state, loop_state_dict, make_optimizer
 
 
 def test_round_trip_and_no_temporary_left(tmp_path: Path) -> None:
@@ -34,3 +36,26 @@ def test_truncated_and_foreign_files_are_one_line_errors(tmp_path: Path) -> None
         load_checkpoint(foreign)
     with pytest.raises(BenchError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_earlier_checkpoints_with_shared_adam_step_counts_load(tmp_path: Path) -> None:
+    """Checkpoints of earlier versions hold Adam's per-parameter step counts as views of one
+    tensor; loaded, each count is a tensor of its own and a step adds one to each."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = make_optimizer(list(net.parameters()), TrainConfig())
+    net(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = LoopState(1, optimizer, None, torch.Generator().manual_seed(0))
+    saved = loop_state_dict(state)
+    shared = torch.full((len(saved["optimizer"]["state"]),), 7.0)
+    for i, values in enumerate(saved["optimizer"]["state"].values()):
+        values["step"] = shared[i]  # the earlier layout: views of one tensor
+    save_checkpoint({"loop": saved}, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")["loop"]
+
+    fresh = make_optimizer(list(net.parameters()), TrainConfig())
+    resumed = LoopState(0, fresh, None, torch.Generator())
+    load_loop_state(resumed, loaded)
+    net(torch.ones(1, 3)).sum().backward()
+    fresh.step()
+    assert [float(v["step"]) for v in fresh.state.values()] == [8.0] * 4

@@ -12,6 +12,7 @@ from tests.conftest import REPO
 def test_ruff_clean() -> None:
     ruff = shutil.which("ruff") or shutil.which("ruff", path=str(REPO / ".venv" / "bin"))
     cmd = [ruff] if ruff else [sys.executable, "-m", "ruff"]
-    result = subprocess.run([*cmd, "check", "bench", "methods", "sweeps", "reports", "tests"],
+    result = subprocess.run([*cmd, "check", "bench", "methods", "sweeps", "reports", "tests",
+                             "examples"],
                             cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -6,6 +6,7 @@ small network of the noise level trained with the student. Sampled with EDM's He
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -54,7 +55,7 @@ class UncertaintyEDM(Method):
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"weighting": self.weighting}  # saved in checkpoints, restored on resume
 
-    def parameters(self) -> list[dict]:
+    def parameters(self) -> list[dict[str, Any]]:  # the optimizer also trains u(sigma)
         return [*super().parameters(), {"params": list(self.weighting.parameters())}]
 
     def loss(self, x0: torch.Tensor, labels: torch.Tensor | None, step: int,
