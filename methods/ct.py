@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from pydantic import Field, model_validator
@@ -62,14 +63,15 @@ class CT(GridConsistencyMethod):
 
     name = "ct"
     summary = "consistency training (Song et al. 2023): no teacher, N(k) and mu(k) schedules"
-    Config = CTConfig
+    Config: ClassVar[type[Section] | None] = CTConfig
     label = "CT"
     group = "Direct training"
     official_import = True
-    paper = (PaperResult("cifar10", CM_TABLE1, "1/8.70 2/5.83"),
-             PaperResult("imagenet64", CM_TABLE2, "1/13.0 2/11.1"),
-             PaperResult("lsun-bedroom", CM_TABLE2, "1/16.0 2/7.85"),
-             PaperResult("lsun-cat", CM_TABLE2, "1/20.7 2/11.7"))
+    paper: ClassVar[tuple[PaperResult, ...]] = (
+        PaperResult("cifar10", CM_TABLE1, "1/8.70 2/5.83"),
+        PaperResult("imagenet64", CM_TABLE2, "1/13.0 2/11.1"),
+        PaperResult("lsun-bedroom", CM_TABLE2, "1/16.0 2/7.85"),
+        PaperResult("lsun-cat", CM_TABLE2, "1/20.7 2/11.7"))
     search_spaces = (SPACES / "ct-lr.toml", SPACES / "ct-schedule.toml")
 
     def __init__(self, ctx: MethodContext) -> None:

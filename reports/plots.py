@@ -5,12 +5,13 @@ point labelled with its NFE); PNG and SVG written without dates, so reruns match
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from reports.tables import Table, metric_name, table_title
 
 
-def _pyplot():  # noqa: ANN202 - matplotlib's module type
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")

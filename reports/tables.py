@@ -210,8 +210,7 @@ def build_table(selection: Selection, dataset: str) -> Table:
         else:
             row.extra[metric] = value
     for number in paper:
-        info = selection.runs.get((dataset, number.method))
-        row = row_for(number.method, number.nfe, info)
+        row = row_for(number.method, number.nfe, selection.runs.get((dataset, number.method)))
         row.values[f"{PAPER_PREFIX}fid"] = number.value
         row.text[f"{PAPER_PREFIX}fid"] = number.fid
     ordered = sorted(rows.values(), key=lambda r: (*group_of(r.method)[::2], r.method, r.nfe))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from bench.core.errors import UsageError
 
@@ -30,7 +31,7 @@ class Objective:
         return f"{self.metric}_nfe{self.nfe}"
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Literal["minimize", "maximize"]:
         """Optuna's direction."""
         return "minimize" if self.minimize else "maximize"
 

@@ -49,9 +49,9 @@ def print_summary(summary: SweepSummary, console: Any) -> None:
     elif multi:
         console.print(f"Pareto front ({len(summary.best)} trials, marked *):")
         for r in summary.best:
-            values = ", ".join(f"{o.label} = {v:.4g}"
+            scores = ", ".join(f"{o.label} = {v:.4g}"
                                for o, v in zip(summary.objectives, r.values or [], strict=True))
-            console.print(f"  trial {r.number}: {values}")
+            console.print(f"  trial {r.number}: {scores}")
             console.print(f"    {summary.reproduce[r.number]}", soft_wrap=True, markup=False)
     else:
         r = summary.best[0]

@@ -6,13 +6,14 @@ import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from bench.engine.evaluation import EvalResult
 
 
-def _pyplot():  # noqa: ANN202 - matplotlib's module type
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,7 +67,7 @@ def save_grid(images: torch.Tensor, path: Path, value_range: tuple[float, float]
     array = grid.permute(1, 2, 0).numpy()
     image = Image.fromarray(array[:, :, 0] if c == 1 else array, mode="L" if c == 1 else "RGB")
     scale = max(1, 256 // max(h, w))
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     image.save(path)
 
 
@@ -126,7 +127,7 @@ def save_panels(panels: Sequence[tuple[str, torch.Tensor]], cols: int, path: Pat
     for (caption, _), grid in zip(panels, grids, strict=True):
         array = grid.expand(3, -1, -1).permute(1, 2, 0).numpy()
         tile = Image.fromarray(array, mode="RGB")
-        tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
+        tile = tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST)
         canvas.paste(tile, (left, header))
         draw.text((left, 3), caption, fill="black")
         left += tile.width + gap

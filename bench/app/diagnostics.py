@@ -45,8 +45,12 @@ def ode_errors(method: Method, ema: nn.Module | None, dataset: GaussianMixture,
         run: dict[int, float] = {}
         for nfe in nfes:
             model = method.evaluation_model(ema, nfe).eval()
-            out = method.sample(lambda x, s, m=model: m(x.float(), s.float()).double(),
-                                noise.clone(), nfe, StackedGenerator(seed + 1, range(count)))
+
+            def denoise(x: torch.Tensor, s: torch.Tensor, m: nn.Module = model) -> torch.Tensor:
+                return m(x.float(), s.float()).double()
+
+            out = method.sample(denoise, noise.clone(), nfe,
+                                StackedGenerator(seed + 1, range(count)))
             run[nfe] = float((out.double() - exact).norm(dim=1).mean())
         ddim = {}
         for nfe in ddim_nfes:

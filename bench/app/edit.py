@@ -58,7 +58,8 @@ from bench.diffusion.rng import StackedGenerator, sample_seed
 from bench.diffusion.samplers import CallCounter, Model
 from bench.engine.evaluation import sample_labels
 from bench.metrics.base import MetricSuite
-from methods import Method, all_methods, get_method
+from methods import all_methods, get_method
+from methods.consistency import ConsistencyModel
 
 Reporter = Callable[[str], None]
 
@@ -280,7 +281,8 @@ class _ImageEditor:
     def __init__(self, p: Prepared, ema: nn.Module | None, request: EditRequest,
                  sigma: float | None, out: Path) -> None:
         self.p, self.ema, self.request, self.sigma, self.out = p, ema, request, sigma, out
-        self.method: Method = p.method
+        assert isinstance(p.method, ConsistencyModel)  # editing needs sigma_min, sigma_max, rho
+        self.method: ConsistencyModel = p.method
         self.dataset = p.dataset
         self.clamp = p.dataset.clamp or (-1.0, 1.0)
         device = p.device
@@ -420,7 +422,8 @@ class _PointsEditor:
         gmm = p.dataset
         assert isinstance(gmm, GaussianMixture)
         self.p, self.ema, self.request, self.sigma, self.out = p, ema, request, sigma, out
-        self.method: Method = p.method
+        assert isinstance(p.method, ConsistencyModel)  # editing needs sigma_min, sigma_max, rho
+        self.method: ConsistencyModel = p.method
         self.gmm = gmm
         generator = torch.Generator().manual_seed(sample_seed(request.seed, _TRUTH_STREAM))
         self.observed = gmm.sample(request.n, generator).to(torch.float64)

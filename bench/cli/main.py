@@ -428,9 +428,9 @@ def datasets() -> None:
 
     paths: dict[str, str] = {}
     for f in default_bench_files(Path.cwd()):
-        for name, table in f.data_tables.items():
-            if table.get("path"):
-                paths[name] = str(table["path"])
+        for name, section in f.data_tables.items():
+            if section.get("path"):
+                paths[name] = str(section["path"])
     table = Table(title="datasets")
     for col in ("name", "kind", "shape", "size", "sigma_data", "available"):
         table.add_column(col)

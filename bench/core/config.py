@@ -40,6 +40,12 @@ PosInt = Annotated[int, Field(ge=1)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Rate = Annotated[float, Field(ge=0, lt=1)]  # a probability or an averaging rate in [0, 1)
+ImageMetric = Literal["fid", "is", "kid", "prc"]
+
+
+def _default_image_metrics() -> list[ImageMetric]:
+    """eval.image_metrics unless set: FID only."""
+    return ["fid"]
 
 
 class Section(BaseModel):
@@ -125,8 +131,7 @@ class EvalConfig(Section):
     # image metrics: split the reference statistics come from
     reference_split: Literal["train", "test"] = "train"
     # a subset of fid, is, kid, prc
-    image_metrics: list[Literal["fid", "is", "kid", "prc"]] = Field(
-        default_factory=lambda: ["fid"])
+    image_metrics: list[ImageMetric] = Field(default_factory=_default_image_metrics)
     save_png: bool = False  # also write every evaluated image as a PNG (image datasets)
     reference_stats: str = ""  # published .npz with mu and sigma (clean-fid, guided-diffusion)
     reference_num_samples: NonNegInt = 0  # reference images for the statistics; 0 = all
@@ -264,13 +269,13 @@ def _bounds(info: FieldInfo | None, element: bool) -> str:
             metadata += typing.get_args(arg)[1:] if typing.get_origin(arg) is Annotated else []
     low = high = None
     for m in metadata:
-        for kind in (annotated_types.Ge, annotated_types.Gt):
-            if isinstance(m, kind):
-                low = ("[" if kind is annotated_types.Ge else "(", m.ge if hasattr(m, "ge")
+        for lower in (annotated_types.Ge, annotated_types.Gt):
+            if isinstance(m, lower):
+                low = ("[" if lower is annotated_types.Ge else "(", m.ge if hasattr(m, "ge")
                        else m.gt)
-        for kind in (annotated_types.Le, annotated_types.Lt):
-            if isinstance(m, kind):
-                high = ("]" if kind is annotated_types.Le else ")", m.le if hasattr(m, "le")
+        for upper in (annotated_types.Le, annotated_types.Lt):
+            if isinstance(m, upper):
+                high = ("]" if upper is annotated_types.Le else ")", m.le if hasattr(m, "le")
                         else m.lt)
     if low and high:
         return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"

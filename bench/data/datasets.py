@@ -540,7 +540,7 @@ class Digits(ImageDataset):
         """Training split as float32 v / 8 - 1 (exact: 0 -> -1, 16 -> 1); cached, do not modify."""
         return self._split("train")[0]
 
-    def train_labels(self) -> Tensor | None:
+    def train_labels(self) -> Tensor:
         """Int64 labels 0..9 of the training split."""
         return self._split("train")[1]
 

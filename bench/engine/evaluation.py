@@ -180,7 +180,12 @@ def generate(
         noise = rng.randn(dataset.shape)
         labels = (sample_labels(seed, indices, dataset.num_classes).to(device)
                   if conditional else None)
-        counter = CallCounter(lambda x, s, labels=labels: model(x, s, labels))
+
+        def denoise(x: torch.Tensor, s: torch.Tensor,
+                    labels: torch.Tensor | None = labels) -> torch.Tensor:
+            return model(x, s, labels)
+
+        counter = CallCounter(denoise)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()

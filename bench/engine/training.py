@@ -110,7 +110,7 @@ class BatchStream:
         """Dataset indices of batch `step`."""
         n = self.size
         start = step * self.batch_size
-        parts = []
+        parts: list[torch.Tensor] = []
         while sum(p.numel() for p in parts) < self.batch_size:
             epoch, offset = divmod(start, n)
             take = min(self.batch_size - sum(p.numel() for p in parts), n - offset)

@@ -207,7 +207,9 @@ class TorchFidelityExtractor(ImageFeatureExtractor):
         """Run the module on uint8 images; it resizes and normalises them itself."""
         with torch.no_grad():
             outputs = self.module(images.to(self.device))
-        named = dict(zip(self.module.features_list, outputs, strict=True))
+        layers = self.module.features_list
+        assert isinstance(layers, (list, tuple))  # FeatureExtractorBase checks its type
+        named = dict(zip(layers, outputs, strict=True))
         logits = named[self.logits_layer] if self.logits_layer is not None else None
         return ExtractedBatch(named[self.feature_layer].to(torch.float32), logits)
 

@@ -81,7 +81,8 @@ def save_reference_stats(stats: ReferenceStats, key: RefStatsKey, path: Path) ->
         arrays["features"] = np.asarray(stats.features, dtype=np.float32)
     if stats.radii is not None:
         arrays["radii"] = np.asarray(stats.radii, dtype=np.float32)
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    # numpy's stub: mypy binds **arrays to savez's allow_pickle: bool, a keyword numpy 1.26 lacks
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

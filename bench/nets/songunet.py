@@ -60,6 +60,8 @@ def _norm(channels: int) -> nn.GroupNorm:
 class ResampleConv(GeneratorInit):
     """Convolution (kernel 0 = none) with optional FIR up/downsampling by 2 (EDM's Conv2d)."""
 
+    resample_filter: Tensor | None  # buffer: the 2-D FIR filter (1, 1, k, k), None without one
+
     def __init__(self, in_channels: int, out_channels: int, kernel: int,
                  resample: Literal["none", "up", "down"], taps: tuple[int, ...],
                  fused: bool = False, init_scale: float = 1.0) -> None:
@@ -154,6 +156,8 @@ class SongBlock(nn.Module):
 class FourierFeatures(GeneratorInit):
     """cos/sin of 2 pi c_noise f with fixed random frequencies f ~ N(0, 16^2) (NCSN++)."""
 
+    freqs: Tensor  # buffer: the frequencies (num_channels // 2,)
+
     def __init__(self, num_channels: int) -> None:
         super().__init__()
         self.register_buffer("freqs", torch.zeros(num_channels // 2))
@@ -238,7 +242,11 @@ class SongUNet(nn.Module):
                 cin, cout = cout, model_channels * mult
                 self.enc[f"{res}x{res}_block{index}"] = block(cin, cout,
                                                               attention=res in attn_resolutions)
-        skips = [m.out_channels for name, m in self.enc.items() if "aux" not in name]
+        skips: list[int] = []  # widths of the encoder outputs the decoder concatenates
+        for name, m in self.enc.items():
+            if "aux" not in name:
+                assert isinstance(m, (Conv2d, SongBlock))
+                skips.append(m.out_channels)
 
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):

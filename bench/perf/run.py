@@ -517,14 +517,14 @@ def eval_overhead(case: PerfCase, rounds: int, device: torch.device, cache_dir: 
     method, cfg = _sampling_method(case, device)
     dataset = case.dataset
     nfes = list(cfg.eval.nfe)
+    extractor: ImageFeatureExtractor | None = None
     if dataset.kind == "image":
         from bench.engine.fid import prepare_image_metrics
 
-        extractor: ImageFeatureExtractor | None = RandomConvFeatures()
+        extractor = RandomConvFeatures()
         suite = prepare_image_metrics(dataset, cfg, cache_dir, extractor)
         extraction = "features of the quantised images (16-d random-weights convolutions)"
     else:
-        extractor = None
         suite = prepare_metrics(dataset, cfg, cache_dir)
         extraction = f"{', '.join(suite.names)} on the same samples"
     model = copy.deepcopy(method.evaluation_model(None, nfes[0])).eval()
@@ -592,6 +592,7 @@ class _MemoryWork:
         stream = BatchStream(case.dataset.train_batch, len(case.dataset), None,
                              cfg.train.batch_size, 0, device)
         x0, _ = stream.batch(0)
+        self.run: Callable[[int], object]  # n iterations (what the loop returns is unused)
         if side == "bench":
             self.method = _method(case, reference_method(), cfg, device)
             self.state = new_loop_state(self.method, cfg.train, 0, device)
