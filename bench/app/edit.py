@@ -59,7 +59,6 @@ from bench.diffusion.samplers import CallCounter, Model
 from bench.engine.evaluation import sample_labels
 from bench.metrics.base import MetricSuite
 from methods import all_methods, get_method
-from methods.consistency import ConsistencyModel
 
 Reporter = Callable[[str], None]
 
@@ -281,8 +280,8 @@ class _ImageEditor:
     def __init__(self, p: Prepared, ema: nn.Module | None, request: EditRequest,
                  sigma: float | None, out: Path) -> None:
         self.p, self.ema, self.request, self.sigma, self.out = p, ema, request, sigma, out
-        assert isinstance(p.method, ConsistencyModel)  # editing needs sigma_min, sigma_max, rho
-        self.method: ConsistencyModel = p.method
+        self.method = p.method  # can_edit: its evaluation model is a consistency function
+        self.levels_of = p.config.diffusion  # the run's sigma_min, sigma_max and rho
         self.dataset = p.dataset
         self.clamp = p.dataset.clamp or (-1.0, 1.0)
         device = p.device
@@ -298,12 +297,12 @@ class _ImageEditor:
     def levels(self, nfe: int) -> list[float]:
         """Algorithm 4 and stroke: nfe levels from sigma down; denoise: [sigma]; interpolate:
         [sigma_max]."""
-        m = self.method
+        d = self.levels_of
         if self.sigma is None:  # interpolate
-            return [m.sigma_max]
+            return [d.sigma_max]
         if self.request.task == "denoise":
             return [self.sigma]
-        return edit_levels(nfe, m.sigma_min, self.sigma, m.rho)
+        return edit_levels(nfe, d.sigma_min, self.sigma, d.rho)
 
     def replacement(self, indices: range) -> Replacement:
         """The task's basis and known coefficients."""
@@ -320,7 +319,7 @@ class _ImageEditor:
     def batch(self, model: Model, free: Model, indices: range, sigmas: list[float]) -> _Batch:
         """Observe, edit and answer without the model for images `indices`; `free` is the
         uncounted model (the linear-interpolation baseline uses it)."""
-        m, task = self.method, self.request.task
+        d, task = self.levels_of, self.request.task
         y = self.truth[indices.start:indices.stop]
         rng = StackedGenerator(self.request.seed, indices, y.device)
         if task == "denoise":
@@ -329,14 +328,14 @@ class _ImageEditor:
                           denoise(model, noisy, sigmas[0], self.clamp))
         if task == "stroke":
             stroke = stroke_painting(y, self.request.factor, value_range=self.clamp)
-            return _Batch(stroke, stroke, stroke_edit(model, stroke, sigmas, rng, m.sigma_min,
+            return _Batch(stroke, stroke, stroke_edit(model, stroke, sigmas, rng, d.sigma_min,
                                                       self.clamp))
         if task == "interpolate":
             z0 = rng.randn(y.shape[1:])
             z1 = rng.randn(y.shape[1:])
             alphas = [i / (INTERPOLATION_POINTS - 1) for i in range(INTERPOLATION_POINTS)]
-            slerped = interpolate(model, z0, z1, alphas, m.sigma_max, self.clamp)
-            lerped = interpolate(free, z0, z1, alphas, m.sigma_max, self.clamp,
+            slerped = interpolate(model, z0, z1, alphas, d.sigma_max, self.clamp)
+            lerped = interpolate(free, z0, z1, alphas, d.sigma_max, self.clamp,
                                  spherical=False)
             ends = slerped[:, [0, -1]].flatten(0, 1)
             return _Batch(ends, lerped.flatten(0, 1), slerped.flatten(0, 1))
@@ -344,7 +343,7 @@ class _ImageEditor:
         mean_fill = replacement.observe(y, self.mean)
         return _Batch(replacement.observe(y, torch.zeros_like(self.mean)), mean_fill,
                       edit_consistency(model, mean_fill, replacement, sigmas, rng,
-                                       m.sigma_min, self.clamp))
+                                       d.sigma_min, self.clamp))
 
     def run(self, nfe: int) -> EditResult:
         """Edit every image at nfe, score, and draw the picture."""
@@ -422,8 +421,8 @@ class _PointsEditor:
         gmm = p.dataset
         assert isinstance(gmm, GaussianMixture)
         self.p, self.ema, self.request, self.sigma, self.out = p, ema, request, sigma, out
-        assert isinstance(p.method, ConsistencyModel)  # editing needs sigma_min, sigma_max, rho
-        self.method: ConsistencyModel = p.method
+        self.method = p.method  # can_edit: its evaluation model is a consistency function
+        self.levels_of = p.config.diffusion  # the run's sigma_min, sigma_max and rho
         self.gmm = gmm
         generator = torch.Generator().manual_seed(sample_seed(request.seed, _TRUTH_STREAM))
         self.observed = gmm.sample(request.n, generator).to(torch.float64)
@@ -437,9 +436,9 @@ class _PointsEditor:
 
     def run(self, nfe: int) -> EditResult:
         """EDIT_DRAWS edits and unconditional samples per observed point, scored by W2."""
-        m, device = self.method, self.p.device
+        m, d, device = self.method, self.levels_of, self.p.device
         assert self.sigma is not None  # inpaint always has a start level
-        sigmas = edit_levels(nfe, m.sigma_min, self.sigma, m.rho)
+        sigmas = edit_levels(nfe, d.sigma_min, self.sigma, d.rho)
         model = m.evaluation_model(self.ema, nfe)
         model.eval()
         n, draws = self.request.n, EDIT_DRAWS
@@ -453,7 +452,7 @@ class _PointsEditor:
         with torch.inference_mode():
             edited = edit_consistency(counter, y, replacement, sigmas,
                                       StackedGenerator(self.request.seed, indices, device),
-                                      m.sigma_min)
+                                      d.sigma_min)
         seconds = time.perf_counter() - t0
         free = _counted(model, None)
         rng = StackedGenerator(self.request.seed, indices, device)  # the same noise
