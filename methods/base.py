@@ -38,6 +38,9 @@ class MethodContext:
     teacher_source: str  # run id, checkpoint path, "analytic" or "none"
     new_net: Callable[[], nn.Module]  # builds a fresh raw network F for this dataset
     shard: Shard = field(default_factory=Shard)  # this process's rows of each global batch
+    # the teacher checkpoint's online weights (`teacher` holds its average, the eval module),
+    # for methods that start from them; None when the checkpoint keeps only one set
+    teacher_online: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,10 @@ class Method(ABC):
         """Further networks saved in checkpoints (e.g. the target network)."""
         return {}
 
+    def initial_average(self) -> dict[str, torch.Tensor] | None:
+        """Weights the run's evaluation EMA starts from; None: a copy of the student."""
+        return None
+
     def loss(
         self,
         x0: torch.Tensor,
@@ -146,6 +153,15 @@ class Method(ABC):
     def schedule_values(self, step: int) -> dict[str, float]:
         """Schedule values (N, mu, ...) to log against the iteration."""
         return {}
+
+    def lr_factor(self, step: int) -> float:
+        """A factor on train.lr's schedule at iteration step (a stage-wise decay, say)."""
+        return 1.0
+
+    def resets_optimizer(self, step: int) -> bool:
+        """Whether the optimizer's state (moments, step counts) starts afresh at iteration
+        step, before that iteration's update."""
+        return False
 
     def total_steps(self) -> int:
         """Optimizer iterations of the whole run."""

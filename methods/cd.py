@@ -15,6 +15,7 @@ from torch import nn
 from bench.core.config import RunConfig, Section
 from bench.diffusion.denoiser import Denoiser
 from bench.diffusion.samplers import euler_step, heun_step
+from bench.nets.build import set_dropout
 from methods.base import MethodContext, PaperResult
 from methods.consistency import (
     Distance,
@@ -23,6 +24,7 @@ from methods.consistency import (
     IndexSampling,
     Weighting,
     make_distance,
+    online_teacher_weights,
     require_network_teacher,
 )
 from methods.papers import CM_TABLE1, CM_TABLE2
@@ -34,7 +36,7 @@ class CDConfig(Section):
     n_scales: int = Field(default=18, ge=2)  # N: levels of the Karras discretisation
     # teacher ODE solver for one step: "heun" (2 calls) or "euler" (1)
     solver: Literal["heun", "euler"] = "heun"
-    distance: DistanceName = "l2"  # "l2", "l1", "pseudo_huber" or "lpips"
+    distance: DistanceName = "l2"  # "l2", "l1", "pseudo_huber", "lpips" or "lpips_avgpool"
     weighting: Weighting = "uniform"  # lambda(t_n): "uniform" (the paper) or "inverse_gap" (iCT)
     indices: IndexSampling = "uniform"  # n: "uniform" (the paper) or "lognormal" (iCT)
     p_mean: float = -1.1  # lognormal index distribution: mean of ln(sigma)
@@ -42,6 +44,10 @@ class CDConfig(Section):
     # target EMA rate mu (0 = the target is the student, stop-grad)
     target_mu: float = Field(default=0.0, ge=0, lt=1)
     huber_c: float = Field(default=0.0, ge=0)  # pseudo-Huber c; 0 = 0.00054 sqrt(dim)
+    # which teacher weights the student (and the target) start from: "ema", the teacher's
+    # average (openai/consistency_models loads edm_*_ema.pt), or "online", its raw weights
+    # (the CIFAR-10 JAX code, `finetune`), the evaluation EMA then starting from the average
+    init_from: Literal["ema", "online"] = "ema"
 
 
 class CD(GridConsistencyMethod):
@@ -77,13 +83,26 @@ class CD(GridConsistencyMethod):
         self.step_fn = heun_step if cfg.solver == "heun" else euler_step
 
     def initial_student(self) -> Denoiser:
-        """The teacher's network under consistency preconditioning (a fresh one if analytic)."""
+        """The teacher's network under consistency preconditioning, with cd.init_from's
+        weights and the run's net.dropout (the paper and both official codes train CD with
+        dropout 0, whatever the teacher's); a fresh network if the teacher is analytic."""
         teacher = self.ctx.teacher
-        if isinstance(teacher, Denoiser):
-            net = copy.deepcopy(teacher.net).requires_grad_(True).train()
-            return Denoiser(net, sigma_data=self.ctx.sigma_data, precond="cm",
-                            sigma_min=self.config.diffusion.sigma_min)
-        return super().initial_student()
+        if not isinstance(teacher, Denoiser):
+            return super().initial_student()
+        student = Denoiser(copy.deepcopy(teacher.net), sigma_data=self.ctx.sigma_data,
+                           precond="cm", sigma_min=self.config.diffusion.sigma_min)
+        if self.options.init_from == "online":
+            student.load_state_dict(online_teacher_weights(self.ctx, self.name))
+        set_dropout(student, self.config.net.dropout)
+        return student.requires_grad_(True).train()
+
+    def initial_average(self) -> dict[str, torch.Tensor] | None:
+        """With cd.init_from = online, the evaluation EMA starts from the teacher's average
+        (the CIFAR-10 JAX code's params_ema), not from the student's raw weights."""
+        teacher = self.ctx.teacher
+        if self.options.init_from == "online" and isinstance(teacher, Denoiser):
+            return teacher.state_dict()
+        return None
 
     @property
     def distance(self) -> Distance:

@@ -22,11 +22,13 @@ from bench.diffusion.rng import StackedGenerator
 from bench.diffusion.samplers import Model, sample_consistency
 from bench.diffusion.schedules import karras_sigmas
 from bench.nets.averaging import ParamAverage
+from bench.nets.build import has_dropout
 from methods.base import Method, MethodContext, PerfPasses
 from methods.lpips_distance import lpips_distance
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-DistanceName = Literal["l2", "l1", "pseudo_huber", "lpips"]  # consistency-loss distances
+# consistency-loss distances; lpips_avgpool: LPIPS with average pooling (openai/consistency_models)
+DistanceName = Literal["l2", "l1", "pseudo_huber", "lpips", "lpips_avgpool"]
 Weighting = Literal["uniform", "inverse_gap"]  # consistency-loss weightings lambda(t_n)
 IndexSampling = Literal["uniform", "lognormal"]  # how the consistency index n is drawn
 
@@ -66,7 +68,9 @@ def make_distance(name: str, shape: tuple[int, ...], huber_c: float, device: tor
     if name == "pseudo_huber":
         return pseudo_huber(huber_c_for(dim, huber_c))
     if name == "lpips":
-        return lpips_distance(shape, device)
+        return lpips_distance(shape, device, "max")
+    if name == "lpips_avgpool":
+        return lpips_distance(shape, device, "avg")
     raise UsageError(f"unknown distance {name!r}")
 
 
@@ -95,6 +99,8 @@ class ConsistencyModel(Method):
         d = self.config.diffusion
         self.sigma_min, self.sigma_max, self.rho = d.sigma_min, d.sigma_max, d.rho
         self._student = self.initial_student().to(ctx.device)
+        # online and target passes share one dropout mask whenever any dropout is active
+        self.dropout_active = has_dropout(self._student)
         # target_mu None: a scheduled mu; 0: no separate target (stop-gradient student)
         self.separate_target = target_mu is None or target_mu > 0
         self.target: nn.Module | None = None
@@ -256,7 +262,7 @@ class GridConsistencyMethod(ConsistencyModel):
         z = self.shard.draw(lambda b: torch.randn((b, *x0.shape[1:]), generator=generator,
                                                   device=x0.device, dtype=x0.dtype), x0.shape[0])
         x = x0 + sigma_next.reshape(-1, *([1] * (x0.ndim - 1))) * z
-        dropout = self.config.net.dropout > 0
+        dropout = self.dropout_active
         rng_state = _rng_state(x0.device) if dropout else None
         # the no-grad passes first, so that their activations never sit on top of the
         # student's autograd graph; the student then replays the target's dropout RNG state
@@ -333,6 +339,14 @@ class _replayed:
         torch.set_rng_state(self.saved["cpu"])
         if "cuda" in self.saved:
             torch.cuda.set_rng_state(self.saved["cuda"], self.device)
+
+
+def online_teacher_weights(ctx: MethodContext, name: str) -> dict[str, torch.Tensor]:
+    """The teacher checkpoint's online weights, for <name>.init_from = "online"."""
+    if ctx.teacher_online is None:
+        raise BenchError(f"{name}.init_from = online: teacher {ctx.teacher_source} keeps no "
+                         f"online weights apart from its average; use {name}.init_from = ema")
+    return ctx.teacher_online
 
 
 def require_network_teacher(teacher: nn.Module | None, name: str) -> nn.Module:

@@ -29,7 +29,7 @@ class CTConfig(Section):
     s0: int = 2  # initial discretisation steps of the N(k) curriculum
     s1: int = 150  # final discretisation steps
     mu0: float = Field(default=0.9, gt=0, lt=1)  # target EMA rate at the start
-    distance: DistanceName = "l2"  # "l2", "l1", "pseudo_huber" or "lpips"
+    distance: DistanceName = "l2"  # "l2", "l1", "pseudo_huber", "lpips" or "lpips_avgpool"
     weighting: Weighting = "uniform"  # lambda(t_n): "uniform" (the paper) or "inverse_gap" (iCT)
     indices: IndexSampling = "uniform"  # n: "uniform" (the paper) or "lognormal" (iCT)
     p_mean: float = -1.1  # lognormal index distribution: mean of ln(sigma)

@@ -28,21 +28,24 @@ Design (the official code is google-research/diffusion_distillation, `dpm.py` an
 
 from __future__ import annotations
 
+import bisect
 import copy
+import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from bench.core.config import Section
-from bench.core.errors import UsageError
+from bench.core.errors import BenchError, UsageError
 from bench.diffusion.denoiser import Denoiser, append_dims
 from bench.diffusion.rng import StackedGenerator
 from bench.diffusion.samplers import Model, euler_step, sample_euler
 from bench.diffusion.schedules import karras_sigmas
 from bench.nets.averaging import ParamAverage
+from bench.nets.build import set_dropout
 from methods.base import Method, MethodContext, PaperResult, PerfPasses
 from methods.papers import CM_TABLE1, CM_TABLE2
 
@@ -52,7 +55,15 @@ SPACES = Path(__file__).resolve().parent / "spaces"
 class PDConfig(Section):
     initial_steps: int = 16  # teacher Euler steps at the first stage (a power of two >= 2)
     iters_per_stage: int = Field(default=400, ge=1)  # iterations per halving stage (paper: 50k)
-    last_stage_factor: float = Field(default=2.0, gt=0)  # the 1-step stage trains this x longer
+    last_stage_factor: float = Field(default=2.0, gt=0)  # the last stages train this x longer
+    long_stages: int = Field(default=1, ge=0)  # how many of the last stages train longer
+    # learning rate within a stage: "none" (train.lr_schedule over the whole run) or "linear"
+    # (from train.lr down to 0 over each stage, and the optimizer's state reset at each stage's
+    # start, as the JAX code behind the CM paper's PD rows and Salimans & Ho's own code)
+    stage_lr: Literal["none", "linear"] = "none"
+    # which teacher weights the first student starts from: "ema" (the teacher's average) or
+    # "online" (its raw weights, as the CIFAR-10 JAX code's `finetune`)
+    init_from: Literal["ema", "online"] = "ema"
 
     @model_validator(mode="after")
     def _power_of_two(self) -> PDConfig:
@@ -131,13 +142,22 @@ class PD(Method):
         self.initial_steps = p.initial_steps
         self.num_stages = p.initial_steps.bit_length() - 1  # log2(initial_steps)
         self.iters_per_stage = p.iters_per_stage
-        self.last_stage_iters = max(1, round(p.last_stage_factor * p.iters_per_stage))
+        self.stage_lr = p.stage_lr
+        long_iters = max(1, round(p.last_stage_factor * p.iters_per_stage))
+        long_stages = min(p.long_stages, self.num_stages)
+        lengths = ([p.iters_per_stage] * (self.num_stages - long_stages)
+                   + [long_iters] * long_stages)
+        self._stage_starts = [0, *itertools.accumulate(lengths)]  # stage s: [starts[s], [s+1])
         if isinstance(ctx.teacher, Denoiser):
             self._check_architecture(ctx.teacher, ctx)
             student = copy.deepcopy(ctx.teacher)
-            for module in student.modules():  # the run's dropout (official PD students: 0)
-                if isinstance(module, nn.Dropout):
-                    module.p = self.config.net.dropout
+            if p.init_from == "online":
+                if ctx.teacher_online is None:
+                    raise BenchError(f"pd.init_from = online: teacher {ctx.teacher_source} "
+                                     f"keeps no online weights apart from its average; use "
+                                     f"pd.init_from = ema")
+                student.load_state_dict(ctx.teacher_online)
+            set_dropout(student, self.config.net.dropout)  # official PD students: 0
         else:
             student = Denoiser(ctx.new_net(), sigma_data=ctx.sigma_data, precond="edm",
                                sigma_min=d.sigma_min)
@@ -164,21 +184,36 @@ class PD(Method):
 
     def stage_of(self, step: int) -> int:
         """Stage index of iteration step: stage s has a 2N-step teacher and an N-step student."""
-        return min(step // self.iters_per_stage, self.num_stages - 1)
+        return min(bisect.bisect_right(self._stage_starts, step) - 1, self.num_stages - 1)
+
+    def stage_start(self, stage: int) -> int:
+        """First iteration of stage `stage`."""
+        return self._stage_starts[stage]
 
     def stage_end(self, stage: int) -> int:
         """First iteration after stage `stage`."""
-        if stage == self.num_stages - 1:
-            return self.total_steps()
-        return (stage + 1) * self.iters_per_stage
+        return self._stage_starts[stage + 1]
 
     def student_steps(self, stage: int) -> int:
         """Student sampling steps N of a stage: initial_steps / 2^(stage + 1)."""
         return self.initial_steps >> (stage + 1)
 
     def total_steps(self) -> int:
-        """iters_per_stage per stage, the last (1-step) stage last_stage_factor times longer."""
-        return self.iters_per_stage * (self.num_stages - 1) + self.last_stage_iters
+        """iters_per_stage per stage, the last pd.long_stages stages last_stage_factor times
+        longer."""
+        return self._stage_starts[-1]
+
+    def lr_factor(self, step: int) -> float:
+        """pd.stage_lr = "linear": 1 - k / L at iteration k of a stage of L iterations."""
+        if self.stage_lr == "none":
+            return 1.0
+        stage = self.stage_of(step)
+        start, end = self.stage_start(stage), self.stage_end(stage)
+        return 1.0 - (step - start) / (end - start)
+
+    def resets_optimizer(self, step: int) -> bool:
+        """pd.stage_lr = "linear": each stage after the first starts a fresh optimizer."""
+        return self.stage_lr == "linear" and step > 0 and step in self._stage_starts
 
     def reached_nfes(self) -> list[int]:
         """NFEs a finished run can sample with: the students' 1, 2, ... and the teacher's."""
@@ -272,7 +307,7 @@ class PD(Method):
     def after_step(self, step: int, ema: nn.Module | None) -> None:
         """Update the stage average; at a stage's end snapshot it and start the next stage."""
         stage = self.stage_of(step)
-        k = step - stage * self.iters_per_stage
+        k = step - self.stage_start(stage)
         rate = min(self.config.train.ema_rate, (1 + k) / (10 + k))
         self._averager.update(rate)
         if step + 1 == self.stage_end(stage):

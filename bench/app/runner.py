@@ -102,16 +102,20 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter, shard: Shard = S
     reason = dataset.unavailable_reason()
     if reason:
         raise BenchError(reason)
+    if cfg.data.hflip and dataset.kind != "image":
+        raise UsageError(f"data.hflip flips images; {dataset.name} holds {dataset.kind}")
     device = local_device(resolve_device(cfg.device))
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise UsageError(f"train.precision = fp16 needs CUDA (its gradient scaler), not "
                          f"{device.type}; use bf16 on the CPU")
     shard.local_size(cfg.train.batch_size)  # an uneven split fails here
     teacher_model: nn.Module | None = None
+    teacher_online: dict[str, torch.Tensor] | None = None
     teacher_source, teacher_kind = "none", "none"
     if method_cls.needs_teacher:
         teacher = resolve_teacher(cfg.teacher, dataset, tracker, device)
         teacher_model, teacher_source, teacher_kind = teacher.model, teacher.source, teacher.kind
+        teacher_online = teacher.online
     cfg = cfg.model_copy(update={"teacher": teacher_source})
     spec = model_spec(cfg, dataset, method_cls.precond)
     ctx = MethodContext(
@@ -123,6 +127,7 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter, shard: Shard = S
         teacher_source=teacher_source,
         new_net=lambda: new_raw_net(spec, cfg.seed),
         shard=shard,
+        teacher_online=teacher_online,
     )
     if dataset.kind == "image" and dataset.primary_metric == "fid":
         # missing Inception weights fail here, before any other work
@@ -159,7 +164,7 @@ def batch_stream(p: Prepared) -> BatchStream:
     labels = p.dataset.train_labels() if p.spec["num_classes"] else None
     return BatchStream(p.dataset.train_batch, len(p.dataset), labels,
                        p.config.train.batch_size, p.config.seed, p.device, p.shard,
-                       p.config.train.channels_last)
+                       p.config.train.channels_last, p.config.data.hflip)
 
 
 # --- checkpoints -----------------------------------------------------------------------------

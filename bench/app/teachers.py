@@ -26,6 +26,8 @@ class Teacher:
     model: nn.Module
     source: str  # run id, checkpoint path or "analytic"
     kind: str  # "run", "path" or "analytic"
+    # the checkpoint's online (not averaged) weights, when it has them apart from `model`'s
+    online: dict[str, torch.Tensor] | None = None
 
 
 def run_checkpoint(tracker: Tracker, run_id: str) -> Path:
@@ -75,4 +77,6 @@ def resolve_teacher(spec: str, dataset: Dataset, tracker: Tracker, device: torch
         raise UsageError(f"teacher {source} was trained on {model_dataset!r}, not "
                          f"{dataset.name!r}")
     which = state.get("eval_module", "ema")
-    return Teacher(load_denoiser(state, which, device, f"teacher {source}"), source, kind)
+    online = state.get("modules", {}).get("student") if which != "student" else None
+    return Teacher(load_denoiser(state, which, device, f"teacher {source}"), source, kind,
+                   online or None)

@@ -19,7 +19,7 @@ import copy
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -56,6 +56,9 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     path: str = ""  # local folder or file of a path dataset ("" = unset)
+    # random horizontal flips of the training images (both official CM codes flip every
+    # image dataset); each batch's flips are a function of (seed, iteration)
+    hflip: bool = False
 
 
 class NetConfig(Section):
@@ -75,6 +78,7 @@ class NetConfig(Section):
     scale_shift_norm: bool = True  # unet, adm: embedding as GroupNorm scale and shift
     resblock_updown: bool = False  # adm: residual blocks for up/downsampling
     class_conditional: bool = False  # condition on labels when the dataset has them
+    fourier_scale: PosFloat = 16.0  # ncsnpp: std of the Fourier noise-embedding frequencies
 
 
 class DiffusionConfig(Section):
@@ -162,6 +166,8 @@ class RunConfig(Section):
     seed: NonNegInt = 0  # training seed
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     teacher: str = "auto"  # run id, checkpoint path, "analytic" or "auto"
+    # a named variant of the method's preset for the dataset: [variant.<method>.<dataset>.<name>]
+    variant: str = ""
     # "euler" or "heun" for diffusion models; "" = the method's default
     sampler: Literal["", "euler", "heun"] = ""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -419,12 +425,14 @@ class BenchFile:
     settings: dict[str, Any]
     data_tables: dict[str, dict[str, Any]]  # [data.<dataset>] tables
     presets: dict[str, dict[str, dict[str, Any]]]  # [preset.<method>.<dataset>] tables
+    # [variant.<method>.<dataset>.<name>] tables: named alternatives to a preset
+    variants: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
 
 
 def load_bench_file(path: Path) -> BenchFile:
     """Parse a bench.toml into settings, per-dataset data tables and presets."""
     raw = read_toml(path, "bench.toml")
-    settings = {k: v for k, v in raw.items() if k != "preset"}
+    settings = {k: v for k, v in raw.items() if k not in ("preset", "variant")}
     if not isinstance(settings.get("data", {}), dict):
         raise UsageError(f"{path}: [data] must be a table ([data.<dataset>] path = ...)")
     data = dict(settings.get("data", {}))
@@ -445,7 +453,22 @@ def load_bench_file(path: Path) -> BenchFile:
                 raise UsageError(f"{path}: preset.{method}.{dataset} must be a table")
             body = {k: v for k, v in table.items() if k != "description"}
             _check_layer(body, f"{path} [preset.{method}.{dataset}]")
-    return BenchFile(str(path), settings, data_tables, presets)
+    variants = raw.get("variant", {})
+    shape_error = UsageError(f"{path}: [variant] must hold [variant.<method>.<dataset>.<name>] "
+                             f"tables")
+    if not isinstance(variants, dict):
+        raise shape_error
+    for method, per_dataset in variants.items():
+        if not isinstance(per_dataset, dict):
+            raise shape_error
+        for dataset, named in per_dataset.items():
+            if not isinstance(named, dict) or not all(isinstance(t, dict)
+                                                      for t in named.values()):
+                raise shape_error
+            for name, table in named.items():
+                body = {k: v for k, v in table.items() if k != "description"}
+                _check_layer(body, f"{path} [variant.{method}.{dataset}.{name}]")
+    return BenchFile(str(path), settings, data_tables, presets, variants)
 
 
 _SCHEMA_ERRORS = ("extra_forbidden", "model_type", "dict_type", "model_attributes_type",
@@ -553,6 +576,24 @@ def resolve(
             if name not in applied:
                 applied.append(name)
             description = table.get("description", description)
+    variant = pick("variant")
+    if variant:
+        found = False
+        for f in files:
+            table = f.variants.get(method, {}).get(dataset_key, {}).get(variant)
+            if table is None:
+                continue
+            body = {k: v for k, v in table.items() if k != "description"}
+            merge(data, body, f"{f.source} [variant.{method}.{dataset_key}.{variant}]")
+            description = table.get("description", description)
+            found = True
+        if not found:
+            known = sorted({name for f in files
+                            for name in f.variants.get(method, {}).get(dataset_key, {})})
+            where = f"{method or '(no method)'} on {dataset_key or '(no dataset)'}"
+            raise UsageError(f"unknown variant {variant!r} of {where}; "
+                             + (f"valid: {', '.join(known)}" if known else "it has none"))
+        applied.append(f"{method}.{dataset_key}.{variant}")
     for layer, name in ((file_layer, str(config_file)), (flag_layer, "flags"),
                         (set_layer, "--set")):
         if layer:

@@ -28,9 +28,10 @@ Bits = TypeVar("Bits", int, np.ndarray, torch.Tensor)
 Ints = TypeVar("Ints", np.ndarray, torch.Tensor)
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for stream `index` of a run seeded with `seed` (for torch.Generator)."""
-    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+def sample_seed(seed: int, *index: int) -> int:
+    """A 63-bit seed for stream `index` (one or more ints) of a run seeded with `seed` (for
+    torch.Generator)."""
+    state = np.random.SeedSequence([seed, *index]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 

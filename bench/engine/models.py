@@ -44,6 +44,7 @@ def net_options(cfg: NetConfig) -> NetOptions:
         num_head_channels=cfg.num_head_channels,
         scale_shift_norm=cfg.scale_shift_norm,
         resblock_updown=cfg.resblock_updown,
+        fourier_scale=cfg.fourier_scale,
     )
 
 

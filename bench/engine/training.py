@@ -70,6 +70,9 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr * (1.0 - progress)
 
 
+FLIP_STREAM = 0x666C6970  # the flips' stream key next to the epoch permutations' (seed, epoch)
+
+
 class BatchStream:
     """Batch k is a pure function of (seed, k): epoch-wise permutations, so resume is exact.
     Under several processes each takes its shard's rows of the same global batch."""
@@ -84,6 +87,7 @@ class BatchStream:
         device: torch.device,
         shard: Shard = Shard(),
         channels_last: bool = False,
+        hflip: bool = False,
     ) -> None:
         self.fetch = fetch  # dataset indices -> float32 samples
         self.size = size
@@ -93,6 +97,7 @@ class BatchStream:
         self.device = device
         self.rows = shard.rows(batch_size)  # this process's rows of each global batch
         self.channels_last = channels_last  # image batches in NHWC memory order
+        self.hflip = hflip  # random horizontal flips, a function of (seed, step) per sample
         self._epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 
@@ -118,10 +123,20 @@ class BatchStream:
             start += take
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def flips(self, step: int) -> torch.Tensor:
+        """Which rows of global batch `step` are flipped: its own stream of (seed, step), so
+        a resumed run and any number of processes flip the same images."""
+        g = torch.Generator().manual_seed(sample_seed(self.seed, FLIP_STREAM, step))
+        return torch.rand(self.batch_size, generator=g) < 0.5
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x0, labels) of batch `step` on the device."""
         idx = self.indices(step)[self.rows]
-        x = self.fetch(idx).to(self.device, non_blocking=True)
+        x = self.fetch(idx)
+        if self.hflip:
+            flip = self.flips(step)[self.rows].view(-1, *([1] * (x.ndim - 1)))
+            x = torch.where(flip, x.flip(-1), x)
+        x = x.to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         y = None if self.labels is None else self.labels[idx].to(self.device)
@@ -150,6 +165,7 @@ class LoopState:
     loss_count: int = 0
     skipped: int = 0  # iterations skipped for a non-finite loss (train.nonfinite = "skip")
     scaler: torch.amp.GradScaler | None = None  # train.precision = "fp16": the loss scale
+    scaler_skips: int = 0  # iterations the gradient scaler skipped (overflow), retried
     # the loop's update of `ema`, kept from one train_loop call to the next (not checkpointed)
     ema_average: ParamAverage | None = field(default=None, repr=False)
 
@@ -164,6 +180,9 @@ def new_loop_state(method: Method, cfg: TrainConfig, seed: int, device: torch.de
         optimizer = make_optimizer(method.parameters(), cfg)
         if cfg.ema_rate > 0:
             ema = copy.deepcopy(student).eval().requires_grad_(False)
+            start = method.initial_average()
+            if start is not None:
+                ema.load_state_dict(start)
     generator = torch.Generator(device=device).manual_seed(sample_seed(seed, 2**31))
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     return LoopState(0, optimizer, ema, generator,
@@ -181,6 +200,7 @@ def loop_state_dict(state: LoopState) -> dict[str, Any]:
         "loss_count": state.loss_count,
         "skipped": state.skipped,
         "scaler": state.scaler.state_dict() if state.scaler is not None else {},
+        "scaler_skips": state.scaler_skips,
     }
 
 
@@ -201,6 +221,7 @@ def load_loop_state(state: LoopState, saved: dict[str, Any]) -> None:
         state.skipped = int(saved.get("skipped", 0))
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
+    state.scaler_skips = int(saved.get("scaler_skips", 0))
 
 
 def _own_step_counts(saved: dict[str, Any]) -> dict[str, Any]:
@@ -313,10 +334,13 @@ def _iterate(
     deferred = cfg.nonfinite == "stop"
     window_start = time.perf_counter()
     window_steps = 0
+    skips_in_a_row = 0
     while state.step < stop:
         with critical():
             step = state.step
-            lr = lr_at(step, cfg, total)
+            lr = lr_at(step, cfg, total) * method.lr_factor(step)
+            if method.resets_optimizer(step):
+                optimizer.state.clear()
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             x0, labels = stream.batch(step)
@@ -345,9 +369,20 @@ def _iterate(
             else:
                 if scaler is None:
                     optimizer.step()
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
+                elif not _scaled_step(scaler, optimizer):
+                    # an overflow: no update, so neither the averages nor the iteration
+                    # counter (the schedules' k) move; the iteration is retried, as the
+                    # official loops do (openai/consistency_models, `took_step`)
+                    state.scaler_skips += 1
+                    skips_in_a_row += 1
+                    if skips_in_a_row >= MAX_SCALER_SKIPS:
+                        raise NonFiniteLoss(
+                            f"the fp16 gradient scaler skipped {skips_in_a_row} updates in a "
+                            f"row at iteration {step} (loss scale {scaler.get_scale():.3g}): "
+                            f"the gradients overflow at every scale; use train.precision = "
+                            f"\"bf16\" or a lower train.lr", iteration=step)
+                    continue
+                skips_in_a_row = 0
                 if ema is not None:
                     ema.update(cfg.ema_rate)
                 method.after_step(step, state.ema)
@@ -364,6 +399,8 @@ def _iterate(
                 metrics.update(method.schedule_values(step))
                 if state.skipped:
                     metrics["skipped_iterations"] = state.skipped
+                if state.scaler_skips:
+                    metrics["fp16_skipped_updates"] = state.scaler_skips
                 if hooks.log is not None:
                     hooks.log(metrics, state.step)
                 if hooks.progress is not None:
@@ -379,6 +416,18 @@ def _iterate(
             _check_finite(unchecked)
             hooks.evaluate(state)
             student.train()
+
+
+MAX_SCALER_SKIPS = 64  # halving the loss scale 64 times reaches 2^-48: no fp16 step can pass
+
+
+def _scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """The gradient scaler's step and update; whether it updated the parameters. The scaler
+    lowers its scale exactly when it found an overflow and skipped the step (one host sync)."""
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= scale
 
 
 def _due(step: int, every: int, total: int) -> bool:

@@ -13,7 +13,8 @@ from bench.nets.adm import ADMUNet
 from bench.nets.basic import MLP, UNet
 from bench.nets.songunet import SongUNet
 
-__all__ = ["NET_KINDS", "NetKind", "NetOptions", "build_net", "count_parameters"]
+__all__ = ["NET_KINDS", "NetKind", "NetOptions", "build_net", "count_parameters", "has_dropout",
+           "set_dropout"]
 
 NetKind = Literal["mlp", "unet", "adm", "ddpmpp", "ncsnpp"]
 NET_KINDS: tuple[str, ...] = ("mlp", "unet", "adm", "ddpmpp", "ncsnpp")
@@ -38,6 +39,7 @@ class NetOptions:
     scale_shift_norm: bool = True  # UNet, ADM: embedding as GroupNorm scale/shift (else added)
     num_head_channels: int = 0  # ADM: channels per attention head (> 0 overrides num_heads)
     resblock_updown: bool = False  # ADM: residual blocks for up/downsampling
+    fourier_scale: float = 16.0  # NCSN++: std of the random Fourier noise-embedding frequencies
 
     def __post_init__(self) -> None:
         """Accept lists for the tuple fields (as TOML gives them) and validate every field."""
@@ -66,6 +68,8 @@ class NetOptions:
             (self.num_heads >= 1, f"net num_heads must be >= 1, got {self.num_heads}"),
             (self.num_head_channels >= 0,
              f"net num_head_channels must be >= 0, got {self.num_head_channels}"),
+            (self.fourier_scale > 0,
+             f"net fourier_scale must be > 0, got {self.fourier_scale}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -164,7 +168,20 @@ def _build_paper_net(kind: str, shape: tuple[int, ...], num_classes: int, option
         dropout=options.dropout,
         num_classes=num_classes,
         seed=seed,
+        fourier_scale=options.fourier_scale,
     )
+
+
+def set_dropout(module: nn.Module, p: float) -> None:
+    """Set the probability of every dropout layer inside module to p."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Dropout):
+            layer.p = p
+
+
+def has_dropout(module: nn.Module) -> bool:
+    """Whether any dropout layer inside module drops anything."""
+    return any(isinstance(layer, nn.Dropout) and layer.p > 0 for layer in module.modules())
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -44,7 +44,7 @@ from bench.nets.basic import (
 __all__ = ["SongUNet", "SongVariant", "VARIANTS"]
 
 SongVariant = Literal["ddpmpp", "ncsnpp"]
-FOURIER_SCALE = 16.0  # std of the random Fourier frequencies (NCSN++)
+FOURIER_SCALE = 16.0  # std of the random Fourier frequencies (NCSN++; iCT uses 0.02)
 
 # kind -> (embedding, noise channels per model channel, encoder, resampling filter)
 VARIANTS: dict[str, tuple[str, int, str, tuple[int, ...]]] = {
@@ -154,12 +154,15 @@ class SongBlock(nn.Module):
 
 
 class FourierFeatures(GeneratorInit):
-    """cos/sin of 2 pi c_noise f with fixed random frequencies f ~ N(0, 16^2) (NCSN++)."""
+    """cos/sin of 2 pi c_noise f with fixed random frequencies f ~ N(0, scale^2) (NCSN++:
+    scale 16; Song & Dhariwal 2023 lower it to 0.02 to make the network less sensitive to the
+    noise level)."""
 
     freqs: Tensor  # buffer: the frequencies (num_channels // 2,)
 
-    def __init__(self, num_channels: int) -> None:
+    def __init__(self, num_channels: int, scale: float = FOURIER_SCALE) -> None:
         super().__init__()
+        self.scale = scale
         self.register_buffer("freqs", torch.zeros(num_channels // 2))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
@@ -167,7 +170,7 @@ class FourierFeatures(GeneratorInit):
         if self.freqs.is_meta:
             return
         with torch.no_grad():
-            self.freqs.copy_(torch.randn(self.freqs.shape, generator=generator) * FOURIER_SCALE)
+            self.freqs.copy_(torch.randn(self.freqs.shape, generator=generator) * self.scale)
 
     def forward(self, c_noise: Tensor) -> Tensor:
         """[cos, sin] features (B, num_channels)."""
@@ -199,6 +202,7 @@ class SongUNet(nn.Module):
         dropout: float = 0.1,  # dropout inside the residual blocks
         num_classes: int = 0,  # > 0: class-conditional (one-hot through a linear map)
         seed: int = 0,  # seed of the weight initialisation
+        fourier_scale: float = FOURIER_SCALE,  # ncsnpp: std of the Fourier frequencies
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -219,7 +223,8 @@ class SongUNet(nn.Module):
                   attention: bool = False) -> SongBlock:
             return SongBlock(cin, cout, emb_dim, dropout, taps, resample, attention)
 
-        self.fourier = FourierFeatures(self.noise_channels) if embedding == "fourier" else None
+        self.fourier = (FourierFeatures(self.noise_channels, fourier_scale)
+                        if embedding == "fourier" else None)
         self.map_label = Linear(num_classes, self.noise_channels) if num_classes else None
         self.map_layer0 = Linear(self.noise_channels, emb_dim)
         self.map_layer1 = Linear(emb_dim, emb_dim)
