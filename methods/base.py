@@ -337,3 +337,11 @@ def teacher_method() -> str:
 def all_methods() -> list[type[Method]]:
     """Registered methods in registration order."""
     return list(_REGISTRY.values())
+
+
+def online_teacher_weights(ctx: MethodContext, name: str) -> dict[str, torch.Tensor]:
+    """The teacher checkpoint's online weights, for <name>.init_from = "online"."""
+    if ctx.teacher_online is None:
+        raise BenchError(f"{name}.init_from = online: teacher {ctx.teacher_source} keeps no "
+                         f"online weights apart from its average; use {name}.init_from = ema")
+    return ctx.teacher_online

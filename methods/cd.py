@@ -16,7 +16,7 @@ from bench.core.config import RunConfig, Section
 from bench.diffusion.denoiser import Denoiser
 from bench.diffusion.samplers import euler_step, heun_step
 from bench.nets.build import set_dropout
-from methods.base import MethodContext, PaperResult
+from methods.base import MethodContext, PaperResult, online_teacher_weights
 from methods.consistency import (
     Distance,
     DistanceName,
@@ -24,7 +24,6 @@ from methods.consistency import (
     IndexSampling,
     Weighting,
     make_distance,
-    online_teacher_weights,
     require_network_teacher,
 )
 from methods.papers import CM_TABLE1, CM_TABLE2

@@ -341,14 +341,6 @@ class _replayed:
             torch.cuda.set_rng_state(self.saved["cuda"], self.device)
 
 
-def online_teacher_weights(ctx: MethodContext, name: str) -> dict[str, torch.Tensor]:
-    """The teacher checkpoint's online weights, for <name>.init_from = "online"."""
-    if ctx.teacher_online is None:
-        raise BenchError(f"{name}.init_from = online: teacher {ctx.teacher_source} keeps no "
-                         f"online weights apart from its average; use {name}.init_from = ema")
-    return ctx.teacher_online
-
-
 def require_network_teacher(teacher: nn.Module | None, name: str) -> nn.Module:
     """The teacher module; a method that needs one fails clearly without it."""
     if teacher is None:

@@ -39,14 +39,14 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from bench.core.config import Section
-from bench.core.errors import BenchError, UsageError
+from bench.core.errors import UsageError
 from bench.diffusion.denoiser import Denoiser, append_dims
 from bench.diffusion.rng import StackedGenerator
 from bench.diffusion.samplers import Model, euler_step, sample_euler
 from bench.diffusion.schedules import karras_sigmas
 from bench.nets.averaging import ParamAverage
 from bench.nets.build import set_dropout
-from methods.base import Method, MethodContext, PaperResult, PerfPasses
+from methods.base import Method, MethodContext, PaperResult, PerfPasses, online_teacher_weights
 from methods.papers import CM_TABLE1, CM_TABLE2
 
 SPACES = Path(__file__).resolve().parent / "spaces"
@@ -152,11 +152,7 @@ class PD(Method):
             self._check_architecture(ctx.teacher, ctx)
             student = copy.deepcopy(ctx.teacher)
             if p.init_from == "online":
-                if ctx.teacher_online is None:
-                    raise BenchError(f"pd.init_from = online: teacher {ctx.teacher_source} "
-                                     f"keeps no online weights apart from its average; use "
-                                     f"pd.init_from = ema")
-                student.load_state_dict(ctx.teacher_online)
+                student.load_state_dict(online_teacher_weights(ctx, self.name))
             set_dropout(student, self.config.net.dropout)  # official PD students: 0
         else:
             student = Denoiser(ctx.new_net(), sigma_data=ctx.sigma_data, precond="edm",

@@ -429,3 +429,15 @@ def test_cd_on_cifar10_from_a_dropout_teacher_trains_without_dropout(tmp_path: P
         assert not torch.equal(first, teacher(x, sigma, None))
         torch.manual_seed(1)  # the same replayed state: the same mask, the same output
         assert torch.equal(first, teacher(x, sigma, None))
+
+
+def test_pd_init_from_online_starts_the_first_student_from_the_raw_weights() -> None:
+    teacher = teacher_net(dropout=0.13)
+    online = {k: v - 0.01 for k, v in teacher.state_dict().items()}
+    method = build("pd", ["pd.initial_steps=4", "pd.init_from=\"online\"", "net.dropout=0.0"],
+                   teacher, online)
+    for k, v in method.student.state_dict().items():
+        assert torch.equal(v, online[k]), k
+    assert not has_dropout(method.student)
+    with pytest.raises(BenchError, match="pd.init_from = online"):
+        build("pd", ["pd.initial_steps=4", "pd.init_from=\"online\""], teacher, None)
