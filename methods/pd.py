@@ -141,7 +141,6 @@ class PD(Method):
         self.teacher = _frozen(ctx.teacher)  # the original teacher: stage 0 and NFE initial_steps
         self.initial_steps = p.initial_steps
         self.num_stages = p.initial_steps.bit_length() - 1  # log2(initial_steps)
-        self.iters_per_stage = p.iters_per_stage
         self.stage_lr = p.stage_lr
         long_iters = max(1, round(p.last_stage_factor * p.iters_per_stage))
         long_stages = min(p.long_stages, self.num_stages)
