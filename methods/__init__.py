@@ -17,10 +17,13 @@ from methods.base import (
 from methods.cd import CD
 from methods.ct import CT, ICT
 from methods.ddim import DDIM
+from methods.ect import ECT
 from methods.edm import EDM
+from methods.meanflow import MeanFlow
 from methods.pd import PD
+from methods.scm import SCD, SCT
 
-for _builtin in (EDM, DDIM, PD, CD, CT, ICT):
+for _builtin in (EDM, DDIM, PD, CD, SCD, CT, ICT, ECT, SCT, MeanFlow):
     register(_builtin)
 load_plugins()
 

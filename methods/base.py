@@ -69,6 +69,8 @@ class PerfPasses:
     sigma: torch.Tensor
     calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]
     description: str  # e.g. "student fwd+bwd + target fwd"
+    # further no-grad work of the iteration that is not one forward (a JVP of the network)
+    no_grad_fns: list[Callable[[], object]] = field(default_factory=list)
 
 
 class Method(ABC):
@@ -81,6 +83,9 @@ class Method(ABC):
     group: ClassVar[str] = "Other"  # report group; groups appear in registration order
     default_sampler: ClassVar[str] = ""  # ODE baselines name their sampler: "EDM (Heun)"
     needs_teacher: ClassVar[bool] = False  # distillation methods and samplers of a teacher
+    # starts from the teacher's weights: an analytic teacher will not do (the suite gives it
+    # the teacher run even where the dataset has an exact denoiser)
+    teacher_weights: ClassVar[bool] = False
     provides_teacher: ClassVar[bool] = False  # its finished runs serve `--teacher auto`
     trains: ClassVar[bool] = True  # False for training-free baselines (ddim)
     precond: ClassVar[str] = "edm"  # the student's parameterisation (bench.diffusion.denoiser)

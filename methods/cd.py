@@ -4,7 +4,6 @@ target f_theta-(x_hat, sigma_n)."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Literal
 
@@ -15,8 +14,7 @@ from torch import nn
 from bench.core.config import RunConfig, Section
 from bench.diffusion.denoiser import Denoiser
 from bench.diffusion.samplers import euler_step, heun_step
-from bench.nets.build import set_dropout
-from methods.base import MethodContext, PaperResult, online_teacher_weights
+from methods.base import MethodContext, PaperResult
 from methods.consistency import (
     Distance,
     DistanceName,
@@ -25,6 +23,7 @@ from methods.consistency import (
     Weighting,
     make_distance,
     require_network_teacher,
+    student_from_teacher,
 )
 from methods.papers import CM_TABLE1, CM_TABLE2
 
@@ -88,12 +87,7 @@ class CD(GridConsistencyMethod):
         teacher = self.ctx.teacher
         if not isinstance(teacher, Denoiser):
             return super().initial_student()
-        student = Denoiser(copy.deepcopy(teacher.net), sigma_data=self.ctx.sigma_data,
-                           precond="cm", sigma_min=self.config.diffusion.sigma_min)
-        if self.options.init_from == "online":
-            student.load_state_dict(online_teacher_weights(self.ctx, self.name))
-        set_dropout(student, self.config.net.dropout)
-        return student.requires_grad_(True).train()
+        return student_from_teacher(self.ctx, self.name, teacher, self.options.init_from)
 
     def initial_average(self) -> dict[str, torch.Tensor] | None:
         """With cd.init_from = online, the evaluation EMA starts from the teacher's average

@@ -22,8 +22,8 @@ from bench.diffusion.rng import StackedGenerator
 from bench.diffusion.samplers import Model, sample_consistency
 from bench.diffusion.schedules import karras_sigmas
 from bench.nets.averaging import ParamAverage
-from bench.nets.build import has_dropout
-from methods.base import Method, MethodContext, PerfPasses
+from bench.nets.build import has_dropout, set_dropout
+from methods.base import Method, MethodContext, PerfPasses, online_teacher_weights
 from methods.lpips_distance import lpips_distance
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -111,8 +111,9 @@ class ConsistencyModel(Method):
         self._sample_sigmas: dict[int, torch.Tensor] = {}  # per NFE, made once
 
     def initial_student(self) -> Denoiser:
-        """A fresh network (CT); CD overrides this to start from the teacher."""
-        return Denoiser(self.ctx.new_net(), sigma_data=self.ctx.sigma_data, precond="cm",
+        """A fresh network under the method's parameterisation (CT); CD overrides this to start
+        from the teacher."""
+        return Denoiser(self.ctx.new_net(), sigma_data=self.ctx.sigma_data, precond=self.precond,
                         sigma_min=self.config.diffusion.sigma_min)
 
     @property
@@ -263,13 +264,13 @@ class GridConsistencyMethod(ConsistencyModel):
                                                   device=x0.device, dtype=x0.dtype), x0.shape[0])
         x = x0 + sigma_next.reshape(-1, *([1] * (x0.ndim - 1))) * z
         dropout = self.dropout_active
-        rng_state = _rng_state(x0.device) if dropout else None
+        rng_state = rng_state_of(x0.device) if dropout else None
         # the no-grad passes first, so that their activations never sit on top of the
         # student's autograd graph; the student then replays the target's dropout RNG state
         with torch.no_grad():
             x_hat = self.x_hat(x0, x, z, sigma_next, sigma, labels)
             target = self.target if self.target is not None else self._student
-            with _replayed(rng_state, x0.device) if dropout else nullcontext():
+            with replayed(rng_state, x0.device) if dropout else nullcontext():
                 wanted = target(x_hat, sigma, labels)
         online = self.train_forward(x, sigma_next, labels)
         per_sample = self.distance(online, wanted)
@@ -308,7 +309,7 @@ class GridConsistencyMethod(ConsistencyModel):
         return [], []
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
+def rng_state_of(device: torch.device) -> dict[str, Any]:
     """The RNG states dropout draws from on this device."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -316,7 +317,7 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
-class _replayed:
+class replayed:
     """Run a block with the RNG set to `state`, then put back the state from before the block
     (so the next random draws, the student's dropout, see `state` again)."""
 
@@ -328,7 +329,7 @@ class _replayed:
     def __enter__(self) -> None:
         if self.state is None:
             return
-        self.saved = _rng_state(self.device)
+        self.saved = rng_state_of(self.device)
         torch.set_rng_state(self.state["cpu"])
         if "cuda" in self.state:
             torch.cuda.set_rng_state(self.state["cuda"], self.device)
@@ -339,6 +340,18 @@ class _replayed:
         torch.set_rng_state(self.saved["cpu"])
         if "cuda" in self.saved:
             torch.cuda.set_rng_state(self.saved["cuda"], self.device)
+
+
+def student_from_teacher(ctx: MethodContext, name: str, teacher: Denoiser, init_from: str,
+                         ) -> Denoiser:
+    """The teacher's network under the consistency parameterisation, with <name>.init_from's
+    weights (the teacher's average, "ema", or its online weights) and the run's net.dropout."""
+    student = Denoiser(copy.deepcopy(teacher.net), sigma_data=ctx.sigma_data, precond="cm",
+                       sigma_min=ctx.config.diffusion.sigma_min)
+    if init_from == "online":
+        student.load_state_dict(online_teacher_weights(ctx, name))
+    set_dropout(student, ctx.config.net.dropout)
+    return student.requires_grad_(True).train()
 
 
 def require_network_teacher(teacher: nn.Module | None, name: str) -> nn.Module:

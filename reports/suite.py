@@ -1,7 +1,8 @@
 """`bench suite`: the whole comparison on one dataset, through the same code path as `bench run`.
 
-The EDM teacher trains first (its Heun evaluation is the EDM row); DDIM, PD and CD use the exact
-denoiser (`analytic`) where the dataset has one and the suite's EDM run otherwise; CT and iCT
+The EDM teacher trains first (its Heun evaluation is the EDM row); the distillation methods use
+the exact denoiser (`analytic`) where the dataset has one and the suite's EDM run otherwise; a
+method that starts from the teacher's weights (ECT) always takes the suite's EDM run; the others
 train from data. A method that already has a finished run with the same resolved config is
 skipped and a killed one is resumed, so an interrupted suite picks up where it stopped. The
 report of the dataset closes the suite.
@@ -161,7 +162,7 @@ def run_suite(
         needs_teacher = get_method(method).needs_teacher
         if not needs_teacher:
             teacher = "none"
-        elif has_analytic:
+        elif has_analytic and not get_method(method).teacher_weights:
             teacher = "analytic"
         else:
             teacher = teacher_run or ("" if teacher_failed else newest_teacher(tracker, data.name)

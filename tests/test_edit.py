@@ -194,7 +194,7 @@ def test_psnr() -> None:
 
 @pytest.mark.parametrize(("task", "dataset", "method", "fragment"), [
     ("colorize", "digits", "cd", "colorisation needs a colour dataset; digits has 1 channel"),
-    ("inpaint", "digits", "edm", "needs a consistency model run (cd, ct, ict)"),
+    ("inpaint", "digits", "edm", "needs a consistency model run (cd, scd, ct, ict, ect, sct)"),
     ("inpaint", "digits", "ddim", "run 0123 is ddim"),
     ("superres", "digits", "ct", "--factor must be >= 2 and divide"),
     ("denoise", "gmm8", "cd", "only --task inpaint"),

@@ -21,7 +21,8 @@ def test_every_figure_on_the_mlp_case(tmp_path: Path) -> None:
     rows = run_perf(2, lambda line: None, case_names=["gmm8-mlp"], min_seconds=0.0,
                     block_seconds=0.0)
     keys = [(r["figure"], r["method"], r["nfe"]) for r in rows]
-    assert train_methods() == ["edm", "pd", "cd", "ct", "ict"]  # registration order
+    assert train_methods() == ["edm", "pd", "cd", "scd", "ct", "ict", "ect", "sct",
+                             "meanflow"]  # registration order
     expected = ([("train_overhead", m, None) for m in train_methods()]
                 + [("sample_overhead", "cd", n) for n in SAMPLE_NFES]
                 + [("eval_overhead", "cd", None), ("peak_memory_ratio", "cd", None)])

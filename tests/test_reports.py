@@ -110,8 +110,12 @@ def test_table_cells_bold_marks_and_paper_columns(store) -> None:
         ("Diffusion baselines", "ddim", 50),
         ("Distillation", "pd", 1), ("Distillation", "pd", 2),
         ("Distillation", "cd", 1), ("Distillation", "cd", 2),
+        ("Distillation", "scd", 1), ("Distillation", "scd", 2),
         ("Direct training", "ct", 1), ("Direct training", "ct", 2),
         ("Direct training", "ict", 1), ("Direct training", "ict", 2),
+        ("Direct training", "ect", 1), ("Direct training", "ect", 2),
+        ("Direct training", "sct", 1), ("Direct training", "sct", 2),
+        ("Direct training", "meanflow", 1),
     ]
     # ours: the newest finished run per method (not the older pd, not the failed cd)
     assert table.cell(index["pd", 1], "fid") == "9.250"
@@ -124,7 +128,10 @@ def test_table_cells_bold_marks_and_paper_columns(store) -> None:
     assert paper == {("edm", 35): "2.04", ("ddim", 10): "8.23", ("ddim", 20): "6.84",
                      ("ddim", 50): "4.67", ("pd", 1): "8.34", ("pd", 2): "5.58",
                      ("cd", 1): "3.55", ("cd", 2): "2.93", ("ct", 1): "8.70",
-                     ("ct", 2): "5.83", ("ict", 1): "2.83", ("ict", 2): "2.46"}
+                     ("ct", 2): "5.83", ("ict", 1): "2.83", ("ict", 2): "2.46",
+                     ("scd", 1): "3.66", ("scd", 2): "2.52", ("ect", 1): "3.60",
+                     ("ect", 2): "2.11", ("sct", 1): "2.85", ("sct", 2): "2.06",
+                     ("meanflow", 1): "2.92"}
     # bold: lowest FID (ours and paper), highest IS with both ties
     assert {k for k in table.bold} == {
         (index["edm", 35], "fid"), (index["edm", 35], "paper:fid"),
@@ -280,18 +287,23 @@ def test_suite_runs_skips_resumes_and_reports(bench, tmp_path: Path, template_db
     client = MlflowClient(tracking_uri=default_tracking_uri(tmp_path / "runs"))
     exp = client.get_experiment_by_name("gmm8")
     runs = {r.data.tags["method"]: r for r in client.search_runs([exp.experiment_id])}
-    assert sorted(runs) == ["cd", "ct", "ddim", "edm", "ict", "pd"]
+    assert sorted(runs) == ["cd", "ct", "ddim", "ect", "edm", "ict", "meanflow", "pd", "scd",
+                            "sct"]
     assert all(r.info.status == "FINISHED" for r in runs.values())
+    # ECT tunes the suite's own EDM run (it needs weights); the distillations take the
+    # exact denoiser
     assert {m: runs[m].data.tags["teacher"] for m in runs} == {
         "edm": "none", "ddim": "analytic", "pd": "analytic", "cd": "analytic", "ct": "none",
-        "ict": "none"}
+        "ict": "none", "ect": runs["edm"].info.run_id, "sct": "none", "scd": "analytic",
+        "meanflow": "none"}
     reports = tmp_path / "runs" / "reports"
     for name in (*(f"gmm8/{f}" for f in TABLE_FILES), "gmm8/w2_vs_nfe.png",
                  "gmm8/w2_vs_nfe.svg", "gmm8/w2_vs_seconds.png", "gmm8/w2_vs_seconds.svg",
                  "report.html"):
         assert (reports / name).is_file(), name
     md = (reports / "gmm8" / "table.md").read_text()
-    for method in ("EDM (Heun)", "DDIM (Euler)", "PD", "CD", "CT", "iCT"):
+    for method in ("EDM (Heun)", "DDIM (Euler)", "PD", "CD", "CT", "iCT", "ECT", "sCT", "sCD",
+                   "MeanFlow"):
         assert f"| {method} | " in md
 
     # a killed run with the same config is resumed, finished ones are skipped

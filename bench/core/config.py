@@ -79,6 +79,11 @@ class NetConfig(Section):
     resblock_updown: bool = False  # adm: residual blocks for up/downsampling
     class_conditional: bool = False  # condition on labels when the dataset has them
     fourier_scale: PosFloat = 16.0  # ncsnpp: std of the Fourier noise-embedding frequencies
+    # ddpmpp, ncsnpp: "positional" or "fourier" instead of the variant's own noise embedding
+    noise_embedding: Literal["default", "positional", "fourier"] = "default"
+    double_norm: bool = False  # unet, adm: pixel-normalised AdaGN scale and shift (sCM)
+    # time inputs of the network; 0 = what the method's parameterisation takes (MeanFlow: 2)
+    time_inputs: int = Field(default=0, ge=0, le=2)
 
 
 class DiffusionConfig(Section):

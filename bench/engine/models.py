@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from bench.core.config import NetConfig, RunConfig
-from bench.core.errors import BenchError
+from bench.core.errors import BenchError, UsageError
 from bench.data.datasets import Dataset
-from bench.diffusion.denoiser import Denoiser
+from bench.diffusion.denoiser import Denoiser, get_parameterization
 from bench.nets.build import NetOptions, build_net, count_parameters
 
 NET_TITLES = {  # how `bench run` names each net kind when it reports the network it built
@@ -45,6 +45,9 @@ def net_options(cfg: NetConfig) -> NetOptions:
         scale_shift_norm=cfg.scale_shift_norm,
         resblock_updown=cfg.resblock_updown,
         fourier_scale=cfg.fourier_scale,
+        time_inputs=cfg.time_inputs or 1,
+        double_norm=cfg.double_norm,
+        noise_embedding=cfg.noise_embedding,
     )
 
 
@@ -56,11 +59,15 @@ def sigma_data_of(cfg: RunConfig, dataset: Dataset) -> float:
 def model_spec(cfg: RunConfig, dataset: Dataset, precond: str) -> dict[str, Any]:
     """Everything needed to rebuild the denoiser, stored in checkpoints."""
     conditional = cfg.net.class_conditional and dataset.num_classes > 0
+    times = get_parameterization(precond).times
+    if cfg.net.time_inputs not in (0, times):
+        raise UsageError(f"net.time_inputs = {cfg.net.time_inputs}, but the {precond!r} "
+                         f"parameterisation takes {times} time input(s); leave it at 0")
     return {
         "kind": net_kind(cfg.net, dataset),
         "shape": list(dataset.shape),
         "num_classes": dataset.num_classes if conditional else 0,
-        "net": cfg.net.model_dump(),
+        "net": {**cfg.net.model_dump(), "time_inputs": times},
         "precond": precond,
         "sigma_data": sigma_data_of(cfg, dataset),
         "sigma_min": cfg.diffusion.sigma_min,

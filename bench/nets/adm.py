@@ -39,10 +39,12 @@ from bench.nets.basic import (
     EmbedSequential,
     Linear,
     Upsample,
+    adaptive_norm,
     check_image,
     check_inputs,
     reset_all,
     seeded,
+    time_features,
 )
 
 __all__ = [
@@ -81,7 +83,7 @@ def timestep_features(t: Tensor, channels: int) -> Tensor:
     half = channels // 2
     freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32,
                                                            device=t.device) / half)
-    angles = t.to(torch.float32)[:, None] * freqs[None, :]
+    angles = t[:, None] * freqs[None, :]
     features = torch.cat([angles.cos(), angles.sin()], dim=1)
     if channels % 2:
         features = F.pad(features, (0, 1))
@@ -104,9 +106,11 @@ class ADMResBlock(EmbedBlock):
     """Residual block; `resample` makes it an up- or downsampling block (resblock_updown)."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float,
-                 scale_shift_norm: bool, resample: Resample = "none") -> None:
+                 scale_shift_norm: bool, resample: Resample = "none",
+                 double_norm: bool = False) -> None:
         super().__init__()
         self.scale_shift_norm = scale_shift_norm
+        self.double_norm = double_norm
         self.resample: Resample = resample
         self.norm0 = _norm(in_channels)
         self.conv0 = Conv2d(in_channels, out_channels, 3)
@@ -123,8 +127,7 @@ class ADMResBlock(EmbedBlock):
         h = self.conv0(h)
         params = self.affine(emb)[:, :, None, None]
         if self.scale_shift_norm:
-            scale, shift = params.chunk(2, dim=1)
-            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+            h = F.silu(adaptive_norm(self.norm1(h), params, self.double_norm))
         else:
             h = F.silu(self.norm1(h + params))
         h = self.conv1(self.dropout(h))
@@ -171,6 +174,8 @@ class ADMUNet(nn.Module):
         scale_shift_norm: bool = True,  # embedding as GroupNorm scale and shift
         resblock_updown: bool = True,  # residual blocks for up/downsampling
         seed: int = 0,  # seed of the weight initialisation
+        time_inputs: int = 1,  # noise/time inputs embedded side by side (MeanFlow: 2)
+        double_norm: bool = False,  # pixel-normalised scale and shift (sCM's AdaGN)
     ) -> None:
         super().__init__()
         mults = tuple(channel_mult) or official_channel_mult(resolution)
@@ -186,6 +191,7 @@ class ADMUNet(nn.Module):
         self.resolution = resolution
         self.model_channels = model_channels
         self.num_classes = num_classes
+        self.time_inputs = time_inputs
         emb_dim = 4 * model_channels
 
         def heads(channels: int) -> int:
@@ -197,9 +203,10 @@ class ADMUNet(nn.Module):
             return num_heads
 
         def res_block(cin: int, cout: int, resample: Resample = "none") -> ADMResBlock:
-            return ADMResBlock(cin, cout, emb_dim, dropout, scale_shift_norm, resample)
+            return ADMResBlock(cin, cout, emb_dim, dropout, scale_shift_norm, resample,
+                               double_norm)
 
-        self.noise_map0 = Linear(model_channels, emb_dim)
+        self.noise_map0 = Linear(model_channels * time_inputs, emb_dim)
         self.noise_map1 = Linear(emb_dim, emb_dim)
         self.class_embedding = Embedding(num_classes, emb_dim) if num_classes > 0 else None
 
@@ -249,9 +256,11 @@ class ADMUNet(nn.Module):
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """F(x, c_noise, class_labels) with x (B, C, H, W), c_noise (B,), labels (B,) or None."""
         check_image(x, self.in_channels, self.resolution, "ADMUNet")
-        c_noise, class_labels = check_inputs(x, c_noise, class_labels, self.num_classes)
-        t = TIMESTEP_SCALE * c_noise
-        emb = self.noise_map1(F.silu(self.noise_map0(timestep_features(t, self.model_channels))))
+        c_noise, class_labels = check_inputs(x, c_noise, class_labels, self.num_classes,
+                                             self.time_inputs)
+        features = time_features(
+            c_noise, lambda c: timestep_features(TIMESTEP_SCALE * c, self.model_channels))
+        emb = self.noise_map1(F.silu(self.noise_map0(features)))
         if self.class_embedding is not None and class_labels is not None:
             emb = emb + self.class_embedding(class_labels)
         emb = F.silu(emb)  # the official blocks start their embedding layers with SiLU

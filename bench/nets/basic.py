@@ -16,6 +16,7 @@ default generator), so a caller can replay a dropout mask with `torch.random.for
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -167,23 +168,52 @@ def check_image(x: Tensor, channels: int, resolution: int, name: str) -> None:
 
 
 def check_inputs(
-    x: Tensor, c_noise: Tensor, class_labels: Tensor | None, num_classes: int
+    x: Tensor, c_noise: Tensor, class_labels: Tensor | None, num_classes: int,
+    time_inputs: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
-    """Validate the shared forward inputs; return c_noise as float32 (B,) and the labels to use."""
+    """Validate the shared forward inputs; return c_noise in at least float32 precision, (B,)
+    for one time input or (B, time_inputs) for several, and the labels to use."""
     batch = x.shape[0]
     if c_noise.ndim == 0:
         c_noise = c_noise.expand(batch)
-    if c_noise.shape != (batch,):
-        raise ValueError(f"c_noise must have shape ({batch},), got {tuple(c_noise.shape)}")
+    if time_inputs > 1 and c_noise.ndim == 1 and c_noise.shape[0] == time_inputs:
+        c_noise = c_noise.expand(batch, time_inputs)
+    expected = (batch,) if time_inputs == 1 else (batch, time_inputs)
+    if c_noise.shape != expected:
+        raise ValueError(f"c_noise must have shape {expected}, got {tuple(c_noise.shape)}")
+    c_noise = c_noise.to(torch.promote_types(c_noise.dtype, torch.float32))
     if num_classes == 0:
-        return c_noise.to(torch.float32), None
+        return c_noise, None
     if class_labels is None:
         raise ValueError(f"this net is conditional on {num_classes} classes: pass class_labels")
     if class_labels.shape != (batch,):
         raise ValueError(
             f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}"
         )
-    return c_noise.to(torch.float32), class_labels.long()
+    return c_noise, class_labels.long()
+
+
+def time_features(c_noise: Tensor, features: Callable[[Tensor], Tensor]) -> Tensor:
+    """features() of c_noise (B,), or of each column of c_noise (B, k) side by side: a first
+    linear layer over them sums one projection per time input (MeanFlow's (t, t - r))."""
+    if c_noise.ndim == 1:
+        return features(c_noise)
+    return torch.cat([features(column) for column in c_noise.unbind(1)], dim=1)
+
+
+def pixel_norm(x: Tensor, eps: float = 1e-4) -> Tensor:
+    """x / sqrt(mean over channels of x^2 + eps): unit RMS per position (dim 1)."""
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
+
+
+def adaptive_norm(normed: Tensor, params: Tensor, double_norm: bool) -> Tensor:
+    """GroupNorm output scaled and shifted by the embedding's (scale, shift) halves of params:
+    normed (1 + scale) + shift, or with double_norm normed pnorm(scale) + pnorm(shift), the
+    pixel-normalised AdaGN of Lu & Song 2024 (sCM, section 4.1)."""
+    scale, shift = params.chunk(2, dim=1)
+    if double_norm:
+        return torch.addcmul(pixel_norm(shift), normed, pixel_norm(scale))
+    return torch.addcmul(shift, normed, scale + 1)
 
 
 # --- noise and class embedding --------------------------------------------------------------------
@@ -192,13 +222,14 @@ def check_inputs(
 class NoiseEmbedding(nn.Module):
     """Sinusoidal features of c_noise (EDM PositionalEmbedding, endpoint=True), then an MLP."""
 
-    def __init__(self, num_channels: int, emb_dim: int, max_positions: int = 10000) -> None:
+    def __init__(self, num_channels: int, emb_dim: int, max_positions: int = 10000,
+                 time_inputs: int = 1) -> None:
         super().__init__()
         if num_channels < 4 or num_channels % 2:
             raise ValueError(f"num_channels must be even and >= 4, got {num_channels}")
         self.num_channels = num_channels
         self.max_positions = max_positions
-        self.layer0 = Linear(num_channels, emb_dim)
+        self.layer0 = Linear(num_channels * time_inputs, emb_dim)
         self.layer1 = Linear(emb_dim, emb_dim)
 
     def features(self, c_noise: Tensor) -> Tensor:
@@ -206,12 +237,12 @@ class NoiseEmbedding(nn.Module):
         half = self.num_channels // 2
         exponents = torch.arange(half, dtype=torch.float32, device=c_noise.device) / (half - 1)
         freqs = (1.0 / self.max_positions) ** exponents
-        angles = c_noise.to(torch.float32)[:, None] * freqs[None, :]
+        angles = c_noise[:, None] * freqs[None, :]
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        """Embedding (B, emb_dim) of c_noise (B,)."""
-        return self.layer1(F.silu(self.layer0(self.features(c_noise))))
+        """Embedding (B, emb_dim) of c_noise (B,) or (B, time_inputs)."""
+        return self.layer1(F.silu(self.layer0(time_features(c_noise, self.features))))
 
 
 def _even_features(channels: int) -> int:
@@ -264,15 +295,18 @@ class MLP(nn.Module):
         num_classes: int = 0,  # > 0: class-conditional through a learned class embedding
         dropout: float = 0.0,  # dropout probability inside each block
         seed: int = 0,  # seed of the weight initialisation
+        time_inputs: int = 1,  # noise/time inputs embedded side by side (MeanFlow: 2)
     ) -> None:
         super().__init__()
-        if min(dim, width, depth, emb_dim) < 1 or num_classes < 0:
+        if min(dim, width, depth, emb_dim, time_inputs) < 1 or num_classes < 0:
             raise ValueError("MLP sizes must be positive and num_classes >= 0")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dim = dim
         self.num_classes = num_classes
-        self.noise_embedding = NoiseEmbedding(_even_features(emb_dim), emb_dim)
+        self.time_inputs = time_inputs
+        self.noise_embedding = NoiseEmbedding(_even_features(emb_dim), emb_dim,
+                                              time_inputs=time_inputs)
         self.class_embedding = Embedding(num_classes, emb_dim) if num_classes > 0 else None
         self.input = Linear(dim, width)
         self.blocks = nn.ModuleList(MLPBlock(width, emb_dim, dropout) for _ in range(depth))
@@ -285,10 +319,12 @@ class MLP(nn.Module):
         reset_all(self, generator)
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """F(x, c_noise, class_labels) with x (B, dim), c_noise (B,), labels (B,) or None."""
+        """F(x, c_noise, class_labels) with x (B, dim), c_noise (B,) (or (B, time_inputs)),
+        labels (B,) or None."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLP expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
-        c_noise, class_labels = check_inputs(x, c_noise, class_labels, self.num_classes)
+        c_noise, class_labels = check_inputs(x, c_noise, class_labels, self.num_classes,
+                                             self.time_inputs)
         emb = _condition(self.noise_embedding, self.class_embedding, c_noise, class_labels)
         h = self.input(x)
         for block in self.blocks:
@@ -313,9 +349,11 @@ class ResBlock(EmbedBlock):
         emb_dim: int,
         dropout: float,
         scale_shift_norm: bool,
+        double_norm: bool = False,
     ) -> None:
         super().__init__()
         self.scale_shift_norm = scale_shift_norm
+        self.double_norm = double_norm
         self.norm0 = _group_norm(in_channels)
         self.conv0 = Conv2d(in_channels, out_channels, 3)
         self.affine = Linear(emb_dim, out_channels * (2 if scale_shift_norm else 1))
@@ -329,8 +367,7 @@ class ResBlock(EmbedBlock):
         h = self.conv0(F.silu(self.norm0(x)))
         params = self.affine(emb)[:, :, None, None]
         if self.scale_shift_norm:
-            scale, shift = params.chunk(2, dim=1)
-            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+            h = F.silu(adaptive_norm(self.norm1(h), params, self.double_norm))
         else:
             h = F.silu(self.norm1(h + params))
         h = self.conv1(self.dropout(h))
@@ -412,6 +449,8 @@ class UNet(nn.Module):
         num_heads: int = 1,  # attention heads (must divide the channels where attention is)
         scale_shift_norm: bool = True,  # inject the embedding as GroupNorm scale and shift
         seed: int = 0,  # seed of the weight initialisation
+        time_inputs: int = 1,  # noise/time inputs embedded side by side (MeanFlow: 2)
+        double_norm: bool = False,  # pixel-normalised scale and shift (sCM's AdaGN)
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -430,11 +469,13 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.resolution = resolution
         self.num_classes = num_classes
-        self.noise_embedding = NoiseEmbedding(_even_features(model_channels), emb_dim)
+        self.time_inputs = time_inputs
+        self.noise_embedding = NoiseEmbedding(_even_features(model_channels), emb_dim,
+                                              time_inputs=time_inputs)
         self.class_embedding = Embedding(num_classes, emb_dim) if num_classes > 0 else None
 
         def res_block(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, emb_dim, dropout, scale_shift_norm)
+            return ResBlock(cin, cout, emb_dim, dropout, scale_shift_norm, double_norm)
 
         channels = model_channels * channel_mult[0]
         self.encoder = nn.ModuleList([EmbedSequential([Conv2d(in_channels, channels, 3)])])
@@ -481,9 +522,11 @@ class UNet(nn.Module):
         reset_all(self, generator)
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """F(x, c_noise, class_labels) with x (B, C, H, W), c_noise (B,), labels (B,) or None."""
+        """F(x, c_noise, class_labels) with x (B, C, H, W), c_noise (B,) (or (B, time_inputs)),
+        labels (B,) or None."""
         check_image(x, self.in_channels, self.resolution, "UNet")
-        c_noise, class_labels = check_inputs(x, c_noise, class_labels, self.num_classes)
+        c_noise, class_labels = check_inputs(x, c_noise, class_labels, self.num_classes,
+                                             self.time_inputs)
         emb = _condition(self.noise_embedding, self.class_embedding, c_noise, class_labels)
         skips = []
         h = x

@@ -4,7 +4,7 @@ UNet or DDPM++ / NCSN++ from one set of options."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from torch import nn
 
@@ -40,6 +40,10 @@ class NetOptions:
     num_head_channels: int = 0  # ADM: channels per attention head (> 0 overrides num_heads)
     resblock_updown: bool = False  # ADM: residual blocks for up/downsampling
     fourier_scale: float = 16.0  # NCSN++: std of the random Fourier noise-embedding frequencies
+    time_inputs: int = 1  # all: noise/time inputs embedded side by side (MeanFlow's (t, t - r))
+    double_norm: bool = False  # UNet, ADM: pixel-normalised AdaGN scale and shift (sCM)
+    # DDPM++ / NCSN++: "positional" or "fourier" instead of the variant's own embedding
+    noise_embedding: str = "default"
 
     def __post_init__(self) -> None:
         """Accept lists for the tuple fields (as TOML gives them) and validate every field."""
@@ -70,6 +74,11 @@ class NetOptions:
              f"net num_head_channels must be >= 0, got {self.num_head_channels}"),
             (self.fourier_scale > 0,
              f"net fourier_scale must be > 0, got {self.fourier_scale}"),
+            (self.time_inputs in (1, 2),
+             f"net time_inputs must be 1 or 2, got {self.time_inputs}"),
+            (self.noise_embedding in ("default", "positional", "fourier"),
+             f"net noise_embedding must be default, positional or fourier, got "
+             f"{self.noise_embedding}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -95,6 +104,7 @@ def build_net(
             num_classes=num_classes,
             dropout=options.dropout,
             seed=seed,
+            time_inputs=options.time_inputs,
         )
     if kind == "unet":
         _require_square(kind, shape)
@@ -125,6 +135,8 @@ def build_net(
             num_heads=options.num_heads,
             scale_shift_norm=options.scale_shift_norm,
             seed=seed,
+            time_inputs=options.time_inputs,
+            double_norm=options.double_norm,
         )
     if kind in ("adm", "ddpmpp", "ncsnpp"):
         return _build_paper_net(kind, shape, num_classes, options, seed)
@@ -156,7 +168,12 @@ def _build_paper_net(kind: str, shape: tuple[int, ...], num_classes: int, option
             scale_shift_norm=options.scale_shift_norm,
             resblock_updown=options.resblock_updown,
             seed=seed,
+            time_inputs=options.time_inputs,
+            double_norm=options.double_norm,
         )
+    if options.double_norm:
+        raise UsageError(f"net {kind!r} adds the embedding (no scale and shift): "
+                         f"net.double_norm applies to unet and adm")
     return SongUNet(
         "ncsnpp" if kind == "ncsnpp" else "ddpmpp",
         shape[0],
@@ -169,6 +186,9 @@ def _build_paper_net(kind: str, shape: tuple[int, ...], num_classes: int, option
         num_classes=num_classes,
         seed=seed,
         fourier_scale=options.fourier_scale,
+        time_inputs=options.time_inputs,
+        embedding=None if options.noise_embedding == "default"
+        else cast(Literal["positional", "fourier"], options.noise_embedding),
     )
 
 

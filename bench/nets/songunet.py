@@ -19,7 +19,7 @@ published code; initialisation as in nets.py (Xavier-uniform, zero biases, 1e-5 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from bench.nets.basic import (
     num_groups,
     reset_all,
     seeded,
+    time_features,
     xavier_uniform_,
 )
 
@@ -203,11 +204,15 @@ class SongUNet(nn.Module):
         num_classes: int = 0,  # > 0: class-conditional (one-hot through a linear map)
         seed: int = 0,  # seed of the weight initialisation
         fourier_scale: float = FOURIER_SCALE,  # ncsnpp: std of the Fourier frequencies
+        time_inputs: int = 1,  # noise/time inputs embedded side by side (MeanFlow: 2)
+        # the noise embedding instead of the variant's own: "positional" or "fourier"
+        embedding: Literal["positional", "fourier"] | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise UsageError(f"unknown SongUNet variant {variant!r}")
-        embedding, noise_mult, encoder_type, taps = VARIANTS[variant]
+        own_embedding, noise_mult, encoder_type, taps = VARIANTS[variant]
+        embedding = embedding or cast(Literal["positional", "fourier"], own_embedding)
         levels = len(channel_mult)
         if resolution % (2 ** (levels - 1)):
             raise UsageError(f"net '{variant}': resolution {resolution} is not divisible by "
@@ -216,6 +221,7 @@ class SongUNet(nn.Module):
         self.resolution = resolution
         self.num_classes = num_classes
         self.embedding = embedding
+        self.time_inputs = time_inputs
         self.noise_channels = model_channels * noise_mult
         emb_dim = 4 * model_channels
 
@@ -225,8 +231,9 @@ class SongUNet(nn.Module):
 
         self.fourier = (FourierFeatures(self.noise_channels, fourier_scale)
                         if embedding == "fourier" else None)
-        self.map_label = Linear(num_classes, self.noise_channels) if num_classes else None
-        self.map_layer0 = Linear(self.noise_channels, emb_dim)
+        features = self.noise_channels * time_inputs
+        self.map_label = Linear(num_classes, features) if num_classes else None
+        self.map_layer0 = Linear(features, emb_dim)
         self.map_layer1 = Linear(emb_dim, emb_dim)
 
         self.enc = nn.ModuleDict()
@@ -273,13 +280,19 @@ class SongUNet(nn.Module):
         """Reinitialise every weight (and the Fourier frequencies) from generator."""
         reset_all(self, generator)
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """F(x, c_noise, class_labels) with x (B, C, H, W), c_noise (B,), labels (B,) or None."""
-        check_image(x, self.in_channels, self.resolution, "SongUNet")
-        c_noise, class_labels = check_inputs(x, c_noise, class_labels, self.num_classes)
+    def noise_features(self, c_noise: Tensor) -> Tensor:
+        """[sin, cos] features (B, noise_channels) of c_noise (B,)."""
         features = self.fourier(c_noise) if self.fourier is not None \
             else positional_features(c_noise, self.noise_channels)
-        emb = features.reshape(x.shape[0], 2, -1).flip(1).reshape(features.shape)  # sin, cos
+        return features.reshape(c_noise.shape[0], 2, -1).flip(1).reshape(features.shape)
+
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """F(x, c_noise, class_labels) with x (B, C, H, W), c_noise (B,) (or (B, time_inputs)),
+        labels (B,) or None."""
+        check_image(x, self.in_channels, self.resolution, "SongUNet")
+        c_noise, class_labels = check_inputs(x, c_noise, class_labels, self.num_classes,
+                                             self.time_inputs)
+        emb = time_features(c_noise, self.noise_features)
         if self.map_label is not None and class_labels is not None:
             one_hot = F.one_hot(class_labels, self.num_classes).to(emb.dtype)
             emb = emb + self.map_label(one_hot * math.sqrt(self.num_classes))

@@ -53,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,8 +252,10 @@ def _block(seconds_per_unit: float, block_seconds: float) -> int:
 
 def _bare_passes(student: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
                  no_grad_calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]],
+                 no_grad_fns: Sequence[Callable[[], object]] = (),
                  ) -> Callable[[], None]:
-    """Student forward, the no-grad passes, student backward: fixed inputs, nothing else."""
+    """Student forward, the no-grad passes (and JVPs), student backward: fixed inputs,
+    nothing else."""
     grad = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(3),
                        device=x.device)
 
@@ -263,6 +265,8 @@ def _bare_passes(student: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
         with torch.no_grad():
             for module, xi, si in no_grad_calls:
                 module(xi, si)
+            for fn in no_grad_fns:
+                fn()
         out.backward(grad)
 
     return step
@@ -314,7 +318,8 @@ def _training_passes(method: Any, x0: torch.Tensor,
     g = torch.Generator(x0.device).manual_seed(1)
     z = torch.randn(x0.shape, generator=g, device=x0.device)
     passes = method.perf_passes(x0, z, g)
-    return (_bare_passes(passes.student, passes.x, passes.sigma, passes.calls),
+    return (_bare_passes(passes.student, passes.x, passes.sigma, passes.calls,
+                         passes.no_grad_fns),
             passes.description, passes.student)
 
 
