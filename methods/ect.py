@@ -50,10 +50,15 @@ class ECTConfig(Section):
     init_from: Literal["ema", "online"] = "ema"  # the teacher's average or its online weights
 
 
+def ect_gap(t: torch.Tensor, stage: int, q: float, k: float, b: float) -> torch.Tensor:
+    """t - r = min(t, t q^-(stage+1) (1 + k sigmoid(-b t))), computed as a product (not as
+    t - r, whose float32 cancellation gives 0 and an infinite weight in late stages)."""
+    return torch.minimum(t * (q ** -(stage + 1) * (1 + k * torch.sigmoid(-b * t))), t)
+
+
 def ect_r(t: torch.Tensor, stage: int, q: float, k: float, b: float) -> torch.Tensor:
     """r = max(0, t (1 - q^-(stage+1) (1 + k sigmoid(-b t))))."""
-    ratio = 1 - q ** -(stage + 1) * (1 + k * torch.sigmoid(-b * t))
-    return (t * ratio).clamp_min(0)
+    return t - ect_gap(t, stage, q, k, b)
 
 
 class ECT(ConsistencyModel):
@@ -121,7 +126,8 @@ class ECT(ConsistencyModel):
         """w(t, r) (sqrt(||f(x_t, t) - sg f(x_r, r)||^2 + c^2) - c) per sample."""
         c = self.options
         t, n = self.draw(x0, generator)
-        r = ect_r(t, self.stage(step), c.q, c.k, c.b)
+        gap = ect_gap(t, self.stage(step), c.q, c.k, c.b)
+        r = t - gap
         x_t = x0 + append_dims(t, x0.ndim) * n
         x_r = x0 + append_dims(r, x0.ndim) * n
         state = rng_state_of(x0.device) if self.dropout_active else None
@@ -134,9 +140,11 @@ class ECT(ConsistencyModel):
         with replayed(state, x0.device):
             online = self.train_forward(x_t, t, labels)
         squared = (online - target).square().flatten(1).sum(1)
-        distance = (squared + c.huber_c ** 2).sqrt() - c.huber_c
+        # c = 0 is the L2 norm, whose gradient at an exact match would be 0 / 0: the clamp
+        # gives such a sample no gradient instead
+        distance = (squared + c.huber_c ** 2).clamp_min(1e-30).sqrt() - c.huber_c
         if c.weighting == "inverse_gap":
-            weight = 1.0 / (t - r)
+            weight = 1.0 / gap
         else:
             sd = self.ctx.sigma_data
             weight = (t.square() + sd * sd) / (t * sd).square()

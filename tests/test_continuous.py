@@ -28,7 +28,7 @@ from bench.engine.training import (
 )
 from bench.nets.build import NetOptions, build_net, count_parameters
 from methods import MethodContext, get_method
-from methods.ect import ect_r
+from methods.ect import ect_gap, ect_r
 from methods.scm import trigflow_velocity
 
 SMALL = ["net.width=32", "net.depth=2", "net.emb_dim=16", "train.steps=12", "eval.nfe=[1]",
@@ -201,6 +201,10 @@ def test_ect_r_schedule_and_its_stages() -> None:
     assert float(ect_r(t, 3, 2.0, 8.0, 1.0)[-1] / t[-1]) == pytest.approx(1 - 2.0 ** -4)
     # later stages move r towards t at every t
     assert bool((ect_r(t, 5, 2.0, 8.0, 1.0) >= ect_r(t, 4, 2.0, 8.0, 1.0)).all())
+    # the gap t - r stays positive in float32 however late the stage (its weight is 1/gap)
+    late = ect_gap(t.float(), 40, 2.0, 8.0, 1.0)
+    assert bool((late > 0).all()) and bool(torch.isfinite(1 / late).all())
+    assert float((t.float() - ect_r(t.float(), 40, 2.0, 8.0, 1.0))[-1]) == 0.0  # cancelled
 
 
 def test_ect_target_is_the_data_where_r_is_0() -> None:

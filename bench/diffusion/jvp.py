@@ -10,6 +10,7 @@ state, so dropout draws one mask for all of them.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -49,7 +50,11 @@ def jvp(fn: Fn, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor,
         raise ValueError(f"{len(primals)} primals but {len(tangents)} tangents")
     device = primals[0].device
     if mode == "forward":
-        with attention_with_forward_ad(device):
+        with attention_with_forward_ad(device), warnings.catch_warnings():
+            # torch's first forward-mode call loads its JVP decompositions through
+            # torch.jit.script, which warns about its own deprecation: not the user's concern
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated",
+                                    category=FutureWarning)
             out, tangent = forward_jvp(fn, primals, tangents)[:2]
         return out, tangent
     if mode != "finite_difference":
