@@ -11,7 +11,7 @@ The objective is the limit of consistency training as the step goes to 0. With
 g = cos(t) df/dt = -cos^2(t) (sigma_d F^- - dx_t/dt) - cos(t) sin(t) (x_t + sigma_d dF^-/dt),
 where dF^-/dt is the total derivative of the stop-gradient network along the ODE (one JVP),
 the loss is ||F - F^- - g||^2, with the paper's stabilisers: the tangent warm-up (the second
-term of g ramps in over scm.tangent_warmup iterations), the tangent normalisation
+term of g ramps in over <method>.tangent_warmup iterations), the tangent normalisation
 g / (||g|| + c) and the learned adaptive weighting e^{-w(t)} / D ||.||^2 + w(t), w a small
 network of t trained with the student. sCT takes dx_t/dt = cos(t) z - sin(t) x0; sCD the
 teacher's PF-ODE velocity, from any D(x; sigma) teacher converted to TrigFlow.
@@ -129,7 +129,7 @@ class SCT(ConsistencyModel):
         return 0.0
 
     def tangent_warmup(self, step: int) -> float:
-        """The factor on g's second term: min(1, step / scm.tangent_warmup)."""
+        """The factor on g's second term: min(1, step / <method>.tangent_warmup)."""
         warmup = self.options.tangent_warmup
         return 1.0 if warmup == 0 else min(1.0, step / warmup)
 
@@ -200,7 +200,7 @@ class SCT(ConsistencyModel):
     # --- sampling -------------------------------------------------------------------------------
 
     def sample_sigmas(self, nfe: int) -> list[float]:
-        """1 step from sigma_max; 2 steps through t = scm.mid_t (sigma = sigma_d tan t), the
+        """1 step from sigma_max; 2 steps through t = <method>.mid_t (sigma = sigma_d tan t), the
         paper's choice; sample.sigmas when it has nfe levels; else the Karras levels."""
         explicit = self.config.sample.sigmas
         if len(explicit) == nfe:
