@@ -51,12 +51,14 @@ def checkpoint_of(folder: Path) -> dict:
     return torch.load(found[0], weights_only=True)
 
 
-def assert_same_weights(one: dict, two: dict, steps: int = 30, atol: float = 1e-5) -> None:
-    """Same iteration and, within atol, the same student and EMA. The sums over a batch are
-    reassociated across processes, and Adam carries the rounding on: 1e-7 after 30
-    iterations, 1.4e-4 after 400 (measured on gmm8)."""
+def assert_same_weights(one: dict, two: dict, steps: int = 30, atol: float = 1e-5,
+                        modules: frozenset[str] = frozenset({"student", "ema"})) -> None:
+    """Same iteration and, within atol, the same student and EMA (and the method's own trained
+    modules named in `modules`). The sums over a batch are reassociated across processes, and
+    Adam carries the rounding on: 1e-7 after 30 iterations, 1.4e-4 after 400 (measured on
+    gmm8)."""
     assert one["loop"]["step"] == two["loop"]["step"] == steps
-    assert one["modules"].keys() == two["modules"].keys() == {"student", "ema"}
+    assert one["modules"].keys() == two["modules"].keys() == modules
     for name, module in one["modules"].items():
         for key, value in module.items():
             assert torch.allclose(value, two["modules"][name][key], atol=atol), (name, key)
@@ -90,6 +92,21 @@ def test_two_gloo_processes_end_with_the_weights_of_one(workdir: Callable[[str],
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["sct", "meanflow"])
+def test_continuous_time_methods_under_two_processes_end_with_the_weights_of_one(
+        workdir: Callable[[str], Path], name: str) -> None:
+    # sCT and MeanFlow reach the raw network through the DDP-wrapped student
+    args = [RUN[0], "--method", name, *RUN[3:]]
+    one, two = workdir("one"), workdir("two")
+    assert run_in(one, [], args).returncode == 0
+    double = run_in(two, torchrun(2), args)
+    assert double.returncode == 0, double.stderr
+    # sCT's learned weighting is trained too: its gradients are averaged over the ranks
+    trained = {"student", "ema", *(["weighting"] if name == "sct" else [])}
+    assert_same_weights(checkpoint_of(one), checkpoint_of(two), modules=frozenset(trained))
+
+
+@pytest.mark.slow
 def test_nproc_shortcut_matches_one_process(workdir: Callable[[str], Path]) -> None:
     one, two = workdir("one"), workdir("two")
     assert run_in(one, [], RUN).returncode == 0
@@ -107,7 +124,8 @@ def test_uneven_batch_split_is_a_usage_error(workdir: Callable[[str], Path]) -> 
     assert runs_in(folder) == []
 
 
-@pytest.mark.parametrize("name", ["edm", "pd", "cd", "ct", "ict"])
+@pytest.mark.parametrize("name", ["edm", "pd", "cd", "ct", "ict", "ect", "sct", "scd",
+                                  "meanflow"])
 def test_shards_draw_the_rows_of_the_global_draw(name: str) -> None:
     """Rank r's per-sample losses are rows r of the one-process losses: same noise levels,
     same noise, same indices."""
