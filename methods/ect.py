@@ -131,12 +131,11 @@ class ECT(ConsistencyModel):
         x_t = x0 + append_dims(t, x0.ndim) * n
         x_r = x0 + append_dims(r, x0.ndim) * n
         state = rng_state_of(x0.device) if self.dropout_active else None
-        with torch.no_grad():
-            target = x0
-            if bool((r > 0).any()):
-                with replayed(state, x0.device):
-                    at_r = self._student(x_r, r.clamp_min(self.sigma_min), labels)
-                target = torch.where(append_dims(r > 0, x0.ndim), torch.nan_to_num(at_r), x0)
+        # the target pass runs for every sample (no host sync to ask whether any r > 0); x0
+        # replaces it where r = 0
+        with torch.no_grad(), replayed(state, x0.device):
+            at_r = self._student(x_r, r.clamp_min(self.sigma_min), labels)
+            target = torch.where(append_dims(r > 0, x0.ndim), torch.nan_to_num(at_r), x0)
         with replayed(state, x0.device):
             online = self.train_forward(x_t, t, labels)
         squared = (online - target).square().flatten(1).sum(1)

@@ -118,8 +118,7 @@ class MeanFlow(Method):
         state = rng_state_of(x0.device) if self.dropout_active else None
         with torch.no_grad(), replayed(state, x0.device):
             wanted = self.target(z, t, r, v, labels)
-        with replayed(state, x0.device):
-            # the flow map's output from t to r is z_t - (t - r) u: u itself at r = t - 1
+        with replayed(state, x0.device):  # the JVP's dropout mask
             u = self.average_velocity(z, t, r, labels)
         squared = (u - wanted).square().flatten(1).sum(1)
         weight = 1.0 / (squared.detach() + c.norm_c) ** c.norm_p
