@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from bench.core.config import Section
-from bench.core.errors import BenchError
+from bench.core.errors import UsageError
 from bench.diffusion.denoiser import Denoiser, append_dims
 from methods.base import MethodContext, PaperResult, PerfPasses
 from methods.consistency import (
@@ -82,7 +82,7 @@ class ECT(ConsistencyModel):
         self.options = ctx.config.section(self.name, ECTConfig)
         self.teacher = require_network_teacher(ctx.teacher, self.name)
         if not isinstance(self.teacher, Denoiser):
-            raise BenchError("ect tunes a trained network: --teacher RUN_ID|PATH|auto (an "
+            raise UsageError("ect tunes a trained network: --teacher RUN_ID|PATH|auto (an "
                              "analytic teacher has no weights to start from)")
         super().__init__(ctx, target_mu=0.0)
 
