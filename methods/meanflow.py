@@ -28,6 +28,7 @@ from bench.diffusion.denoiser import Denoiser, append_dims
 from bench.diffusion.jvp import JVPMode, jvp
 from bench.diffusion.rng import StackedGenerator
 from bench.diffusion.samplers import Model
+from bench.nets.build import has_dropout
 from methods.base import Method, MethodContext, PaperResult, PerfPasses
 from methods.consistency import replayed, rng_state_of
 from methods.papers import MEANFLOW_CIFAR
@@ -66,17 +67,14 @@ class MeanFlow(Method):
         self.options = ctx.config.section(self.name, MeanFlowConfig)
         self._student = Denoiser(ctx.new_net(), sigma_data=ctx.sigma_data, precond="flowmap",
                                  sigma_min=self.config.diffusion.sigma_min).to(ctx.device)
+        # the JVP and the student's pass share one dropout mask whenever any dropout is active
+        self.dropout_active = has_dropout(self._student)
         self._sample_times: dict[int, list[float]] = {}
 
     @property
     def student(self) -> nn.Module:
         """The flow map z_r = z_t - (t - r) u(z_t, r, t) around the network u."""
         return self._student
-
-    @property
-    def dropout_active(self) -> bool:
-        """Whether dropout draws anything (the JVP and the student then share one mask)."""
-        return any(isinstance(m, nn.Dropout) and m.p > 0 for m in self._student.modules())
 
     # --- training -------------------------------------------------------------------------------
 

@@ -194,7 +194,7 @@ class SCT(ConsistencyModel):
                           labels: torch.Tensor | None) -> torch.Tensor:
         """F(x_t / sigma_d, t) with gradient, through DDP when several processes train."""
         if self.parallel is not None:
-            return _RawNet.call(self.parallel, x_in, t, labels)
+            return raw_net_through(self.parallel, x_in, t, labels)
         return self._student.net(x_in, t, labels)
 
     # --- sampling -------------------------------------------------------------------------------
@@ -240,21 +240,18 @@ class SCT(ConsistencyModel):
         return [], []
 
 
-class _RawNet:
-    """Calls the raw network inside a DDP-wrapped Denoiser, so that DDP's gradient hooks see
-    the call (DDP wraps the student, whose forward is the Denoiser's)."""
-
-    @staticmethod
-    def call(parallel: nn.Module, x_in: torch.Tensor, t: torch.Tensor,
-             labels: torch.Tensor | None) -> torch.Tensor:
-        module: Any = getattr(parallel, "module", parallel)
-        # sigma for the Denoiser whose c_in and c_noise give back (x_in, t) exactly:
-        # c_in = cos(t) / sigma_d, c_noise = t; the output F is recovered from f
-        sd = float(module.sigma_data)
-        cos, sin = append_dims(t.cos(), x_in.ndim), append_dims(t.sin(), x_in.ndim)
-        x = x_in * sd / cos
-        f = parallel(x, sd * t.tan(), labels)
-        return (cos.square() * x - f) / (sd * sin)
+def raw_net_through(parallel: nn.Module, x_in: torch.Tensor, t: torch.Tensor,
+                    labels: torch.Tensor | None) -> torch.Tensor:
+    """F(x_in, t) of the TrigFlow Denoiser inside a DDP wrapper, through the wrapper so that
+    its gradient hooks see the call: at sigma = sigma_d tan t and x = sigma_d x_in / cos t the
+    Denoiser's c_in x and c_noise are (x_in, t), and F comes back from f = cos^2(t) x -
+    sigma_d sin(t) F."""
+    module: Any = getattr(parallel, "module", parallel)
+    sd = float(module.sigma_data)
+    cos, sin = append_dims(t.cos(), x_in.ndim), append_dims(t.sin(), x_in.ndim)
+    x = x_in * sd / cos
+    f = parallel(x, sd * t.tan(), labels)
+    return (cos.square() * x - f) / (sd * sin)
 
 
 class SCD(SCT):
