@@ -31,11 +31,13 @@ from sweeps.space import Param, Space, load_space, set_item
 from sweeps.storage import (
     HEARTBEAT_SECONDS,
     HOST,
+    STALE_FACTOR,
     STALE_SECONDS,
     Heartbeat,
     StaleTrial,
     default_storage,
     fail_stale_trials,
+    heartbeat_stamp,
     lock_path,
     machine_lock,
     open_storage,
@@ -47,6 +49,7 @@ POLL_SECONDS = 2.0  # how often an idle worker looks at the study again
 MAX_FAILURES_IN_ROW = 3  # a worker stops after this many consecutive failed trials
 DEFINITION_ATTR = "bench.definition"
 PARENT_ATTR = "bench.mlflow_parent_run_id"
+PARENT_WAIT_SECONDS = 60.0  # how long a joining host waits for the creator's parent run
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class SweepRequest:
     workers: int = 1  # local worker processes
     pruner: str = "median"  # median, hyperband or none
     timeout: float | None = None  # seconds after which no new trial starts
+    heartbeat: float = HEARTBEAT_SECONDS  # seconds between a worker's heartbeats
     sets: tuple[str, ...] = ()  # --set overrides applied to every trial
     tracking_uri: str | None = None  # MLflow store; None = the usual resolution
 
@@ -90,7 +94,7 @@ class WorkerPlan:
     lock: str  # machine_lock file of this storage and study
     worker: int = 0
     heartbeat_seconds: float = HEARTBEAT_SECONDS
-    stale_seconds: float = STALE_SECONDS
+    stale_seconds: float = STALE_SECONDS  # journal: our staleness limit
     poll_seconds: float = POLL_SECONDS
 
     def param_objs(self) -> list[Param]:
@@ -241,17 +245,27 @@ def _definition(request: SweepRequest, space: Space, objectives: list[Objective]
 
 
 def _open_study(plan: WorkerPlan, storage: Any, definition: dict[str, Any],
-                objectives: list[Objective]) -> Any:
-    """Create the study or load it; a study made for another sweep is a usage error."""
+                objectives: list[Objective]) -> tuple[Any, bool]:
+    """Create the study or load it, and whether this call created it (the storage lets one
+    creator win when several hosts start at once); a study made for another sweep is a usage
+    error."""
     import optuna
+    from optuna.exceptions import DuplicatedStudyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = [o.direction for o in objectives]
+    created = True
     try:
-        study = optuna.create_study(study_name=plan.study, storage=storage,
-                                    directions=directions, load_if_exists=True,
-                                    sampler=_make_sampler(plan, len(objectives) > 1),
-                                    pruner=_make_pruner(plan))
+        try:
+            study = optuna.create_study(study_name=plan.study, storage=storage,
+                                        directions=directions,
+                                        sampler=_make_sampler(plan, len(objectives) > 1),
+                                        pruner=_make_pruner(plan))
+        except DuplicatedStudyError:
+            created = False
+            study = _load_study(plan, storage)
+    except (BenchError, UsageError):
+        raise
     except Exception as exc:
         raise BenchError(f"cannot create study {plan.study!r} in "
                          f"{mask_credentials(plan.storage)}: {_first_line(exc)}") from None
@@ -260,21 +274,29 @@ def _open_study(plan: WorkerPlan, storage: Any, definition: dict[str, Any],
         raise UsageError(f"study {plan.study!r} exists with direction(s) {', '.join(have)}, "
                          f"not {', '.join(directions)}; use --study for a new study")
     stored = study.user_attrs.get(DEFINITION_ATTR)
-    if stored is None:
+    if created or stored is None:
         study.set_user_attr(DEFINITION_ATTR, definition)
-        return study
+        return study, created
     for key in ("method", "dataset", "params", "objectives", "sets"):
         if stored.get(key) != definition[key]:
             raise UsageError(f"study {plan.study!r} was made with other {key} "
                              f"({json.dumps(stored.get(key))}); use --study for a new study")
     plan.fixed_sets = list(stored.get("fixed_sets", plan.fixed_sets))  # the teacher it started with
-    return study
+    return study, created
 
 
-def _parent_run(tracker: Tracker, study: Any, request: SweepRequest, space: Space,
-                objectives: list[Objective], storage_shown: str, report: Reporter) -> str:
-    """The sweep's MLflow run: the study's, reopened, or a new one."""
+def _parent_run(tracker: Tracker, study: Any, created: bool, request: SweepRequest,
+                space: Space, objectives: list[Objective], storage_shown: str,
+                report: Reporter) -> str:
+    """The sweep's MLflow run: the study's, reopened, or a new one. A host that joins a study
+    another host has just created waits for that host's parent run instead of making a
+    second one."""
     run_id = study.user_attrs.get(PARENT_ATTR)
+    if not run_id and not created:
+        deadline = time.monotonic() + PARENT_WAIT_SECONDS
+        while not run_id and time.monotonic() < deadline:
+            time.sleep(0.5)
+            run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
         try:
             tracker.get_run(run_id)
@@ -331,10 +353,10 @@ def _is_surplus(study: Any, number: int, target: int) -> bool:
     return ahead >= target
 
 
-def close_stale(study: Any, tracker: Tracker, stale_seconds: float, report: Reporter,
-                ) -> list[StaleTrial]:
+def close_stale(study: Any, storage: Any, tracker: Tracker, stale_seconds: float,
+                report: Reporter) -> list[StaleTrial]:
     """Fail the trials of dead workers and end their MLflow runs as KILLED."""
-    failed = fail_stale_trials(study, stale_seconds)
+    failed = fail_stale_trials(study, storage, stale_seconds)
     for s in failed:
         report(f"trial {s.number} marked failed: {s.reason}")
         if s.run_id:
@@ -349,7 +371,9 @@ def close_stale(study: Any, tracker: Tracker, stale_seconds: float, report: Repo
 
 def run_worker(plan: WorkerPlan, report: Reporter) -> int:
     """Run trials until the study holds `plan.trials` finished ones; return how many ran."""
-    storage = open_storage(plan.storage)
+    import bench.app.runner  # noqa: F401  (the training stack, imported before a trial is taken)
+
+    storage = open_storage(plan.storage, plan.heartbeat_seconds)
     study = _load_study(plan, storage)
     tracker = Tracker(plan.tracking_uri, Path(plan.runs_dir))
     ran = 0
@@ -360,7 +384,7 @@ def run_worker(plan: WorkerPlan, report: Reporter) -> int:
             report("timeout reached: no new trial")
             break
         with machine_lock(Path(plan.lock)):
-            close_stale(study, tracker, plan.stale_seconds, report)
+            close_stale(study, storage, tracker, plan.stale_seconds, report)
             finished, running = _count(study)
             if finished >= plan.trials:
                 break
@@ -369,7 +393,8 @@ def run_worker(plan: WorkerPlan, report: Reporter) -> int:
                 trial = study.ask()
                 trial.set_user_attr("host", HOST)
                 trial.set_user_attr("pid", os.getpid())
-                trial.set_user_attr("heartbeat", time.time())
+                stamp = heartbeat_stamp(storage, study, trial)
+                stamp(time.time())
         if trial is None:
             if not waiting_said:
                 report(f"{finished} of {plan.trials} trials finished, {running} running on "
@@ -382,7 +407,7 @@ def run_worker(plan: WorkerPlan, report: Reporter) -> int:
             trial.set_user_attr("surplus", "the study was full when this trial was created")
             study.tell(trial, state=_state("FAIL"))
             continue
-        state = run_trial(plan, study, trial, tracker, report)
+        state = run_trial(plan, study, trial, tracker, report, stamp)
         ran += 1
         failures = failures + 1 if state == "FAIL" else 0
         if failures >= MAX_FAILURES_IN_ROW:
@@ -422,7 +447,7 @@ def _value(results: Sequence[Any], o: Objective) -> float:
 
 
 def run_trial(plan: WorkerPlan, study: Any, trial: Any, tracker: Tracker,
-              report: Reporter) -> str:
+              report: Reporter, stamp: Callable[[float], None]) -> str:
     """One trial through the `bench run` code path; returns its final state name."""
     from optuna.exceptions import UpdateFinishedTrialError
 
@@ -470,8 +495,7 @@ def run_trial(plan: WorkerPlan, study: Any, trial: Any, tracker: Tracker,
                       flags={"method": plan.method, "dataset": plan.dataset},
                       sets=trial_sets(plan, params)).config
         observer = RunObserver(started=started, evaluated=evaluated)
-        with Heartbeat(lambda now: trial.set_user_attr("heartbeat", now),
-                       plan.heartbeat_seconds):
+        with Heartbeat(stamp, plan.heartbeat_seconds):
             outcome = start(cfg, tracker, lambda message: None, None,
                             run_name=f"{plan.study}-trial-{trial.number}",
                             parent_run_id=plan.parent_run_id, observer=observer,
@@ -532,6 +556,8 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
         raise UsageError(f"--pruner must be one of {', '.join(PRUNERS)}, got {request.pruner!r}")
     if request.timeout is not None and request.timeout <= 0:
         raise UsageError("--timeout must be > 0 seconds")
+    if not 1 <= request.heartbeat < math.inf:
+        raise UsageError(f"--heartbeat must be a number of seconds >= 1, got {request.heartbeat}")
     base = _resolve(request, request.sets)
     cfg = base.config
     method_cls = get_method(cfg.method)
@@ -564,7 +590,7 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
     del p
     storage_url = request.storage or default_storage(runs_dir)
     shown = mask_credentials(storage_url)
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, request.heartbeat)
     plan = WorkerPlan(
         storage=storage_url,
         study=request.study or default_study_name(request, space),
@@ -584,14 +610,17 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
         deadline=None if request.timeout is None else time.time() + request.timeout,
         lock=str(lock_path(runs_dir.resolve(), storage_url, request.study
                            or default_study_name(request, space))),
+        heartbeat_seconds=request.heartbeat,
+        stale_seconds=STALE_FACTOR * request.heartbeat,
     )
-    study = _open_study(plan, storage, _definition(request, space, objectives, fixed_sets),
-                        objectives)
-    plan.parent_run_id = _parent_run(tracker, study, request, space, objectives, shown, report)
+    study, created = _open_study(plan, storage,
+                                 _definition(request, space, objectives, fixed_sets), objectives)
+    plan.parent_run_id = _parent_run(tracker, study, created, request, space, objectives,
+                                     shown, report)
     for note in notes:
         report(note)
     report(f"study {plan.study!r} in {shown}")
-    close_stale(study, tracker, plan.stale_seconds, report)
+    close_stale(study, storage, tracker, plan.stale_seconds, report)
     finished, running = _count(study)
     warnings: list[str] = []
     pids = {os.getpid()}
@@ -604,7 +633,8 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
             if request.workers == 1:
                 run_worker(plan, report)
             else:
-                warnings = _run_processes(plan, request.workers, study, tracker, report, pids)
+                warnings = _run_processes(plan, request.workers, study, storage, tracker,
+                                          report, pids)
         except (KeyboardInterrupt, RunInterrupted):
             tracker.set_tags(plan.parent_run_id, {"error": "interrupted"})
             tracker.end_run(plan.parent_run_id, "KILLED")
@@ -613,7 +643,7 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
             tracker.set_tags(plan.parent_run_id, {"error": _first_line(exc)})
             tracker.end_run(plan.parent_run_id, "FAILED")
             raise
-    close_stale(study, tracker, plan.stale_seconds, report)
+    close_stale(study, storage, tracker, plan.stale_seconds, report)
     ran = sum(t.user_attrs.get("host") == HOST and t.user_attrs.get("pid") in pids
               and t.state.is_finished() and "surplus" not in t.user_attrs
               for t in study.get_trials(deepcopy=False))
@@ -643,8 +673,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _run_processes(plan: WorkerPlan, workers: int, study: Any, tracker: Tracker,
-                   report: Reporter, pids: set[int]) -> list[str]:
+def _run_processes(plan: WorkerPlan, workers: int, study: Any, storage: Any,
+                   tracker: Tracker, report: Reporter, pids: set[int]) -> list[str]:
     """K worker processes sharing the storage; the trials of one that dies are failed.
     Ctrl-C or SIGTERM stops the workers (their trials are failed, their runs KILLED)."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -665,7 +695,14 @@ def _run_processes(plan: WorkerPlan, workers: int, study: Any, tracker: Tracker,
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
         pending = dict(enumerate(procs, start=1))
+        next_check = time.monotonic() + plan.heartbeat_seconds
         while pending:
+            if time.monotonic() >= next_check:  # fail a dead host's trials while ours are busy
+                try:
+                    close_stale(study, storage, tracker, plan.stale_seconds, report)
+                except BenchError as exc:  # the workers meet the same storage and say so
+                    report(f"checking for stale trials: {_first_line(exc)}")
+                next_check = time.monotonic() + plan.heartbeat_seconds
             for k, proc in list(pending.items()):
                 code = proc.poll()
                 if code is None:
@@ -675,7 +712,7 @@ def _run_processes(plan: WorkerPlan, workers: int, study: Any, tracker: Tracker,
                     how = (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
                     warnings.append(f"worker {k} (pid {proc.pid}) ended: {how}")
                     report(warnings[-1])
-                    close_stale(study, tracker, plan.stale_seconds, report)
+                    close_stale(study, storage, tracker, plan.stale_seconds, report)
             time.sleep(0.5)
     except KeyboardInterrupt:
         for proc in procs:
@@ -686,7 +723,7 @@ def _run_processes(plan: WorkerPlan, workers: int, study: Any, tracker: Tracker,
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        close_stale(study, tracker, plan.stale_seconds, report)
+        close_stale(study, storage, tracker, plan.stale_seconds, report)
         raise
     finally:
         if previous is not None:

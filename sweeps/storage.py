@@ -1,18 +1,31 @@
 """Optuna storages and worker liveness.
 
 The storage is Optuna's own: a journal file (the default, `runs/optuna.journal`) or any URL
-Optuna accepts (sqlite, postgresql, mysql, redis journal). Liveness works the same on all of
-them: a worker writes its host, pid and a heartbeat time into the trial's user attributes; a
-RUNNING trial whose worker process is gone (same host) or whose heartbeat is older than
-STALE_SECONDS (any host) is marked FAIL, so it is never lost and never counted twice.
+Optuna accepts (sqlite, postgresql, mysql, redis journal).
+
+Liveness on a database (RDBStorage): Optuna's heartbeat. A worker records its running trial's
+heartbeat every HEARTBEAT_SECONDS (`bench sweep --heartbeat`); a RUNNING trial with no
+heartbeat for GRACE_FACTOR heartbeats is failed by `optuna.storages.fail_stale_trials`, whose
+callback (RetryHeartbeatStaleTrialCallback) enqueues the same parameters again, so the killed
+trial is replaced by a retry of itself.
+A database that goes away (a restart, a network cut) is retried for RETRY_SECONDS on every
+storage call, through a pool that checks a connection before use, then ends in one line.
+
+Liveness on a journal file or redis journal, which have no heartbeat in Optuna: ours. A worker
+writes its host, pid and a heartbeat time into the trial's user attributes; a RUNNING trial
+whose worker process is gone (same host) or whose heartbeat is older than STALE_FACTOR
+heartbeats (any host) is marked FAIL and the study runs a new trial in its place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import math
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -24,8 +37,19 @@ from typing import Any
 from bench.app.tracking import mask_credentials
 from bench.core.errors import BenchError, UsageError
 
-HEARTBEAT_SECONDS = 15.0  # how often a worker stamps its running trial
-STALE_SECONDS = 180.0  # a RUNNING trial with no heartbeat for this long is failed
+HEARTBEAT_SECONDS = 15.0  # how often a worker stamps its running trial (--heartbeat)
+GRACE_FACTOR = 4  # database: Optuna's grace period, in heartbeats
+STALE_FACTOR = 12  # journal: a RUNNING trial with no heartbeat for this many is failed
+STALE_SECONDS = STALE_FACTOR * HEARTBEAT_SECONDS
+RETRY_SECONDS = 120.0  # a database that went away is retried this long, then a clear failure
+RETRIED_METHODS = (  # every RDBStorage call a worker makes, retried while the database is away
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
+    "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
+    "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat", "_get_stale_trial_ids")
 HOST = socket.gethostname()
 RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
 
@@ -35,13 +59,16 @@ def default_storage(runs_dir: Path) -> str:
     return str((runs_dir / "optuna.journal").resolve())
 
 
-def open_storage(url: str) -> Any:
-    """An Optuna storage for a journal file path or a storage URL; one-line errors."""
+def open_storage(url: str, heartbeat: float = HEARTBEAT_SECONDS) -> Any:
+    """An Optuna storage for a journal file path or a storage URL; one-line errors. A database
+    gets Optuna's heartbeat every `heartbeat` seconds, with a grace of GRACE_FACTOR of them."""
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # the heartbeat is recorded by the worker itself (ask/tell), not by Study.optimize
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     shown = mask_credentials(url)
     scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
     try:
@@ -56,11 +83,18 @@ def open_storage(url: str) -> Any:
 
             return JournalStorage(JournalRedisBackend(url))
         if scheme in RDB_SCHEMES:
-            kwargs: dict[str, Any] = {}
+            kwargs: dict[str, Any] = {"pool_pre_ping": True}  # a restarted server: reconnect
             if scheme == "sqlite":
                 Path(url.split(":///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
-                kwargs = {"connect_args": {"timeout": 120}}
-            return RDBStorage(url, engine_kwargs=kwargs or None)
+                kwargs["connect_args"] = {"timeout": 120}
+            with warnings.catch_warnings():  # the heartbeat arguments are "experimental"
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = _reconnecting_rdb_storage()(
+                    url, engine_kwargs=kwargs, heartbeat_interval=math.ceil(heartbeat),
+                    grace_period=math.ceil(GRACE_FACTOR * heartbeat),
+                    heartbeat_stale_trial_callback=StaleTrialCallback())
+            storage.shown = shown
+            return storage
     except (UsageError, BenchError):
         raise
     except ImportError as exc:
@@ -75,6 +109,100 @@ def open_storage(url: str) -> Any:
                          f"{mask_credentials(first)}") from None
     raise UsageError(f"--storage {shown}: unsupported scheme {scheme!r} (a journal file path, "
                      f"sqlite:///, postgresql://, mysql:// or redis://)")
+
+
+class StaleTrialCallback:
+    """Optuna's heartbeat-stale callback: retry the trial's parameters once (Optuna's
+    RetryHeartbeatStaleTrialCallback) and remember it, so the sweep can end its MLflow run."""
+
+    def __init__(self, max_retry: int = 1) -> None:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.failed: list[Any] = []  # FrozenTrials failed since the last `take`
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        self.failed.append(trial)
+        self.retry(study, trial)
+
+    def take(self) -> list[Any]:
+        """The trials failed since the last call."""
+        failed, self.failed = self.failed, []
+        return failed
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the database connection is gone or
+    busy: SQLAlchemy's OperationalError / InterfaceError, or an invalidated connection."""
+    from sqlalchemy import exc as sa
+
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, sa.OperationalError | sa.InterfaceError):
+            return True
+        if isinstance(error, sa.DBAPIError) and error.connection_invalidated:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
+    """method, retried with a growing pause while the database connection is lost, for at
+    most RETRY_SECONDS; then a one-line BenchError. The first retry says so on stderr."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        deadline: float | None = None
+        pause = 0.5
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_seconds
+                    print(f"the Optuna storage {self.shown} is unreachable "
+                          f"({mask_credentials(_root_line(exc))}); retrying for up to "
+                          f"{self.retry_seconds:.0f} s", file=sys.stderr, flush=True)
+                if now >= deadline:
+                    raise BenchError(f"lost the Optuna storage {self.shown} for "
+                                     f"{self.retry_seconds:.0f} s: "
+                                     f"{mask_credentials(_root_line(exc))}") from None
+                time.sleep(min(pause, deadline - now))
+                pause = min(pause * 2, 10.0)
+
+    return call
+
+
+@functools.cache
+def _reconnecting_rdb_storage() -> type:
+    """Optuna's RDBStorage whose calls survive a database restart (see _retrying)."""
+    from optuna.storages import RDBStorage
+
+    namespace: dict[str, Any] = {name: _retrying(getattr(RDBStorage, name))
+                                 for name in RETRIED_METHODS}
+    namespace.update(shown="a database", retry_seconds=RETRY_SECONDS,
+                     __doc__="RDBStorage with its calls retried while the database is away.")
+    return type("ReconnectingRDBStorage", (RDBStorage,), namespace)
+
+
+def heartbeat_enabled(storage: Any) -> bool:
+    """Whether the storage has Optuna's heartbeat (a database opened by open_storage)."""
+    from optuna.storages import RDBStorage
+
+    return isinstance(storage, RDBStorage) and storage.get_heartbeat_interval() is not None
+
+
+def _root_line(exc: BaseException) -> str:
+    """The first line of the innermost error an error was raised from (the driver's own)."""
+    error = exc
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return _first_line_of(error)
 
 
 def _first_line_of(exc: BaseException) -> str:
@@ -120,11 +248,25 @@ class StaleTrial:
     run_id: str | None
 
 
-def fail_stale_trials(study: Any, stale_seconds: float = STALE_SECONDS) -> list[StaleTrial]:
-    """Mark FAIL every RUNNING trial whose worker is gone; return the ones this call failed."""
+def fail_stale_trials(study: Any, storage: Any, stale_seconds: float = STALE_SECONDS,
+                      ) -> list[StaleTrial]:
+    """Mark FAIL every RUNNING trial whose worker is gone; return the ones this call failed.
+    A database: Optuna's heartbeat check (its callback enqueues a retry); a journal: ours."""
     from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages import fail_stale_trials as optuna_fail_stale_trials
     from optuna.trial import TrialState
 
+    if heartbeat_enabled(storage):
+        callback = storage.get_heartbeat_stale_trial_callback()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fail_stale_trials is "experimental"
+            optuna_fail_stale_trials(study)
+        grace = storage.grace_period
+        return [StaleTrial(t.number, f"no heartbeat for {grace} s (its worker "
+                                     f"{t.user_attrs.get('host', '?')}:"
+                                     f"{t.user_attrs.get('pid', '?')} is gone)",
+                           t.user_attrs.get("mlflow_run_id"))
+                for t in callback.take()]
     now = time.time()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -164,6 +306,16 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=self.interval + 5)
+
+
+def heartbeat_stamp(storage: Any, study: Any, trial: Any) -> Callable[[float], None]:
+    """What a worker's Heartbeat calls for its running trial: Optuna's record_heartbeat on a
+    database, our `heartbeat` user attribute on a journal."""
+    if heartbeat_enabled(storage):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(study.study_name), trial.number)
+        return lambda now: storage.record_heartbeat(trial_id)
+    return lambda now: trial.set_user_attr("heartbeat", now)
 
 
 def lock_path(runs_dir: Path, storage: str, study: str) -> Path:

@@ -117,6 +117,8 @@ class Tracker:
 
         for name in ("mlflow", "alembic"):  # keep schema-migration chatter off the terminal
             logging.getLogger(name).setLevel(logging.WARNING)
+        # MLflow prints a server's run links itself, with the URL as given (a password too)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
         self.uri = uri
         self.runs_dir = runs_dir

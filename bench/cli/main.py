@@ -282,6 +282,9 @@ def sweep(
     pruner: Annotated[str, typer.Option(help="median, hyperband or none.")] = "median",
     timeout: Annotated[float | None, typer.Option(
         help="Start no new trial after this many seconds.", min=0)] = None,
+    heartbeat: Annotated[float, typer.Option(
+        help="Seconds between a worker's heartbeats; a trial silent for 4x this long on a "
+             "database (12x on a journal file) is failed and run again.", min=1)] = 15.0,
     set_: SetOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
@@ -292,7 +295,8 @@ def sweep(
     request = SweepRequest(method=method, dataset=dataset, spaces=tuple(space), trials=trials,
                            objectives=tuple(objective or ()), storage=storage, study=study,
                            workers=workers, pruner=pruner, timeout=timeout,
-                           sets=tuple(set_ or ()), tracking_uri=tracking_uri)
+                           heartbeat=heartbeat, sets=tuple(set_ or ()),
+                           tracking_uri=tracking_uri)
     summary = run_sweep(request, _report)
     print_summary(summary, _console())
     if summary.timed_out and not summary.complete:
