@@ -42,6 +42,7 @@ GRACE_FACTOR = 4  # database: Optuna's grace period, in heartbeats
 STALE_FACTOR = 12  # journal: a RUNNING trial with no heartbeat for this many is failed
 STALE_SECONDS = STALE_FACTOR * HEARTBEAT_SECONDS
 RETRY_SECONDS = 120.0  # a database that went away is retried this long, then a clear failure
+SCHEMA_ATTEMPTS = 5  # opening a database whose tables another host is creating right now
 RETRIED_METHODS = (  # every RDBStorage call a worker makes, retried while the database is away
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
     "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
@@ -87,12 +88,21 @@ def open_storage(url: str, heartbeat: float = HEARTBEAT_SECONDS) -> Any:
             if scheme == "sqlite":
                 Path(url.split(":///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
                 kwargs["connect_args"] = {"timeout": 120}
-            with warnings.catch_warnings():  # the heartbeat arguments are "experimental"
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = _reconnecting_rdb_storage()(
-                    url, engine_kwargs=kwargs, heartbeat_interval=math.ceil(heartbeat),
-                    grace_period=math.ceil(GRACE_FACTOR * heartbeat),
-                    heartbeat_stale_trial_callback=StaleTrialCallback())
+            for attempt in range(SCHEMA_ATTEMPTS):
+                try:
+                    with warnings.catch_warnings():  # the heartbeat arguments: "experimental"
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        storage = _reconnecting_rdb_storage()(
+                            url, engine_kwargs=kwargs, heartbeat_interval=math.ceil(heartbeat),
+                            grace_period=math.ceil(GRACE_FACTOR * heartbeat),
+                            heartbeat_stale_trial_callback=StaleTrialCallback())
+                    break
+                except Exception as exc:
+                    # hosts opening a new database at once race to create Optuna's tables:
+                    # the loser finds them made and opens them on the next attempt
+                    if attempt == SCHEMA_ATTEMPTS - 1 or not _schema_race(exc):
+                        raise
+                    time.sleep(1.0 + attempt)
             storage.shown = shown
             return storage
     except (UsageError, BenchError):
@@ -129,6 +139,23 @@ class StaleTrialCallback:
         """The trials failed since the last call."""
         failed, self.failed = self.failed, []
         return failed
+
+
+def _schema_race(exc: BaseException) -> bool:
+    """Whether opening failed because another process created the same tables at that moment
+    (a unique violation or "already exists" from the schema creation)."""
+    from sqlalchemy import exc as sa
+
+    error: BaseException | None = exc
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if isinstance(error, sa.IntegrityError) or "duplicate key" in text \
+                or "already exists" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def connection_lost(exc: BaseException) -> bool:

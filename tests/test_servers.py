@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import bench_env
 from tests.servers import (
     PASSWORD,
+    Host,
     MlflowServer,
     Network,
     Postgres,
@@ -208,3 +209,196 @@ def test_a_database_away_longer_than_the_retry_bound_is_one_clear_error() -> Non
         no_secret_in(message, "the error")
     finally:
         pg.close()
+
+
+def run_on(host: Host, folder: Path, server: MlflowServer, method: str, steps: int,
+           log_every: int, *sets: str) -> subprocess.Popen[str]:
+    """`bench run` of a small gmm8 configuration on a host, logging to the server."""
+    folder.mkdir(parents=True)
+    args = [sys.executable, "-m", "bench", "run", "--method", method, "--dataset", "gmm8",
+            "--steps", str(steps), "--nfe", "1", "--tracking-uri", server.url,
+            "--set", "train.batch_size=64", "--set", f"train.log_every={log_every}",
+            "--set", f"train.checkpoint_every={steps // 4}",
+            "--set", "eval.num_samples=1000", *(x for item in sets for x in ("--set", item))]
+    return subprocess.Popen(host.command(args), cwd=folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=bench_env({"OMP_NUM_THREADS": "1"}))
+
+
+def wait_for_metrics(client: object, method: str) -> None:
+    """Until a RUNNING run of the method, started from now on, has logged its first loss."""
+    since = int(time.time() * 1000) - 1000
+
+    def logged() -> bool:
+        exp = client.get_experiment_by_name("gmm8")  # type: ignore[attr-defined]
+        runs = client.search_runs(  # type: ignore[attr-defined]
+            [exp.experiment_id], f"tags.method = '{method}' and attributes.start_time >= "
+                                 f"{since}") if exp else []
+        return any(r.info.status == "RUNNING" and "loss" in r.data.metrics for r in runs)
+
+    wait_until(logged, 240, "the run's first metrics")
+
+
+def test_a_run_keeps_its_metrics_through_a_tracking_server_outage(
+        the_lab: tuple[Network, Postgres, MlflowServer], tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    net, _, server = the_lab
+    outage = float(os.environ.get("CMBENCH_TEST_OUTAGE_SECONDS", "8"))
+    steps, log_every = 1500, 10
+    folder = tmp_path / "host1"
+    proc = run_on(net.hosts[0], folder, server, "edm", steps, log_every)
+    client = MlflowClient(tracking_uri=server.url)
+    try:
+        wait_for_metrics(client, "edm")
+        server.stop()
+        time.sleep(outage)
+        assert proc.poll() is None, "the run stopped while its server was away"
+        server.start()
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if not server.healthy():
+            server.start()
+    assert proc.returncode == 0, err[-3000:]
+    assert "does not answer" in err and "answers again" in err, err[-3000:]
+    run_id = out.split("run id: ")[-1].split()[0]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(log_every, steps + 1, log_every))
+    assert "w2_nfe1" in run.data.metrics or "w2" in run.data.metrics, run.data.metrics
+    assert not list((folder / "runs" / "outbox").glob("*.jsonl"))
+    artifacts = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
+    assert artifacts == ["checkpoints/last.pt"], artifacts
+    print(f"outage {outage:.0f} s: {len(history)} loss points, "
+          f"{sum(len(client.get_metric_history(run_id, k)) for k in run.data.metrics)} "
+          f"metric values in all")
+
+
+def test_torchrun_across_two_hosts_ends_with_the_weights_of_one_process(
+        the_lab: tuple[Network, Postgres, MlflowServer], tmp_path: Path) -> None:
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_distributed import RUN, assert_same_weights, checkpoint_of, run_in
+
+    net, _, server = the_lab
+    one = tmp_path / "one"
+    one.mkdir()
+    assert run_in(one, [], RUN).returncode == 0
+    host1, host2 = net.hosts[0], net.hosts[1]
+    procs = []
+    for rank, host in enumerate((host1, host2)):
+        folder = tmp_path / host.hostname
+        folder.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               f"--node-rank={rank}", "--nproc-per-node=1", f"--master-addr={host1.address}",
+               "--master-port=29500", "-m", "bench", *RUN, "--tracking-uri", server.url]
+        procs.append(subprocess.Popen(
+            host.command(cmd), cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
+            env=bench_env({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"})))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=300))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    # one run in the tracking server, made by node 0's rank 0, with the weights of one process
+    run_id = outputs[0][0].split("run id: ")[-1].split()[0]
+    assert "run id: " not in outputs[1][0]
+    client = MlflowClient(tracking_uri=server.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    # the checkpoint went through the server's artifact proxy into its artifact folder
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri
+    stored = [p for p in server.artifacts.rglob("last.pt") if run_id in p.parts]
+    assert stored, sorted(str(p) for p in server.artifacts.rglob("*"))[:20]
+    local = client.download_artifacts(run_id, "checkpoints/last.pt", str(tmp_path / "dl"))
+    reference, two_nodes = checkpoint_of(one), torch.load(local, weights_only=True)
+    assert_same_weights(reference, two_nodes)
+    largest = max(float((v - two_nodes["modules"][m][k]).abs().max())
+                  for m, module in reference["modules"].items() for k, v in module.items())
+    print(f"two nodes vs one process: largest weight difference {largest:.2e}")
+
+
+def test_writes_of_a_run_whose_server_never_came_back_are_delivered_by_bench_sync(
+        the_lab: tuple[Network, Postgres, MlflowServer], tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    net, _, server = the_lab
+    steps, log_every = 600, 10
+    folder = tmp_path / "host1"
+    proc = run_on(net.hosts[0], folder, server, "ct", steps, log_every,
+                  "tracking.outbox_wait=1")
+    client = MlflowClient(tracking_uri=server.url)
+    try:
+        wait_for_metrics(client, "ct")
+        server.stop()
+        out, err = proc.communicate(timeout=600)  # the run ends while the server is away
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        server.start()
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "`bench sync` delivers them" in err.strip().splitlines()[-1], err[-3000:]
+    kept = list((folder / "runs" / "outbox").glob("*.jsonl"))
+    assert len(kept) == 1
+    run_id = kept[0].stem
+    assert client.get_run(run_id).info.status == "RUNNING"
+    sync = subprocess.run(net.hosts[0].command([sys.executable, "-m", "bench", "sync",
+                                                "--tracking-uri", server.url]),
+                          cwd=folder, capture_output=True, text=True, timeout=300,
+                          env=bench_env())
+    assert sync.returncode == 0, sync.stderr
+    assert f"run {run_id}: delivered" in sync.stderr
+    assert not list((folder / "runs" / "outbox").glob("*.jsonl"))
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(log_every, steps + 1, log_every))
+    assert any(k.startswith("w2") for k in finished.data.metrics), finished.data.metrics
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == \
+        ["checkpoints/last.pt"]
+
+
+def test_bench_servers_checks_the_lab_from_a_host(
+        the_lab: tuple[Network, Postgres, MlflowServer], tmp_path: Path) -> None:
+    net, pg, server = the_lab
+    out = subprocess.run(net.hosts[0].command([sys.executable, "-m", "bench", "servers",
+                                               "--storage", pg.url("optuna"),
+                                               "--tracking-uri", server.url]),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=bench_env({"COLUMNS": "200"}))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count(" ok ") == 3, out.stdout  # storage, tracking, artifact proxy
+    assert "Optuna's heartbeat" in out.stdout and "mlflow-artifacts:/" in out.stdout
+    assert f"--master-addr {net.hosts[0].address}" in out.stdout
+    assert "bench:***@" in out.stdout
+    no_secret_in(out.stdout + out.stderr, "bench servers")
+
+
+def test_hosts_opening_a_new_database_at_once_all_get_the_storage(
+        loopback_postgres: str) -> None:
+    import psycopg
+
+    name = f"fresh{os.getpid()}{int(time.time())}"
+    with psycopg.connect(loopback_postgres, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = loopback_postgres.rsplit("/", 1)[0] + f"/{name}"
+    start = time.time() + 3  # every process creates Optuna's tables at the same moment
+    code = ("import sys, time; from sweeps.storage import open_storage; "
+            f"time.sleep(max(0, {start} - time.time())); "
+            "print(len(open_storage(sys.argv[1]).get_all_studies()))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=bench_env())
+             for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for proc, (out, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0 and out.strip() == "0", err[-2000:]

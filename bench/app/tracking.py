@@ -11,17 +11,26 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.app.outbox import Outbox, Record
 from bench.core.errors import BenchError
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 BUFFER_VALUES = 1000  # asynchronous metrics gathered into one write: at most this many values
 BUFFER_SECONDS = 30.0  # ... or what arrived within this long
+OUTBOX_RETRY_SECONDS = 15.0  # while a server is away, try delivering the outbox this often
+# a tracking server's requests fail over to the outbox after ~7 s of retries, not MLflow's ~2 min
+REMOTE_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new "
+                "connection", "Read timed out", "Connection aborted", "RemoteDisconnected")
 # scheme://user:password@host: the password runs to the last "@" of the URL, so an unencoded
 # "@" or "/" in it is masked too; the user may be empty (redis://:password@host)
 _CREDENTIALS = re.compile(
@@ -93,7 +102,7 @@ class RunRecord:
         uri = self.artifact_uri
         if uri.startswith("file://"):
             return Path(uri[len("file://"):])
-        if "://" not in uri:
+        if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", uri):  # no scheme (mlflow-artifacts:/...)
             return Path(uri)
         return None
 
@@ -110,7 +119,7 @@ class MetricPoint:
 class Tracker:
     """A thin typed wrapper over MlflowClient bound to one store."""
 
-    def __init__(self, uri: str, runs_dir: Path) -> None:
+    def __init__(self, uri: str, runs_dir: Path, outbox_wait: float = 120.0) -> None:
         import logging
 
         from mlflow.tracking import MlflowClient
@@ -122,7 +131,17 @@ class Tracker:
 
         self.uri = uri
         self.runs_dir = runs_dir
-        self._pending: dict[str, list[Any]] = {}  # run id -> MLflow RunOperations in flight
+        # a tracking server: writes it cannot take wait in runs/outbox (bench.app.outbox)
+        self.remote = uri.startswith(("http://", "https://"))
+        self.outbox = Outbox(runs_dir / "outbox") if self.remote else None
+        self.outbox_wait = outbox_wait  # at a run's end, seconds to wait for an absent server
+        self._away_since: float | None = None  # wall time the server stopped answering
+        self._last_try = 0.0  # monotonic time of the last delivery attempt
+        if self.remote:
+            for key, value in REMOTE_HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+        # (run id -> MLflow RunOperations in flight, with the metrics each carries)
+        self._pending: dict[str, list[tuple[Any, list[Any]]]] = {}
         self._buffer: dict[str, list[Any]] = {}  # run id -> metrics not yet queued
         self._buffer_since: dict[str, float] = {}  # run id -> when its buffer was started
         try:
@@ -136,13 +155,15 @@ class Tracker:
     # --- experiments and runs -----------------------------------------------------------------
 
     def experiment_id(self, name: str) -> str:
-        """Id of the experiment `name`, created with artifacts under runs/mlartifacts."""
+        """Id of the experiment `name`, created with artifacts under runs/mlartifacts for a
+        local store, or where a tracking server puts them (its artifact proxy,
+        mlflow-artifacts:/, when it serves artifacts)."""
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = (self.runs_dir / "mlartifacts").resolve().as_uri()
+        location = None if self.remote else (self.runs_dir / "mlartifacts").resolve().as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except MlflowException:  # created concurrently by another process
@@ -173,9 +194,30 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        """Close a run as FINISHED, FAILED or KILLED, once its queued metrics are stored."""
+        """Close a run as FINISHED, FAILED or KILLED, once its queued metrics are stored.
+
+        A tracking server that is away gets `outbox_wait` seconds to come back; then the writes
+        stay in the outbox (`bench sync` delivers them) and a FINISHED run is a BenchError
+        that says so (a failed or killed run only says so on stderr: its own error goes on).
+        """
         self.flush(run_id)
-        self.client.set_terminated(run_id, status=status)
+        end_time = int(time.time() * 1000)
+        self._write(run_id, {"op": "end", "status": status, "end_time": end_time},
+                    lambda: self.client.set_terminated(run_id, status=status,
+                                                       end_time=end_time))
+        if self.outbox is None or not self.outbox.pending(run_id):
+            return
+        deadline = time.monotonic() + self.outbox_wait
+        while time.monotonic() < deadline:
+            if self._deliver(run_id, force=True):
+                return
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        message = (f"the tracking server {mask_credentials(self.uri)} is unreachable: "
+                   f"{self.outbox.count(run_id)} writes of run {run_id} are kept in "
+                   f"{self.outbox.path(run_id)}; `bench sync` delivers them")
+        if status == "FINISHED":
+            raise BenchError(message)
+        print(message, file=sys.stderr, flush=True)
 
     def get_run(self, run_id: str) -> RunRecord:
         """The run with this id; an unknown id is a one-line error."""
@@ -186,7 +228,10 @@ class Tracker:
         self.flush(run_id)
         try:
             run = self.client.get_run(run_id)
-        except MlflowException:
+        except MlflowException as exc:
+            if unreachable(exc):
+                raise BenchError(f"cannot reach the tracking store {mask_credentials(self.uri)}"
+                                 f": {_first_line(exc)}") from None
             raise BenchError(f"unknown run id {run_id!r} in {mask_credentials(self.uri)}"
                              ) from None
         exp = self.client.get_experiment(run.info.experiment_id)
@@ -242,7 +287,13 @@ class Tracker:
 
         items = [Param(k, mask_credentials(_param_value(v))[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+            chunk = items[i:i + 100]
+
+            def send(chunk: list[Param] = chunk) -> None:
+                self.client.log_batch(run_id, params=chunk, synchronous=True)
+
+            self._write(run_id, {"op": "params", "params": {p.key: p.value for p in chunk}},
+                        send)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Set several tags."""
@@ -250,14 +301,18 @@ class Tracker:
 
         items = [RunTag(k, mask_credentials(str(v))[:5000]) for k, v in tags.items()]
         if items:
-            self.client.log_batch(run_id, tags=items, synchronous=True)
+            self._write(run_id, {"op": "tags", "tags": {t.key: t.value for t in items}},
+                        lambda: self.client.log_batch(run_id, tags=items, synchronous=True))
 
     def delete_tag(self, run_id: str, key: str) -> None:
         """Remove a tag (no error when it is absent)."""
         from mlflow.exceptions import MlflowException
 
-        with contextlib.suppress(MlflowException):
-            self.client.delete_tag(run_id, key)
+        def delete() -> None:
+            with contextlib.suppress(MlflowException):
+                self.client.delete_tag(run_id, key)
+
+        self._write(run_id, {"op": "delete_tag", "key": key}, delete)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int,
                     wait: bool = True) -> None:
@@ -277,7 +332,8 @@ class Tracker:
         if not items:
             return
         if wait:
-            self.client.log_batch(run_id, metrics=items, synchronous=True)
+            self._write(run_id, _metrics_record(items),
+                        lambda: self.client.log_batch(run_id, metrics=items, synchronous=True))
             return
         buffered = self._buffer.setdefault(run_id, [])
         if not buffered:
@@ -288,30 +344,172 @@ class Tracker:
             self._send(run_id)
 
     def _send(self, run_id: str) -> None:
-        """Queue the run's buffered metrics as one asynchronous write."""
+        """Queue the run's buffered metrics as one asynchronous write (to the outbox while
+        the server is away)."""
         buffered = self._buffer.pop(run_id, None)
         if not buffered:
             return
+        if self.outbox is not None and self.outbox.pending(run_id) and not self._deliver(run_id):
+            self.outbox.append(run_id, [_metrics_record(buffered)])
+            return
         queued = self._pending.setdefault(run_id, [])
         if len(queued) >= 64:  # long done by now: collect them (and any error)
-            for pending in queued[:32]:
-                pending.wait()
+            for pending, items in queued[:32]:
+                self._settle(run_id, pending, items)
             del queued[:32]
-        queued.append(self.client.log_batch(run_id, metrics=buffered, synchronous=False))
+        queued.append((self.client.log_batch(run_id, metrics=buffered, synchronous=False),
+                       buffered))
+
+    def _settle(self, run_id: str, pending: Any, items: list[Any]) -> None:
+        """Wait for one asynchronous write; one the server did not take goes to the outbox."""
+        try:
+            pending.wait()
+        except Exception as exc:
+            if self.outbox is None or not unreachable(exc):
+                raise
+            self._went_away(exc)
+            self.outbox.append(run_id, [_metrics_record(items)])
 
     def flush(self, run_id: str) -> None:
-        """Wait until the run's buffered and queued metrics are in the store (an error
-        surfaces here)."""
+        """Wait until the run's buffered and queued metrics are in the store, or in the
+        outbox when the tracking server is away (another error surfaces here)."""
         self._send(run_id)
-        for pending in self._pending.pop(run_id, []):
-            pending.wait()
+        for pending, items in self._pending.pop(run_id, []):
+            self._settle(run_id, pending, items)
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        """Copy a local file (or folder) into the run's artifacts."""
+        """Copy a local file (or folder) into the run's artifacts (through the server's
+        artifact proxy for a tracking server; from the outbox, its content then, when the
+        server was away)."""
+        self._write(run_id, {"op": "artifact", "path": str(path.resolve()),
+                             "artifact_path": artifact_path},
+                    lambda: self._upload(run_id, path, artifact_path))
+
+    def _upload(self, run_id: str, path: Path, artifact_path: str | None) -> None:
         if path.is_dir():
             self.client.log_artifacts(run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(run_id, str(path), artifact_path)
+
+    # --- the outbox (a tracking server that is away) -------------------------------------------
+
+    def _write(self, run_id: str, record: Record, call: Callable[[], Any]) -> None:
+        """One write to a run: made now, or kept in the outbox (behind what is already
+        there) while the tracking server does not answer."""
+        if self.outbox is None:
+            call()
+            return
+        if self.outbox.pending(run_id) and not self._deliver(run_id):
+            self.outbox.append(run_id, [record])
+            return
+        try:
+            call()
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            self._went_away(exc)
+            self.outbox.append(run_id, [record])
+
+    def _went_away(self, exc: BaseException) -> None:
+        if self._away_since is None:
+            self._away_since = time.time()
+            print(f"the tracking server {mask_credentials(self.uri)} does not answer "
+                  f"({_first_line(exc)[:200]}); training goes on and its writes wait in "
+                  f"{self.outbox.folder if self.outbox else '?'}", file=sys.stderr, flush=True)
+
+    def _deliver(self, run_id: str, force: bool = False) -> bool:
+        """Send the run's outbox in order; True when it is empty afterwards. Tried at most
+        every OUTBOX_RETRY_SECONDS unless forced."""
+        assert self.outbox is not None
+        if not force and time.monotonic() - self._last_try < OUTBOX_RETRY_SECONDS:
+            return False
+        self._last_try = time.monotonic()
+        if not force and not self._answers():
+            return False
+        records = self.outbox.records(run_id)
+        for i, record in enumerate(records):
+            try:
+                self._apply(run_id, record)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                self.outbox.replace(run_id, records[i:])
+                return False
+        self.outbox.replace(run_id, [])
+        if self._away_since is not None and records:
+            print(f"the tracking server {mask_credentials(self.uri)} answers again: "
+                  f"delivered what waited for run {run_id}", file=sys.stderr, flush=True)
+        self._away_since = None
+        return True
+
+    def _answers(self) -> bool:
+        """Whether the tracking server's /health answers within 2 s: a cheap look before a
+        delivery (MLflow's retries of a real write would stall training ~7 s)."""
+        import requests
+
+        try:
+            return requests.get(f"{self.uri.rstrip('/')}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def _apply(self, run_id: str, record: Record) -> None:
+        """Make one outbox write against the server."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        op = record["op"]
+        if op == "metrics":
+            metrics = [Metric(k, float(v), int(ts), int(step))
+                       for k, v, ts, step in record["metrics"]]
+            for i in range(0, len(metrics), BUFFER_VALUES):
+                self.client.log_batch(run_id, metrics=metrics[i:i + BUFFER_VALUES],
+                                      synchronous=True)
+        elif op == "params":
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in
+                                                  record["params"].items()], synchronous=True)
+        elif op == "tags":
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in
+                                                record["tags"].items()], synchronous=True)
+        elif op == "delete_tag":
+            from mlflow.exceptions import MlflowException
+
+            with contextlib.suppress(MlflowException):
+                self.client.delete_tag(run_id, record["key"])
+        elif op == "artifact":
+            path = Path(record["path"])
+            if path.exists():  # a checkpoint since replaced by a newer one: that one is sent
+                self._upload(run_id, path, record["artifact_path"])
+        elif op == "end":
+            self.client.set_terminated(run_id, status=record["status"],
+                                       end_time=int(record["end_time"]))
+        else:
+            raise BenchError(f"unknown outbox record {op!r} for run {run_id}")
+
+    def deliver_outbox(self, report: Callable[[str], None]) -> int:
+        """`bench sync`: deliver every run's outbox to this store; the runs left waiting."""
+        if self.outbox is None:
+            raise BenchError(f"{mask_credentials(self.uri)} is not a tracking server: nothing "
+                             f"waits for it (an outbox is kept for http(s):// stores)")
+        left = 0
+        for run_id in self.outbox.runs():
+            count = self.outbox.count(run_id)
+            try:
+                self.client.get_run(run_id)
+            except Exception as exc:
+                if unreachable(exc):
+                    raise BenchError(f"cannot reach the tracking store "
+                                     f"{mask_credentials(self.uri)}: {_first_line(exc)}"
+                                     ) from None
+                report(f"run {run_id}: not in {mask_credentials(self.uri)} (give the "
+                       f"--tracking-uri it was logged to); {count} writes kept")
+                left += 1
+                continue
+            if self._deliver(run_id, force=True):
+                report(f"run {run_id}: delivered {count} writes")
+            else:
+                report(f"run {run_id}: the server stopped answering; "
+                       f"{self.outbox.count(run_id)} writes kept")
+                left += 1
+        return left
 
     def download_artifact(self, run_id: str, artifact_path: str, dst: Path) -> Path:
         """Fetch one artifact of a run to dst; a missing artifact is a one-line error."""
@@ -322,6 +520,28 @@ class Tracker:
             raise BenchError(f"run {run_id} has no artifact {artifact_path!r}: "
                              f"{_first_line(exc)}") from None
         return Path(local)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a tracking error says the server did not answer (refused, timed out, or kept
+    failing with server errors through MLflow's retries), not that the request was wrong."""
+    import requests
+
+    error: BaseException | None = exc
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+        if any(marker in str(error) for marker in _UNREACHABLE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _metrics_record(items: Sequence[Any]) -> Record:
+    """MLflow Metric entities as an outbox record (their own timestamps and steps kept)."""
+    return {"op": "metrics", "metrics": [[m.key, m.value, m.timestamp, m.step] for m in items]}
 
 
 def param_text(value: Any) -> str:

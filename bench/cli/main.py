@@ -73,7 +73,7 @@ def _tracker(flag: str | None, sets: list[str] | None = None) -> Any:
     resolved = resolve(bench_files=default_bench_files(Path.cwd()), sets=sets or [])
     runs_dir = Path(resolved.config.tracking.runs_dir)
     uri = resolve_tracking_uri(flag, resolved.config.tracking.uri, runs_dir)
-    return Tracker(uri, runs_dir)
+    return Tracker(uri, runs_dir, outbox_wait=resolved.config.tracking.outbox_wait)
 
 
 class _Progress:
@@ -309,6 +309,20 @@ def sweep(
                          f"finished trials; re-run the same command to continue")
 
 
+@app.command()
+def sync(tracking_uri: TrackingOption = None) -> None:
+    """Deliver the tracking writes (metrics, tags, checkpoints, a run's end) that runs of this
+    folder kept in runs/outbox while their tracking server was unreachable."""
+    tracker = _tracker(tracking_uri)
+    left = tracker.deliver_outbox(_report)
+    if left:
+        from bench.core.errors import BenchError
+
+        raise BenchError(f"{left} run(s) still have writes waiting in "
+                         f"{tracker.outbox.folder}; run `bench sync` again")
+    _report(f"nothing waits in {tracker.outbox.folder}")
+
+
 @app.command("eval")
 def eval_(
     run_id: Annotated[str, typer.Option("--run", help="MLflow run id.")],
@@ -484,6 +498,52 @@ def ui(
     cmd = ui_command(tracker.uri, tracker.runs_dir / "mlartifacts", host, port)
     _report(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def servers(
+    storage: Annotated[str | None, typer.Option(
+        help="The Optuna storage every host's `bench sweep` joins (postgresql://...).")] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Check the shared servers from this host (Optuna storage, MLflow tracking server and its
+    artifact proxy) and print the flags every host passes to bench sweep, bench run, torchrun."""
+    import shlex
+
+    from rich.table import Table
+
+    from bench.app.tracking import mask_credentials, resolve_tracking_uri
+    from bench.core.config import default_bench_files, resolve
+    from bench.core.errors import BenchError
+    from sweeps.servers import check_storage, check_tracking, this_host_address
+
+    cfg = resolve(bench_files=default_bench_files(Path.cwd()), sets=[]).config
+    runs_dir = Path(cfg.tracking.runs_dir)
+    uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri, runs_dir)
+    checks = ([check_storage(storage)] if storage else []) + check_tracking(uri, runs_dir)
+    table = Table(title="shared servers, checked from this host")
+    for column in ("", "what", "where", "detail"):
+        table.add_column(column)
+    for c in checks:
+        table.add_row("[green]ok[/green]" if c.ok else "[red]FAIL[/red]", c.what, c.target,
+                      c.detail)
+    _console().print(table)
+    flags = ["--tracking-uri", mask_credentials(uri)]
+    if storage:
+        flags = ["--storage", mask_credentials(storage), *flags]
+    address = this_host_address(uri, storage or "")
+    _console().print("every host (its own working folder; *** = the password):")
+    _console().print(f"  bench sweep --method M --dataset D --space S --trials N --workers K "
+                     f"{shlex.join(flags)}", markup=False, soft_wrap=True)
+    _console().print("two hosts training one run (node rank 0 on this host, 1 on the other):",
+                     markup=False)
+    _console().print(f"  torchrun --nnodes 2 --node-rank 0|1 --nproc-per-node G --master-addr "
+                     f"{address} --master-port 29500 -m bench run --method M --dataset D "
+                     f"--tracking-uri {shlex.quote(mask_credentials(uri))}", markup=False,
+                     soft_wrap=True)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise BenchError(f"{failed[0].what}: {failed[0].detail}")
 
 
 def ui_command(store_uri: str, artifacts: Path, host: str, port: int) -> list[str]:

@@ -161,6 +161,9 @@ class SampleConfig(Section):
 class TrackingConfig(Section):
     runs_dir: str = "runs"  # everything a run writes goes here
     uri: str = ""  # MLflow tracking URI; "" = sqlite:///<runs_dir>/mlflow.db
+    # a tracking server that is away at a run's end: wait this long, then leave the run's
+    # writes in <runs_dir>/outbox for `bench sync`
+    outbox_wait: float = Field(default=120.0, ge=0, allow_inf_nan=False)
 
 
 class RunConfig(Section):
