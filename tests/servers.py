@@ -181,7 +181,7 @@ class Postgres:
         self._run([str(postgres_bin("pg_ctl")), "-D", str(self.data), "-w", "-t", "60",
                    "-l", str(self.root / "server.log"), "-o",
                    f"-c listen_addresses={addresses} -p {self.port} -k {self.root} "
-                   f"-c fsync=off", "start"])
+                   f"-c fsync=off -c max_connections=300", "start"])
         return self
 
     def stop(self) -> None:

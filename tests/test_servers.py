@@ -94,17 +94,21 @@ def test_two_hosts_finish_one_study_through_a_database_restart_and_a_killed_host
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
+    from sweeps.storage import open_storage
+
     net, pg, server = the_lab
     host1, host2 = net.hosts[0], net.hosts[1]
     storage, study_name = pg.url("optuna"), "two-hosts"
-    one = sweep_on(host1.command([]), tmp_path / "host1", storage, server.url, study_name, 150)
-    two = sweep_on(host2.command([]), tmp_path / "host2", storage, server.url, study_name, 150)
+    one = sweep_on(host1.command([]), tmp_path / "host1", storage, server.url, study_name, 100)
+    two = sweep_on(host2.command([]), tmp_path / "host2", storage, server.url, study_name, 100)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+        db = open_storage(storage)  # one pool for all the polling, reconnecting after restart
+
         def trials() -> list:
             try:
-                return optuna.load_study(study_name=study_name, storage=storage).trials
+                return optuna.load_study(study_name=study_name, storage=db).trials
             except KeyError:  # not created yet
                 return []
 
@@ -125,7 +129,7 @@ def test_two_hosts_finish_one_study_through_a_database_restart_and_a_killed_host
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     assert one.returncode == 0, out_one[-3000:]
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=db)
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(finished) == 8
@@ -139,9 +143,10 @@ def test_two_hosts_finish_one_study_through_a_database_restart_and_a_killed_host
     for t in killed:
         if t.params:
             assert t.number in retried and retried[t.number].params == t.params
-    replacement = min(retried[t.number].datetime_start.timestamp() for t in killed
-                      if t.number in retried and retried[t.number].datetime_start)
-    print(f"kill -> replacement started: {replacement - killed_at:.1f} s")
+    started = [retried[t.number].datetime_start.timestamp() for t in killed
+               if t.number in retried and retried[t.number].datetime_start]
+    if started:  # (a retry may stay WAITING when other trials filled the study first)
+        print(f"kill -> replacement started: {min(started) - killed_at:.1f} s")
     # MLflow: one parent, its nested runs are the trials' runs, the killed ones KILLED
     client = MlflowClient(tracking_uri=server.url)
     experiment = client.get_experiment_by_name("gmm8")
@@ -245,7 +250,7 @@ def test_a_run_keeps_its_metrics_through_a_tracking_server_outage(
 
     net, _, server = the_lab
     outage = float(os.environ.get("CMBENCH_TEST_OUTAGE_SECONDS", "8"))
-    steps, log_every = 1500, 10
+    steps, log_every = 1000, 10
     folder = tmp_path / "host1"
     proc = run_on(net.hosts[0], folder, server, "edm", steps, log_every)
     client = MlflowClient(tracking_uri=server.url)
