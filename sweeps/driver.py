@@ -359,10 +359,14 @@ def close_stale(study: Any, storage: Any, tracker: Tracker, stale_seconds: float
     failed = fail_stale_trials(study, storage, stale_seconds)
     for s in failed:
         report(f"trial {s.number} marked failed: {s.reason}")
+        # a worker killed between its run's end and its tell leaves the run FINISHED: it keeps
+        # that status, tagged as the failed trial it is
         if s.run_id:
             try:
-                if tracker.get_run(s.run_id).status == "RUNNING":
+                status = tracker.get_run(s.run_id).status
+                if status in ("RUNNING", "FINISHED"):
                     tracker.set_tags(s.run_id, {"error": s.reason, "sweep.state": "FAIL"})
+                if status == "RUNNING":
                     tracker.end_run(s.run_id, "KILLED")
             except BenchError:
                 continue

@@ -158,9 +158,11 @@ def test_two_hosts_finish_one_study_through_a_database_restart_and_a_killed_host
               if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     finished_runs = [t.user_attrs["mlflow_run_id"] for t in finished]
     assert len(set(finished_runs)) == 8 and set(finished_runs) <= set(nested)
-    for t in killed:
+    for t in killed:  # KILLED; or FINISHED when the kill came between the run's end and tell
         if "mlflow_run_id" in t.user_attrs and t.user_attrs["mlflow_run_id"] not in finished_runs:
-            assert nested[t.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+            run = nested[t.user_attrs["mlflow_run_id"]]
+            assert run.data.tags.get("sweep.state") == "FAIL", run.data.tags
+            assert run.info.status in ("KILLED", "FINISHED"), run.info.status
     assert not [r for r in nested.values() if r.info.status == "RUNNING"]
     # the password is nowhere: output of both hosts, params and tags of every run
     no_secret_in(out_one + out_two, "the sweep output")
@@ -333,6 +335,7 @@ def test_torchrun_across_two_hosts_ends_with_the_weights_of_one_process(
     print(f"two nodes vs one process: largest weight difference {largest:.2e}")
 
 
+@pytest.mark.slow
 def test_writes_of_a_run_whose_server_never_came_back_are_delivered_by_bench_sync(
         the_lab: tuple[Network, Postgres, MlflowServer], tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
