@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.app.tracking import mask_credentials
-from bench.core.errors import BenchError, UsageError
+from bench.core.errors import BenchError, UsageError, causes
 
 HEARTBEAT_SECONDS = 15.0  # how often a worker stamps its running trial (--heartbeat)
 GRACE_FACTOR = 4  # database: Optuna's grace period, in heartbeats
@@ -146,16 +146,8 @@ def _schema_race(exc: BaseException) -> bool:
     (a unique violation or "already exists" from the schema creation)."""
     from sqlalchemy import exc as sa
 
-    error: BaseException | None = exc
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        text = str(error)
-        if isinstance(error, sa.IntegrityError) or "duplicate key" in text \
-                or "already exists" in text:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(e, sa.IntegrityError) or "duplicate key" in str(e)
+               or "already exists" in str(e) for e in causes(exc))
 
 
 def connection_lost(exc: BaseException) -> bool:
@@ -163,16 +155,9 @@ def connection_lost(exc: BaseException) -> bool:
     busy: SQLAlchemy's OperationalError / InterfaceError, or an invalidated connection."""
     from sqlalchemy import exc as sa
 
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, sa.OperationalError | sa.InterfaceError):
-            return True
-        if isinstance(error, sa.DBAPIError) and error.connection_invalidated:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(e, sa.OperationalError | sa.InterfaceError)
+               or (isinstance(e, sa.DBAPIError) and e.connection_invalidated)
+               for e in causes(exc))
 
 
 def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:

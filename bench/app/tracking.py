@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.app.outbox import Outbox, Record
-from bench.core.errors import BenchError
+from bench.core.errors import BenchError, causes
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 BUFFER_VALUES = 1000  # asynchronous metrics gathered into one write: at most this many values
@@ -527,16 +527,8 @@ def unreachable(exc: BaseException) -> bool:
     failing with server errors through MLflow's retries), not that the request was wrong."""
     import requests
 
-    error: BaseException | None = exc
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
-            return True
-        if any(marker in str(error) for marker in _UNREACHABLE):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout)
+               or any(marker in str(e) for marker in _UNREACHABLE) for e in causes(exc))
 
 
 def _metrics_record(items: Sequence[Any]) -> Record:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class BenchError(Exception):
     """An error the user can fix (missing path, unknown run id, ...): exit code 1, one line."""
@@ -22,3 +24,13 @@ class UsageError(BenchError):
 def unknown_name(kind: str, name: str, valid: list[str]) -> UsageError:
     """Build the error for an unknown registry name, listing the valid ones."""
     return UsageError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(valid))}")
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """exc, then each error it was raised from or during (__cause__, else __context__), once."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
