@@ -88,6 +88,7 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # ~2-7 min and timing-dependent on a loaded machine: run with -m slow
 def test_two_hosts_finish_one_study_through_a_database_restart_and_a_killed_host(
         the_lab: tuple[Network, Postgres, MlflowServer], tmp_path: Path) -> None:
     import optuna
