@@ -353,24 +353,36 @@ def _is_surplus(study: Any, number: int, target: int) -> bool:
     return ahead >= target
 
 
-def close_stale(study: Any, storage: Any, tracker: Tracker, stale_seconds: float,
+def close_stale(study: Any, storage: Any, tracker: Tracker, plan: WorkerPlan,
                 report: Reporter) -> list[StaleTrial]:
     """Fail the trials of dead workers and end their MLflow runs as KILLED."""
-    failed = fail_stale_trials(study, storage, stale_seconds)
+    failed = fail_stale_trials(study, storage, plan.stale_seconds)
     for s in failed:
         report(f"trial {s.number} marked failed: {s.reason}")
+        run_id = s.run_id or _trial_run(tracker, plan, s.number)
         # a worker killed between its run's end and its tell leaves the run FINISHED: it keeps
         # that status, tagged as the failed trial it is
-        if s.run_id:
+        if run_id:
             try:
-                status = tracker.get_run(s.run_id).status
+                status = tracker.get_run(run_id).status
                 if status in ("RUNNING", "FINISHED"):
-                    tracker.set_tags(s.run_id, {"error": s.reason, "sweep.state": "FAIL"})
+                    tracker.set_tags(run_id, {"error": s.reason, "sweep.state": "FAIL"})
                 if status == "RUNNING":
-                    tracker.end_run(s.run_id, "KILLED")
+                    tracker.end_run(run_id, "KILLED")
             except BenchError:
                 continue
     return failed
+
+
+def _trial_run(tracker: Tracker, plan: WorkerPlan, number: int) -> str | None:
+    """The run of a trial whose worker died before recording its id: found by its tags."""
+    try:
+        experiment = tracker.get_run(plan.parent_run_id).experiment
+        runs = tracker.search(experiment, f"tags.`sweep.study` = '{plan.study}' and "
+                                          f"tags.`sweep.trial` = '{number}'")
+    except BenchError:
+        return None
+    return runs[0].run_id if runs else None
 
 
 def run_worker(plan: WorkerPlan, report: Reporter) -> int:
@@ -388,7 +400,7 @@ def run_worker(plan: WorkerPlan, report: Reporter) -> int:
             report("timeout reached: no new trial")
             break
         with machine_lock(Path(plan.lock)):
-            close_stale(study, storage, tracker, plan.stale_seconds, report)
+            close_stale(study, storage, tracker, plan, report)
             finished, running = _count(study)
             if finished >= plan.trials:
                 break
@@ -624,7 +636,7 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
     for note in notes:
         report(note)
     report(f"study {plan.study!r} in {shown}")
-    close_stale(study, storage, tracker, plan.stale_seconds, report)
+    close_stale(study, storage, tracker, plan, report)
     finished, running = _count(study)
     warnings: list[str] = []
     pids = {os.getpid()}
@@ -647,7 +659,7 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
             tracker.set_tags(plan.parent_run_id, {"error": _first_line(exc)})
             tracker.end_run(plan.parent_run_id, "FAILED")
             raise
-    close_stale(study, storage, tracker, plan.stale_seconds, report)
+    close_stale(study, storage, tracker, plan, report)
     ran = sum(t.user_attrs.get("host") == HOST and t.user_attrs.get("pid") in pids
               and t.state.is_finished() and "surplus" not in t.user_attrs
               for t in study.get_trials(deepcopy=False))
@@ -703,7 +715,7 @@ def _run_processes(plan: WorkerPlan, workers: int, study: Any, storage: Any,
         while pending:
             if time.monotonic() >= next_check:  # fail a dead host's trials while ours are busy
                 try:
-                    close_stale(study, storage, tracker, plan.stale_seconds, report)
+                    close_stale(study, storage, tracker, plan, report)
                 except BenchError as exc:  # the workers meet the same storage and say so
                     report(f"checking for stale trials: {_first_line(exc)}")
                 next_check = time.monotonic() + plan.heartbeat_seconds
@@ -716,7 +728,7 @@ def _run_processes(plan: WorkerPlan, workers: int, study: Any, storage: Any,
                     how = (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
                     warnings.append(f"worker {k} (pid {proc.pid}) ended: {how}")
                     report(warnings[-1])
-                    close_stale(study, storage, tracker, plan.stale_seconds, report)
+                    close_stale(study, storage, tracker, plan, report)
             time.sleep(0.5)
     except KeyboardInterrupt:
         for proc in procs:
@@ -727,7 +739,7 @@ def _run_processes(plan: WorkerPlan, workers: int, study: Any, storage: Any,
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        close_stale(study, storage, tracker, plan.stale_seconds, report)
+        close_stale(study, storage, tracker, plan, report)
         raise
     finally:
         if previous is not None:

@@ -50,7 +50,9 @@ RETRIED_METHODS = (  # every RDBStorage call a worker makes, retried while the d
     "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
     "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
     "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
-    "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat", "_get_stale_trial_ids")
+    "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat", "_get_stale_trial_ids",
+    # and the ones Optuna's cache in front of the storage calls directly
+    "_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials")
 HOST = socket.gethostname()
 RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
 
@@ -152,10 +154,11 @@ def _schema_race(exc: BaseException) -> bool:
 
 def connection_lost(exc: BaseException) -> bool:
     """Whether an error (or one it was raised from) says the database connection is gone or
-    busy: SQLAlchemy's OperationalError / InterfaceError, or an invalidated connection."""
+    busy: SQLAlchemy's OperationalError / InterfaceError, an invalidated connection, or a
+    session left holding the transaction the lost connection cut."""
     from sqlalchemy import exc as sa
 
-    return any(isinstance(e, sa.OperationalError | sa.InterfaceError)
+    return any(isinstance(e, sa.OperationalError | sa.InterfaceError | sa.PendingRollbackError)
                or (isinstance(e, sa.DBAPIError) and e.connection_invalidated)
                for e in causes(exc))
 
@@ -174,6 +177,7 @@ def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as exc:
                 if not connection_lost(exc):
                     raise
+                self.scoped_session.remove()  # this thread's next call gets a fresh session
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.retry_seconds

@@ -67,13 +67,21 @@ def loopback_postgres() -> Iterator[str]:
         pg.close()
 
 
+# the issue's command on each host (slow), and a lighter one for the default run: one worker
+# per host, four shorter trials; the same restart, kill and checks
+FULL = {"trials": 8, "workers": 2, "sets": ["train.steps=100"]}
+LIGHT = {"trials": 4, "workers": 1, "sets": ["train.steps=100", "train.batch_size=128",
+                                             "eval.num_samples=500", "train.checkpoint_every=0"]}
+
+
 def sweep_on(host_cmd: list[str], folder: Path, storage: str, tracking: str, study: str,
-             steps: int) -> subprocess.Popen[str]:
+             scale: dict) -> subprocess.Popen[str]:
     folder.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "bench", "sweep", "--method", "ct", "--dataset", "gmm8",
-            "--space", "ct-schedule", "--trials", "8", "--workers", "2", "--heartbeat", "2",
-            "--set", f"train.steps={steps}", "--storage", storage, "--tracking-uri", tracking,
-            "--study", study]
+            "--space", "ct-schedule", "--trials", str(scale["trials"]),
+            "--workers", str(scale["workers"]), "--heartbeat", "2",
+            *[a for s in scale["sets"] for a in ("--set", s)],
+            "--storage", storage, "--tracking-uri", tracking, "--study", study]
     return subprocess.Popen(host_cmd + args, cwd=folder, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=bench_env({"OMP_NUM_THREADS": "1"}))
@@ -88,9 +96,12 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow  # ~2-7 min and timing-dependent on a loaded machine: run with -m slow
+@pytest.mark.parametrize("scale", [
+    pytest.param(LIGHT, id="light"),
+    pytest.param(FULL, id="issue-command", marks=pytest.mark.slow),  # 5-7 min on 2 cores
+])
 def test_two_hosts_finish_one_study_through_a_database_restart_and_a_killed_host(
-        the_lab: tuple[Network, Postgres, MlflowServer], tmp_path: Path) -> None:
+        the_lab: tuple[Network, Postgres, MlflowServer], tmp_path: Path, scale: dict) -> None:
     import optuna
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
@@ -99,9 +110,9 @@ def test_two_hosts_finish_one_study_through_a_database_restart_and_a_killed_host
 
     net, pg, server = the_lab
     host1, host2 = net.hosts[0], net.hosts[1]
-    storage, study_name = pg.url("optuna"), "two-hosts"
-    one = sweep_on(host1.command([]), tmp_path / "host1", storage, server.url, study_name, 100)
-    two = sweep_on(host2.command([]), tmp_path / "host2", storage, server.url, study_name, 100)
+    storage, study_name, count = pg.url("optuna"), f"two-hosts-{tmp_path.name}", scale["trials"]
+    one = sweep_on(host1.command([]), tmp_path / "host1", storage, server.url, study_name, scale)
+    two = sweep_on(host2.command([]), tmp_path / "host2", storage, server.url, study_name, scale)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -125,6 +136,13 @@ def test_two_hosts_finish_one_study_through_a_database_restart_and_a_killed_host
         os.killpg(two.pid, signal.SIGKILL)
         out_two = two.communicate(timeout=30)[0]
         out_one = one.communicate(timeout=400)[0]
+    except (AssertionError, subprocess.TimeoutExpired) as exc:  # with what the hosts said
+        for proc in (one, two):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        said = [f"host{k}: ...{(p.communicate(timeout=30)[0] or '')[-3000:]}"
+                for k, p in ((1, one), (2, two))]
+        raise AssertionError("\n".join([str(exc), *said])) from exc
     finally:
         for proc in (one, two):
             if proc.poll() is None:
@@ -133,7 +151,7 @@ def test_two_hosts_finish_one_study_through_a_database_restart_and_a_killed_host
     study = optuna.load_study(study_name=study_name, storage=db)
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert len(finished) == 8
+    assert len(finished) == count
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     # the trials host2 was running are FAIL, each retried with its parameters (Optuna's
     # heartbeat callback) and the retry finished on host1
@@ -159,7 +177,7 @@ def test_two_hosts_finish_one_study_through_a_database_restart_and_a_killed_host
     nested = {r.info.run_id: r for r in runs
               if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     finished_runs = [t.user_attrs["mlflow_run_id"] for t in finished]
-    assert len(set(finished_runs)) == 8 and set(finished_runs) <= set(nested)
+    assert len(set(finished_runs)) == count and set(finished_runs) <= set(nested)
     for t in killed:  # KILLED; or FINISHED when the kill came between the run's end and tell
         if "mlflow_run_id" in t.user_attrs and t.user_attrs["mlflow_run_id"] not in finished_runs:
             run = nested[t.user_attrs["mlflow_run_id"]]
@@ -217,6 +235,60 @@ def test_a_database_away_longer_than_the_retry_bound_is_one_clear_error() -> Non
         assert "\n" not in message
         no_secret_in(message, "the error")
     finally:
+        pg.close()
+
+
+def test_trials_written_from_several_threads_go_through_database_restarts() -> None:
+    """Every storage call a sweep makes (Optuna's cache calls the storage's private ones too)
+    survives restarts, also a thread whose session still holds the transaction a restart cut."""
+    import threading
+
+    import optuna
+
+    from sweeps.storage import open_storage
+
+    problem = postgres_problem()
+    if problem:
+        pytest.skip(problem)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pg = Postgres().init().start()
+    errors: list[BaseException] = []
+    told = [0] * 3
+    done = threading.Event()
+
+    def worker(k: int) -> None:
+        study = optuna.create_study(study_name=f"s{k}", storage=open_storage(url))
+        try:
+            while not done.is_set():
+                trial = study.ask()
+                trial.suggest_float("x", 0.0, 1.0)
+                trial.set_user_attr("mlflow_run_id", "0" * 32)
+                study.tell(trial, trial.params["x"])
+                told[k] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        url = pg.create_database("optuna")
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(3):
+            time.sleep(2.0)
+            pg.restart()
+        before = list(told)
+        time.sleep(2.0)
+        done.set()
+        for t in threads:
+            t.join(timeout=150)
+        assert not errors, errors[0]
+        assert all(after > b for after, b in zip(told, before, strict=True)), (before, told)
+        for k in range(3):  # each call once: as many trials as tells, all COMPLETE
+            trials = optuna.load_study(study_name=f"s{k}", storage=open_storage(url)).trials
+            assert len(trials) == told[k]
+            assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    finally:
+        done.set()
         pg.close()
 
 

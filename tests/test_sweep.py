@@ -358,3 +358,35 @@ def test_sigterm_to_the_sweep_stops_its_workers(tmp_path: Path) -> None:
     assert study.trials[victim.number].state == TrialState.FAIL
     client = client_for(tmp_path)
     assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_a_trial_killed_before_recording_its_run_id_still_ends_that_run_killed(
+        tmp_path: Path) -> None:
+    from bench.app.tracking import Tracker
+    from sweeps.driver import WorkerPlan, close_stale
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "runs")
+    parent = tracker.start_run(experiment="gmm8", run_name="sweep", tags={"sweep": "true"})
+    storage = journal(tmp_path / "optuna.journal")
+    study = optuna.create_study(study_name="s", storage=storage)
+    other = optuna.create_study(study_name="t", storage=storage)
+    trial, decoy_trial = study.ask(), other.ask()
+    # the worker created its run (tags come with it) and died before `mlflow_run_id` was set
+    run = tracker.start_run(experiment="gmm8", run_name="s-trial-0", parent_run_id=parent,
+                            tags={"sweep.study": "s", "sweep.trial": str(trial.number)})
+    decoy = tracker.start_run(experiment="gmm8", run_name="t-trial-0", parent_run_id=parent,
+                              tags={"sweep.study": "t", "sweep.trial": str(decoy_trial.number)})
+    trial.set_user_attr("host", "elsewhere")
+    trial.set_user_attr("heartbeat", time.time() - 3600)
+    plan = WorkerPlan(storage="", study="s", trials=1, method="ct", dataset="gmm8", params=[],
+                      objectives=[], fixed_sets=[], eval_sets=[], user_sets=[], pruner="none",
+                      startup_trials=0, tracking_uri="", runs_dir=str(tmp_path / "runs"),
+                      parent_run_id=parent, deadline=None, lock="", stale_seconds=60)
+    notes: list[str] = []
+    failed = close_stale(study, storage, tracker, plan, notes.append)
+    assert [s.number for s in failed] == [trial.number] and failed[0].run_id is None
+    assert study.trials[0].state == TrialState.FAIL
+    assert f"trial {trial.number} marked failed: no heartbeat from elsewhere" in notes[0]
+    assert tracker.get_run(run).status == "KILLED"
+    assert tracker.client.get_run(run).data.tags["sweep.state"] == "FAIL"
+    assert tracker.get_run(decoy).status == "RUNNING"  # another study's trial 0 is untouched
