@@ -79,6 +79,32 @@ def test_forward_mode_jvp_of_every_network_matches_finite_differences(
     assert float((exact - by_hand).norm() / by_hand.norm()) < 1e-5
 
 
+@pytest.mark.parametrize(("kind", "shape", "options"), NETS, ids=_ids())
+def test_jvp_under_bf16_autocast_is_the_float32_jvp(
+        kind: str, shape: tuple[int, ...], options: NetOptions) -> None:
+    """Forward-mode AD through autocast mixes dtypes (group_norm: a bf16 output with a float32
+    tangent, refused by the next convolution): under autocast the JVP runs in float32."""
+    torch.manual_seed(0)
+    net = build_net(kind, shape, 0, options).requires_grad_(False)  # type: ignore[arg-type]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    k = options.time_inputs
+    x = torch.randn(2, *shape).bfloat16()
+    t = torch.rand(2, *((k,) if k > 1 else ()))
+    vx, vt = torch.randn_like(x), torch.randn_like(t)
+
+    def f(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return net(a, b, None)
+
+    for mode in ("forward", "finite_difference"):
+        reference = jvp(f, (x.float(), t), (vx.float(), vt), mode=mode)  # type: ignore[arg-type]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, tangent = jvp(f, (x, t), (vx, vt), mode=mode)  # type: ignore[arg-type]
+        assert out.dtype == tangent.dtype == torch.float32
+        assert torch.equal(out, reference[0]) and torch.equal(tangent, reference[1])
+
+
 def test_second_time_input_adds_one_embedding_projection_per_input() -> None:
     # time_inputs = 2 widens only the first embedding layer: + (features x emb_dim) weights
     for kind, shape, options, features in [

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from bench.app.tracking import Tracker, git_commit, mask_credentials, package_ve
 from bench.core.config import RunConfig, dumps, flatten, from_dict, read_toml, to_dict
 from bench.core.errors import BenchError, RunInterrupted, UsageError
 from bench.data.datasets import Dataset, GaussianMixture, PointsDataset, get_dataset
-from bench.engine.checkpoint import load_checkpoint, save_checkpoint
+from bench.engine.checkpoint import load_checkpoint, retain, save_checkpoint
 from bench.engine.distributed import (
     Shard,
     all_mean,
@@ -38,6 +39,7 @@ from bench.engine.distributed import (
     wrap,
 )
 from bench.engine.evaluation import (
+    LOWER_IS_BETTER,
     EvalResult,
     evaluate,
     generate,
@@ -178,6 +180,42 @@ def checkpoint_path(tracker: Tracker, run_id: str) -> Path:
     return tracker.runs_dir / "checkpoints" / run_id / "last.pt"
 
 
+class BestCheckpoint:
+    """train.keep_best: best.pt holds the weights of the evaluation with the best primary
+    metric at the first evaluated NFE so far; the run's tags best_step, best_metric and
+    best_value say which (and carry the best value over a resume)."""
+
+    def __init__(self, p: Prepared, tracker: Tracker, run_id: str, path: Path,
+                 remote: bool) -> None:
+        self.p, self.tracker, self.run_id, self.path, self.remote = p, tracker, run_id, path, remote
+        self.enabled = p.config.train.keep_best and p.method.trains
+        self.metric = p.dataset.primary_metric
+        self.lower = LOWER_IS_BETTER.get(self.metric, True)
+        self.value: float | None = None
+        if self.enabled:
+            saved = tracker.get_run(run_id).tags.get("best_value")
+            self.value = float(saved) if saved is not None and path.is_file() else None
+
+    def consider(self, state: LoopState, results: list[EvalResult]) -> None:
+        """Save best.pt when the first NFE's primary metric beats the best so far."""
+        if not self.enabled or not results:
+            return
+        first = results[0]
+        value = first.metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return
+        if self.value is not None and not (value < self.value if self.lower
+                                           else value > self.value):
+            return
+        save_checkpoint(checkpoint_state(self.p, state), self.path)
+        self.value = value
+        self.tracker.set_tags(self.run_id, {"best_step": str(state.step),
+                                            "best_metric": f"{self.metric}_nfe{first.nfe}",
+                                            "best_value": repr(value)})
+        if self.remote:
+            self.tracker.log_artifact(self.run_id, self.path, "checkpoints")
+
+
 def checkpoint_state(p: Prepared, state: LoopState) -> dict[str, Any]:
     """Everything needed to resume or to sample: networks, loop, method state, RNG."""
     method = p.method
@@ -290,11 +328,13 @@ def execute(
     ckpt_path = checkpoint_path(tracker, run_id)
     remote = tracker.get_run(run_id).local_artifact_dir is None
     saved_at: list[int] = [state.step] if ckpt_path.is_file() else []  # last checkpoint
+    best = BestCheckpoint(p, tracker, run_id, ckpt_path.with_name("best.pt"), remote)
 
     def write_checkpoint(s: LoopState) -> None:
         tracker.flush(run_id)  # the curves up to a checkpoint are stored before it exists
         save_checkpoint(checkpoint_state(p, s), ckpt_path)
         saved_at[:] = [s.step]
+        retain(ckpt_path, s.step, cfg.train.keep_checkpoints)
         if remote:
             tracker.log_artifact(run_id, ckpt_path, "checkpoints")
 
@@ -308,6 +348,7 @@ def execute(
         for r in results:
             tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
                                 s.step)
+        best.consider(s, results)
         if observer is not None and observer.evaluated is not None:
             observer.evaluated(s.step, results)
 
@@ -325,6 +366,7 @@ def execute(
             results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
                                p.device, on_result=lambda r: log_result(tracker, run_id, r),
                                shard=p.shard)
+            best.consider(state, results)
             log_eval_artifacts(tracker, run_id, p, results)
     except StopRun as exc:
         tracker.set_tags(run_id, {"stopped": f"{exc.reason} at iteration {state.step}",

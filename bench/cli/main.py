@@ -589,6 +589,54 @@ def perf(
 
 
 @app.command()
+def doctor(
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="Also write the rows as JSON to this file.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    iterations: Annotated[int | None, typer.Option(
+        help="Timed training iterations per method and precision (default 20 on a GPU, 3 on "
+             "the CPU).", min=1)] = None,
+    batch: Annotated[int | None, typer.Option(
+        help="Training batch (default 2 on the CPU, 16 on a GPU).", min=1)] = None,
+    method: Annotated[list[str] | None, typer.Option(
+        "--method", help="Only this training method (repeatable).")] = None,
+    only: Annotated[str | None, typer.Option(
+        help="Only these groups of checks, comma-separated: train, sample, ddp, weights.")
+    ] = None,
+) -> None:
+    """Check this machine for the real job: device, each method's training on its paper
+    network in fp32/bf16/fp16, sampling with and without compile, DDP, metric weights."""
+    import time
+
+    from bench.app.runner import resolve_device
+    from bench.core.errors import BenchError, UsageError
+    from bench.perf.doctor import GROUPS, DoctorOptions, print_checks, run_doctor, write_json
+    from bench.perf.run import train_methods
+
+    known = train_methods()
+    unknown = [m for m in method or [] if m not in known]
+    if unknown:
+        raise UsageError(f"unknown training method {unknown[0]!r}; valid: {', '.join(known)}")
+    groups = tuple(g.strip() for g in only.split(",") if g.strip()) if only else GROUPS
+    wrong = [g for g in groups if g not in GROUPS]
+    if wrong or not groups:
+        raise UsageError(f"--only {only!r}: groups are {', '.join(GROUPS)}")
+    where = resolve_device(device)
+    start = time.perf_counter()
+    rows = run_doctor(DoctorOptions(where, iterations, batch, method or None, only=groups),
+                      _report)
+    seconds = time.perf_counter() - start
+    print_checks(rows, _console(), seconds, where)
+    if json_out is not None:
+        write_json(rows, json_out, where, seconds)
+        _report(f"wrote {json_out}")
+    failed = [r for r in rows if r.status == "FAIL"]
+    if failed:
+        raise BenchError(f"{len(failed)} of {len(rows)} checks failed (first: {failed[0].group} "
+                         f"{failed[0].subject} {failed[0].precision}: {failed[0].detail})")
+
+
+@app.command()
 def report(
     dataset: Annotated[list[str] | None, typer.Option(
         "--dataset", help="Dataset to report (repeatable; default: every dataset with runs).")

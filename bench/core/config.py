@@ -113,6 +113,11 @@ class TrainConfig(Section):
     grad_clip: NonNegFloat = 0.0  # max gradient norm; 0 disables clipping
     ema_rate: Rate = 0.999  # evaluation EMA of the student per iteration; 0 disables
     checkpoint_every: NonNegInt = 1000  # iterations between checkpoints (0 = only at the end)
+    # checkpoints kept: the last (last.pt) and, above 1, the ones before it as iter-<step>.pt
+    keep_checkpoints: PosInt = 1
+    # also keep best.pt: the weights at the evaluation with the best primary metric (its
+    # first NFE), tagged best_step / best_<metric>
+    keep_best: bool = False
     log_every: PosInt = 50  # iterations between logged training metrics
     eval_every: NonNegInt = 0  # iterations between intermediate evaluations (0 = at the end)
     nonfinite: Literal["stop", "skip"] = "stop"  # on a non-finite loss: stop, or skip the step

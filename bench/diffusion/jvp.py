@@ -5,6 +5,12 @@ tangents, either by forward-mode automatic differentiation (torch.func.jvp: exac
 cost of two forward passes) or by a central finite difference (two more forward passes; for
 networks or kernels without forward-mode rules). Both run every pass of fn from the same RNG
 state, so dropout draws one mask for all of them.
+
+Under autocast (train.precision bf16 / fp16) both run in float32 with autocast off: forward-mode
+AD through autocast gives some tangents another dtype than their primals (group_norm of a bf16
+input: a bf16 output with a float32 tangent), which the next convolution refuses; and a finite
+difference in 16-bit arithmetic would be mostly rounding. The JVP target is the stop-gradient
+side of the objective, so only its cost changes, not what is trained in reduced precision.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ def attention_with_forward_ad(device: torch.device) -> Iterator[None]:
         yield
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.is_floating_point() else x
+
+
 def _devices(primals: tuple[torch.Tensor, ...]) -> list[torch.device]:
     return sorted({p.device for p in primals if p.device.type == "cuda"}, key=str)
 
@@ -49,6 +59,10 @@ def jvp(fn: Fn, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor,
     if len(primals) != len(tangents):
         raise ValueError(f"{len(primals)} primals but {len(tangents)} tangents")
     device = primals[0].device
+    if torch.is_autocast_enabled(device.type):
+        with torch.autocast(device.type, enabled=False):
+            return jvp(fn, tuple(_fp32(p) for p in primals), tuple(_fp32(t) for t in tangents),
+                       mode, eps)
     if mode == "forward":
         with attention_with_forward_ad(device), warnings.catch_warnings():
             # torch's first forward-mode call loads its JVP decompositions through
