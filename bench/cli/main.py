@@ -565,6 +565,9 @@ def perf(
     floors: Annotated[bool, typer.Option(
         "--floors", help="Time the floor of every training and sampling figure (by default "
                          "only of those that miss their target).")] = False,
+    scaling: Annotated[str | None, typer.Option(
+        "--scaling", help="Instead: how cost grows with the work, for these parts "
+                          "(comma-separated: eval, train, store, sweep; 'all').")] = None,
 ) -> None:
     """Overhead of training, sampling and evaluation over bare PyTorch loops, and peak memory."""
     import time
@@ -572,6 +575,31 @@ def perf(
     from bench.app.runner import resolve_device
     from bench.core.errors import UsageError
     from bench.perf.run import cases, print_rows, run_perf, write_json
+
+    if scaling is not None:
+        import json
+
+        from bench.perf.run import machine
+        from bench.perf.scaling import print_scaling, run_scaling
+
+        every = ("eval", "train", "store", "sweep")
+        parts = every if scaling == "all" else tuple(p.strip() for p in scaling.split(","))
+        if not parts or any(p not in every for p in parts):
+            raise UsageError(f"--scaling {scaling!r}: parts are {', '.join(every)} or all")
+        start = time.perf_counter()
+        found = run_scaling(_report, parts)
+        seconds = time.perf_counter() - start
+        print_scaling(found, _console())
+        _report(f"{seconds:.0f} s")
+        if out is not None:
+            from bench.app.tracking import git_commit
+
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"machine": machine(resolve_device("cpu")),
+                                       "commit": git_commit(), "seconds": seconds,
+                                       "rows": found}, indent=2) + "\n")
+            _report(f"wrote {out}")
+        return
 
     known = [c.name for c in cases()]
     unknown = [c for c in case or [] if c not in known]
@@ -699,6 +727,9 @@ def suite(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors (exit 2 usage, 1 otherwise); --debug shows tracebacks."""
+    from bench.core.memory import one_malloc_arena
+
+    one_malloc_arena()  # before torch starts its threads
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("BENCH_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]

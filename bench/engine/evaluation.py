@@ -13,6 +13,7 @@ from torch import nn
 
 from bench.core.config import RunConfig
 from bench.core.errors import UsageError
+from bench.core.memory import release_free_memory
 from bench.data.datasets import Dataset, Digits, GaussianMixture, PointsDataset
 from bench.data.shard import Shard
 from bench.diffusion.rng import SobolGenerator, StackedGenerator, sample_seed
@@ -199,6 +200,8 @@ def generate(
         if dataset.clamp is not None:  # scored as they would be saved: inside the data range
             x = x.clamp(*dataset.clamp)
         consume(x)
+        if device.type == "cpu":  # what the batch freed leaves the resident set
+            release_free_memory()
     if calls % batches:
         raise RuntimeError(f"uneven network calls across batches: {calls} over {batches}")
     return calls // batches, seconds

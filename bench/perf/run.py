@@ -33,8 +33,11 @@ write of the logged values is added at its rate (off the training thread, on the
 
 The 2-D MLP's training and sampling figures are judged against their floor instead of a fixed
 target (passing when bench / floor <= FLOOR_TARGET): on so small a network the per-sample noise
-and the loss's own ops are most of an iteration, and they belong to the method. Every other row is
-judged against its target.
+and the loss's own ops are most of an iteration, and they belong to the method. There the
+training floor is the method's own iteration without the loop (loss_floor_step: its loss with its
+draws and tensor ops on a fixed batch, backward, optimizer step, EMA lerp, after_step) and the
+sampling floor the bare loop with bench's per-sample noise. Every other row is judged against
+its target.
 
 A training or sampling figure judged by its target that misses it also gets its floor (always,
 with floor True): the bare side plus only what no implementation on the same kernels can skip,
@@ -242,13 +245,20 @@ def _paired_medians(bench_fn: Callable[[], float], bare_fn: Callable[[], float],
                     min_seconds: float) -> tuple[float, float, int]:
     """Alternate both sides at least `rounds` times and for at least min_seconds; medians of
     seconds per unit and the number of rounds."""
-    bench_times: list[float] = []
-    bare_times: list[float] = []
+    (bench_s, bare_s), done = _alternated_medians([bench_fn, bare_fn], rounds, min_seconds)
+    return bench_s, bare_s, done
+
+
+def _alternated_medians(fns: Sequence[Callable[[], float]], rounds: int, min_seconds: float,
+                        ) -> tuple[list[float], int]:
+    """Call the sides in turn at least `rounds` times and for at least min_seconds; the median
+    seconds per unit of each and the number of rounds."""
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(bench_times) < rounds or time.perf_counter() - start < min_seconds:
-        bench_times.append(bench_fn())
-        bare_times.append(bare_fn())
-    return statistics.median(bench_times), statistics.median(bare_times), len(bench_times)
+    while len(times[0]) < rounds or time.perf_counter() - start < min_seconds:
+        for fn, kept in zip(fns, times, strict=True):
+            kept.append(fn())
+    return [statistics.median(t) for t in times], len(times[0])
 
 
 def _block(seconds_per_unit: float, block_seconds: float) -> int:
@@ -321,6 +331,35 @@ def floor_training_step(method: Any, name: str, x0: torch.Tensor, cfg: RunConfig
     return step, what, [student, *copies]
 
 
+LOSS_FLOOR = ("the method's loss on a fixed batch (its draws and tensor ops), backward, "
+              "optimizer step, eval EMA lerp and after_step")
+
+
+def loss_floor_step(method: Any, cfg: RunConfig, x0: torch.Tensor, step: int,
+                    ) -> Callable[[], None]:
+    """The floor of a case judged by its floor (the 2-D MLP): an iteration of the method
+    itself without the loop, on a fixed batch and iteration: the loss with its own draws and
+    tensor ops, its backward, the optimizer's step (a fresh make_optimizer over the method's
+    parameters), the eval EMA's lerp and the method's after_step. What the loop adds above it
+    (the batch, the LR schedule, the non-finite check, the loss window, the log) is bench's."""
+    optimizer = make_optimizer(method.parameters(), cfg.train)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ema = copy.deepcopy(method.student).requires_grad_(False)
+    average = ParamAverage(ema, method.student)
+    generator = torch.Generator(x0.device).manual_seed(5)
+    rate = cfg.train.ema_rate or 0.999
+
+    def one() -> None:
+        for p in params:
+            p.grad = None
+        method.loss(x0, None, step, generator).float().mean().backward()
+        optimizer.step()
+        average.update(rate)
+        method.after_step(step, ema)
+
+    return one
+
+
 def _training_passes(method: Any, x0: torch.Tensor,
                      ) -> tuple[Callable[[], None], str, nn.Module]:
     """bare_training_passes, with the student copy the passes train."""
@@ -363,21 +402,28 @@ def judged(row: Row) -> bool:
 def _with_floor(row: Row, floor: bool | None,
                 make_floor: Callable[[], tuple[Callable[[int], float], str]],
                 bare_fn: Callable[[int], float], block: int, rounds: int,
-                min_seconds: float, by_floor: bool = False) -> Row:
+                min_seconds: float, by_floor: bool = False,
+                bench_fn: Callable[[], float] | None = None) -> Row:
     """The row with its floor when _wants_floor: make_floor builds the floor's timed block and
     says what it runs; the floor and the bare side alternate afresh, floor_ratio is the ratio
-    of their medians. A row judged by its floor gets vs_floor = ratio / floor_ratio (bench over
-    floor, each through its own pairing with the bare side)."""
+    of their medians. A row judged by its floor alternates bench (bench_fn: seconds per unit),
+    floor and bare sides in one loop, and vs_floor = bench / floor is the ratio of those
+    medians."""
     row = {**row, "judge": "floor" if by_floor else "target"}
     if not _wants_floor(row, floor, by_floor):
         return {**row, "pass": judged(row)}
     floor_fn, what = make_floor()
     floor_fn(block)  # warm-up
-    floor_s, bare_s, _ = _paired_medians(lambda: floor_fn(block) / block,
-                                         lambda: bare_fn(block) / block, rounds, min_seconds)
+    sides = [lambda: floor_fn(block) / block, lambda: bare_fn(block) / block]
+    if by_floor and bench_fn is not None:
+        (floor_s, bare_s, bench_s), _ = _alternated_medians([*sides, bench_fn], rounds,
+                                                            min_seconds)
+    else:
+        (floor_s, bare_s), _ = _alternated_medians(sides, rounds, min_seconds)
+        bench_s = row["ratio"] * bare_s  # bench's seconds at this pairing's bare speed
     row = {**row, "floor_ratio": floor_s / bare_s, "floor_seconds": floor_s, "floor": what}
     if by_floor:
-        row.update(vs_floor=row["ratio"] / row["floor_ratio"], floor_target=FLOOR_TARGET)
+        row.update(vs_floor=bench_s / floor_s, floor_target=FLOOR_TARGET)
     return {**row, "pass": judged(row)}
 
 
@@ -451,11 +497,13 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
            "store_seconds_per_value": store}
 
     def make_floor() -> tuple[Callable[[int], float], str]:
+        if case.by_floor:
+            return _timed(loss_floor_step(method, cfg, x0, state.step), device), LOSS_FLOOR
         floor_step, what, _ = floor_training_step(method, name, x0, cfg)
         return _timed(floor_step, device), what
 
     return _with_floor(row, floor, make_floor, bare_block, block, rounds, min_seconds,
-                       case.by_floor)
+                       case.by_floor, lambda: bench_block(block) / block + log_share)
 
 
 # --- sampling and evaluation ---------------------------------------------------------------------
@@ -534,7 +582,7 @@ def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
            "denominator": f"{nfe} network calls + torch.randn noise, re-noising and clipping"}
     what = "the bare loop with bench's per-sample noise streams"
     return _with_floor(row, floor, lambda: (timed_sampler(True), what), bare_block, block,
-                       rounds, min_seconds, case.by_floor)
+                       rounds, min_seconds, case.by_floor, lambda: bench_block(block) / block)
 
 
 def eval_overhead(case: PerfCase, rounds: int, device: torch.device, cache_dir: Path,
