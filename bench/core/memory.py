@@ -5,7 +5,8 @@ several, and freed tensor memory fragments across them: a 50,000-sample evaluati
 1, batches of 500) held 2.6 times the resident memory of a 1,000-sample one, with nothing kept by
 bench (with every allocation mmap-ed, MALLOC_MMAP_THRESHOLD_=65536, the two peaks are equal). One
 arena (one_malloc_arena; MALLOC_ARENA_MAX set by the user wins) and the free pages handed back
-after each evaluation batch (release_free_memory: glibc's malloc_trim) keep it flat.
+between evaluation batches every few seconds (release_free_memory: glibc's malloc_trim) keep it
+flat.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import time
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
+TRIM_SECONDS = 5.0  # release_free_memory's least interval
 _LIBC: ctypes.CDLL | None = None
+_LAST_TRIM = 0.0
 
 
 def one_malloc_arena() -> bool:
@@ -42,9 +46,15 @@ def _libc() -> ctypes.CDLL | None:
     return _LIBC
 
 
-def release_free_memory() -> None:
+def release_free_memory(every: float = TRIM_SECONDS) -> None:
     """Hand the allocator's free pages back to the system (glibc's malloc_trim; elsewhere
-    nothing)."""
+    nothing), at most once per `every` seconds: a trim walks the heap (about a millisecond),
+    which a loop of 2-ms batches must not pay each time."""
+    global _LAST_TRIM
+    now = time.monotonic()
+    if now - _LAST_TRIM < every:
+        return
+    _LAST_TRIM = now
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None) if libc is not None else None
     if trim is not None:

@@ -200,7 +200,7 @@ def generate(
         if dataset.clamp is not None:  # scored as they would be saved: inside the data range
             x = x.clamp(*dataset.clamp)
         consume(x)
-        if device.type == "cpu":  # what the batch freed leaves the resident set
+        if device.type == "cpu":  # what the batches freed leaves the resident set
             release_free_memory()
     if calls % batches:
         raise RuntimeError(f"uneven network calls across batches: {calls} over {batches}")
