@@ -116,7 +116,7 @@ class TrainConfig(Section):
     # checkpoints kept: the last (last.pt) and, above 1, the ones before it as iter-<step>.pt
     keep_checkpoints: PosInt = 1
     # also keep best.pt: the weights at the evaluation with the best primary metric (its
-    # first NFE), tagged best_step / best_<metric>
+    # first NFE), tagged best_step, best_metric and best_value
     keep_best: bool = False
     log_every: PosInt = 50  # iterations between logged training metrics
     eval_every: NonNegInt = 0  # iterations between intermediate evaluations (0 = at the end)

@@ -2,11 +2,11 @@
 
 glibc gives each thread that allocates its own malloc arena; torch's intra-op threads make
 several, and freed tensor memory fragments across them: a 50,000-sample evaluation (digits, NFE
-1, batches of 500) held 2.6 times the resident memory of a 1,000-sample one, with nothing kept by
-bench (with every allocation mmap-ed, MALLOC_MMAP_THRESHOLD_=65536, the two peaks are equal). One
-arena (one_malloc_arena; MALLOC_ARENA_MAX set by the user wins) and the free pages handed back
-between evaluation batches every few seconds (release_free_memory: glibc's malloc_trim) keep it
-flat.
+1, batches of 500) held 2.6 times the memory above its start of a 1,000-sample one, with nothing
+kept by bench (with every allocation mmap-ed, MALLOC_MMAP_THRESHOLD_=65536, the two peaks are
+equal). One arena (one_malloc_arena; MALLOC_ARENA_MAX set by the user wins) and the free pages
+handed back between evaluation batches every few seconds (release_free_memory: glibc's
+malloc_trim) keep it flat.
 """
 
 from __future__ import annotations
