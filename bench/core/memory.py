@@ -59,3 +59,23 @@ def release_free_memory(every: float = TRIM_SECONDS) -> None:
     trim = getattr(libc, "malloc_trim", None) if libc is not None else None
     if trim is not None:
         trim(0)
+
+
+def status_kib(field: str) -> int:
+    """A kB field of Linux /proc/self/status (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Restart the process's peak resident set (VmHWM := VmRSS, Linux /proc/self/clear_refs);
+    False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from bench.core.errors import BenchError
+from bench.core.memory import reset_peak_rss, status_kib
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 GROUPS = ("train", "sample", "ddp", "weights")
@@ -148,8 +149,8 @@ class _Peak:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
-        elif _clear_refs():
-            self.start = _status_kib("VmRSS") * 1024
+        elif reset_peak_rss():
+            self.start = status_kib("VmRSS") * 1024
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -161,24 +162,7 @@ class _Peak:
             return (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
         if not os.access("/proc/self/clear_refs", os.W_OK):
             return None
-        return max(_status_kib("VmHWM") * 1024 - self.start, 0) / 2**20
-
-
-def _clear_refs() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # VmHWM := VmRSS
-    except OSError:
-        return False
-    return True
-
-
-def _status_kib(name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    return 0
+        return max(status_kib("VmHWM") * 1024 - self.start, 0) / 2**20
 
 
 @dataclass

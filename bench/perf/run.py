@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import ctypes
 import gc
 import json
 import os
@@ -78,6 +77,7 @@ from bench.app.tracking import (
     git_commit,
 )
 from bench.core.config import RunConfig, resolve
+from bench.core.memory import release_free_memory, reset_peak_rss, status_kib
 from bench.data.datasets import Dataset, get_dataset
 from bench.diffusion.denoiser import Denoiser
 from bench.diffusion.rng import StackedGenerator
@@ -699,14 +699,6 @@ class _MemoryWork:
                 + _module_bytes(self.state.ema) + _tensor_bytes(state_tensors))
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def memory_child(case_name: str, device_name: str) -> dict[str, dict[str, int]]:
     """Peak memory of both sides of a case, one after the other, in a fresh process."""
     device = torch.device(device_name)
@@ -722,10 +714,9 @@ def _reset_peak(device: torch.device) -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory leaves the resident set
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # VmHWM := VmRSS
-    return _rss_kib("VmRSS") * 1024
+    release_free_memory(every=0.0)  # freed memory leaves the resident set
+    reset_peak_rss()
+    return status_kib("VmRSS") * 1024
 
 
 def _side_memory(case: PerfCase, side: str, device: torch.device) -> dict[str, int]:
@@ -742,7 +733,7 @@ def _side_memory(case: PerfCase, side: str, device: torch.device) -> dict[str, i
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = _rss_kib("VmHWM") * 1024
+        peak = status_kib("VmHWM") * 1024
     result = {"peak_bytes": peak - base, "extra_bytes": work.extra_bytes()}
     del work
     gc.collect()

@@ -75,9 +75,10 @@ def eval_child(count: int) -> dict[str, float]:
 
     import methods  # noqa: F401  (the registry)
     from bench.core.config import resolve
+    from bench.core.memory import reset_peak_rss, status_kib
     from bench.data.datasets import get_dataset
     from bench.engine.evaluation import evaluate, prepare_metrics
-    from bench.perf.doctor import _build, _clear_refs, _status_kib
+    from bench.perf.doctor import _build
 
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -92,12 +93,12 @@ def eval_child(count: int) -> dict[str, float]:
         import gc
 
         gc.collect()
-        _clear_refs()
-        before = _status_kib("VmRSS") * 1024
+        reset_peak_rss()
+        before = status_kib("VmRSS") * 1024
         t0 = time.perf_counter()
         results = evaluate(method, None, dataset, cfg, [1], suite, device)
         seconds = time.perf_counter() - t0
-        peak = _status_kib("VmHWM") * 1024
+        peak = status_kib("VmHWM") * 1024
     return {"samples": count, "seconds": seconds, "peak_above_bytes": peak - before,
             "peak_bytes": peak, "metric": float(results[0].metrics[dataset.primary_metric])}
 
