@@ -577,9 +577,6 @@ def perf(
     from bench.perf.run import cases, print_rows, run_perf, write_json
 
     if scaling is not None:
-        import json
-
-        from bench.perf.run import machine
         from bench.perf.scaling import print_scaling, run_scaling
 
         every = ("eval", "train", "store", "sweep")
@@ -592,12 +589,7 @@ def perf(
         print_scaling(found, _console())
         _report(f"{seconds:.0f} s")
         if out is not None:
-            from bench.app.tracking import git_commit
-
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"machine": machine(resolve_device("cpu")),
-                                       "commit": git_commit(), "seconds": seconds,
-                                       "rows": found}, indent=2) + "\n")
+            write_json(found, out, resolve_device("cpu"), seconds)
             _report(f"wrote {out}")
         return
 
