@@ -491,13 +491,17 @@ def ui(
     port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 5000,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Open the MLflow UI on the same store."""
-    import subprocess
+    """Open the MLflow UI on the same store (Ctrl-C or SIGTERM stops the server and all its
+    workers)."""
+    from bench.app.ui import check_port_free, serve
 
+    check_port_free(host, port)
     tracker = _tracker(tracking_uri)
     cmd = ui_command(tracker.uri, tracker.runs_dir / "mlartifacts", host, port)
-    _report(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(cmd))
+    stopped_by = serve(cmd, host, port, _report)
+    if stopped_by is not None:  # 128 + the signal, as a shell reports a process it ended
+        print(f"bench: interrupted ({stopped_by.name}); MLflow UI stopped", file=sys.stderr)
+        raise SystemExit(128 + stopped_by)
 
 
 @app.command()
