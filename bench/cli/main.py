@@ -352,6 +352,9 @@ def sample(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Write samples of a tracked run to an .npz file; the same seed gives the same file."""
+    from bench.core.outputs import check_output_file
+
+    check_output_file(out, "--out")  # before the run is loaded and sampled
     from bench.app import runner
 
     path = runner.sample_run(_tracker(tracking_uri), run_id, nfe, n, seed, batch_size, out,
@@ -576,6 +579,11 @@ def perf(
     """Overhead of training, sampling and evaluation over bare PyTorch loops, and peak memory."""
     import time
 
+    from bench.core.outputs import check_output_file
+
+    if out is not None:  # before minutes of measurements
+        check_output_file(out, "--out")
+
     from bench.app.runner import resolve_device
     from bench.core.errors import UsageError
     from bench.perf.run import cases, print_rows, run_perf, write_json
@@ -632,6 +640,11 @@ def doctor(
     network in fp32/bf16/fp16, sampling with and without compile, DDP, metric weights."""
     import time
 
+    from bench.core.outputs import check_output_file
+
+    if json_out is not None:  # before the checks
+        check_output_file(json_out, "--json")
+
     from bench.app.runner import resolve_device
     from bench.core.errors import BenchError, UsageError
     from bench.perf.doctor import GROUPS, DoctorOptions, print_checks, run_doctor, write_json
@@ -674,6 +687,10 @@ def report(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Paper-style tables, plots and an HTML page from the tracking store alone."""
+    from bench.core.outputs import check_output_folder
+
+    if out is not None:  # before the store is read
+        check_output_folder(out, "--out")
     from reports.build import build_report, parse_formats
     from reports.store import check_dataset_name, check_select
     from reports.tables import to_rich
