@@ -138,3 +138,40 @@ def test_bad_input_fails_fast_in_one_line(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", list(SLOW))
 def test_bad_input_after_loading_is_one_line(name: str, workdir) -> None:
     check(SLOW[name], workdir("w"))
+
+
+SAMPLE = ["sample", "--run", "0" * 32, "--nfe", "1", "--n", "4", "--out"]
+# output paths nothing could be written to: refused (exit 2) before any work, even before an
+# unknown run is looked up; "folder" is a folder and "file" a file of the test folder, and
+# /proc a place where no file can be created
+OUTPUTS = {
+    "sample --out a folder": ([*SAMPLE, "folder"], ["--out folder: is a folder"]),
+    "sample --out under a file": ([*SAMPLE, "file/x.npz"],
+                                  ["--out file/x.npz: file is a file, not a folder"]),
+    "sample --out unwritable": ([*SAMPLE, "/proc/nope/x.npz"],
+                                ["--out /proc/nope/x.npz: cannot create files in /proc"]),
+    "report --out a file": (["report", "--out", "file"], ["--out file: is a file, not a folder"]),
+    "report --out under a file": (["report", "--out", "file/r"],
+                                  ["--out file/r: file is a file, not a folder"]),
+    "report --out unwritable": (["report", "--out", "/proc/nope"],
+                                ["--out /proc/nope: cannot create files in /proc"]),
+    "perf --out a folder": (["perf", "--out", "folder"], ["--out folder: is a folder"]),
+    "perf --out unwritable": (["perf", "--out", "/proc/p.json"],
+                              ["--out /proc/p.json: cannot create files in /proc"]),
+    "doctor --json a folder": (["doctor", "--json", "folder"], ["--json folder: is a folder"]),
+    "doctor --json under a file": (["doctor", "--json", "file/d.json"],
+                                   ["--json file/d.json: file is a file, not a folder"]),
+}
+
+
+@pytest.mark.parametrize("name", list(OUTPUTS))
+def test_an_unwritable_output_path_fails_before_the_work(name: str, tmp_path: Path) -> None:
+    args, fragments = OUTPUTS[name]
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("kept\n")
+    result = run_bench(args, tmp_path, timeout=120)
+    assert_one_line_error(result, 2, *fragments)
+    assert result.stderr.startswith("bench: error: ")
+    assert not (tmp_path / "runs").exists()  # no store opened, no run loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
+    assert (tmp_path / "file").read_text() == "kept\n" and not any((tmp_path / "folder").iterdir())
