@@ -211,7 +211,7 @@ def _run_one(tracker: Tracker, cfg: RunConfig, preset: str | None, position: str
                 outcome = runner.start(cfg, tracker, report, bar)
     except RunInterrupted as exc:
         raise RunInterrupted(f"{method}: {exc}, or re-run the same `bench suite` command, which "
-                             "resumes it") from None
+                             "resumes it", signal=exc.signal) from None
     except KeyboardInterrupt:
         raise
     except Exception as exc:

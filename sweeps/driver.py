@@ -26,6 +26,7 @@ from typing import Any
 
 from bench.app.tracking import Tracker, mask_credentials
 from bench.core.errors import BenchError, UsageError
+from bench.engine.signals import GUARD, Interrupted, signal_name
 from sweeps.objective import Objective, check_available, parse_objectives
 from sweeps.space import Param, Space, load_space, set_item
 from sweeps.storage import (
@@ -651,10 +652,13 @@ def run_sweep(request: SweepRequest, report: Reporter) -> SweepSummary:
             else:
                 warnings = _run_processes(plan, request.workers, study, storage, tracker,
                                           report, pids)
-        except (KeyboardInterrupt, RunInterrupted):
-            tracker.set_tags(plan.parent_run_id, {"error": "interrupted"})
-            tracker.end_run(plan.parent_run_id, "KILLED")
-            raise BenchError("sweep interrupted; re-run the same command to continue") from None
+        except (KeyboardInterrupt, RunInterrupted) as exc:
+            name = exc.signal if isinstance(exc, RunInterrupted) else signal_name(exc)
+            with GUARD.shielded():
+                tracker.set_tags(plan.parent_run_id, {"error": f"interrupted ({name})"})
+                tracker.end_run(plan.parent_run_id, "KILLED")
+            raise RunInterrupted(f"sweep interrupted ({name}); re-run the same command to "
+                                 f"continue", signal=name) from None
         except BaseException as exc:
             tracker.set_tags(plan.parent_run_id, {"error": _first_line(exc)})
             tracker.end_run(plan.parent_run_id, "FAILED")
@@ -686,7 +690,7 @@ def _cpu_count() -> int:
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGTERM to the sweep is handled as Ctrl-C: its workers are stopped, not orphaned."""
-    raise KeyboardInterrupt
+    raise Interrupted("SIGTERM")
 
 
 def _run_processes(plan: WorkerPlan, workers: int, study: Any, storage: Any,

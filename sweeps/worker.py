@@ -9,9 +9,12 @@ from sweeps.driver import WorkerPlan, run_worker
 
 
 def main() -> None:
-    """Run the worker loop; one-line errors on stderr, exit 1 (130 when interrupted)."""
+    """Run the worker loop; one-line errors on stderr, exit 1 (130 / 143 when interrupted by
+    SIGINT / SIGTERM)."""
     from bench.core.errors import BenchError
+    from bench.engine.signals import GUARD
 
+    GUARD.install()  # SIGTERM from the sweep (or a scheduler) fails the trial, KILLs its run
     plan = WorkerPlan(**json.loads(sys.stdin.read()))
 
     def report(message: str) -> None:
@@ -19,11 +22,13 @@ def main() -> None:
 
     try:
         run_worker(plan, report)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        from bench.engine.signals import exit_code
+
+        sys.exit(exit_code(exc))
     except BenchError as exc:
         report(f"error: {exc}")
-        sys.exit(130 if type(exc).__name__ == "RunInterrupted" else exc.exit_code)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

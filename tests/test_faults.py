@@ -158,7 +158,7 @@ def test_signal_gives_a_killed_run_that_resumes_exactly(workdir, reference,
     wait_for_checkpoint(b, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1, err
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], err
     assert "Traceback" not in err
     run_id = re.search(r"run ([0-9a-f]{32}) in experiment", err).group(1)
     assert f"resume with `bench run --resume {run_id}`" in err.splitlines()[-1]

@@ -24,8 +24,15 @@ import torch
 
 from bench.app.runner import checkpoint_path
 from bench.app.tracking import RUN_ID_PATTERN, Tracker, git_commit, package_versions
-from bench.core.config import RunConfig, default_bench_files, dumps, flatten, resolve, to_dict
-from bench.core.errors import BenchError, UsageError
+from bench.core.config import (
+    RunConfig,
+    default_bench_files,
+    dumps,
+    flatten,
+    public_dict,
+    resolve,
+)
+from bench.core.errors import BenchError, UsageError, unreadable_reason
 from bench.data.datasets import describe_dataset
 from bench.engine.checkpoint import save_checkpoint
 from bench.engine.models import denoiser_from_spec, model_spec
@@ -57,8 +64,7 @@ def read_official(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a torch file, truncated, or holding more than tensors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BenchError(f"{path} is not a readable state dict: {first}") from None
+        raise BenchError(f"{path} {unreadable_reason(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise BenchError(f"{path} is not a state dict of tensors (the official UNetModel's)")
@@ -140,7 +146,7 @@ def import_checkpoint(tracker: Tracker, request: ImportRequest, cwd: Path,
                  "ema": weights if "ema" in modules else {},
                  "generator": torch.empty(0, dtype=torch.uint8)},  # no RNG to resume
         "method_state": {},
-        "config": to_dict(cfg),
+        "config": public_dict(cfg),  # no password at rest
         "imported_from": str(request.checkpoint),
     }
     sha = file_sha256(request.checkpoint)
@@ -158,7 +164,7 @@ def import_checkpoint(tracker: Tracker, request: ImportRequest, cwd: Path,
     name = request.name or f"{request.kind}-{request.dataset}-{request.checkpoint.stem}"
     run_id = tracker.start_run(experiment=request.dataset, run_name=name, tags=tags)
     try:
-        tracker.log_params(run_id, flatten(to_dict(cfg)))
+        tracker.log_params(run_id, flatten(public_dict(cfg)))
         with tempfile.TemporaryDirectory() as tmp:
             config_file = Path(tmp) / "config.toml"
             config_file.write_text(dumps(cfg))

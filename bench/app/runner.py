@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -23,10 +24,12 @@ from bench.app.artifacts import (
     tidy_rows,
 )
 from bench.app.diagnostics import ode_errors
+from bench.app.runlock import RunLock
 from bench.app.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
-from bench.app.tracking import Tracker, git_commit, mask_credentials, package_versions
-from bench.core.config import RunConfig, dumps, flatten, from_dict, read_toml, to_dict
-from bench.core.errors import BenchError, RunInterrupted, UsageError
+from bench.app.tracking import Tracker, git_commit, package_versions
+from bench.core.atomic import atomic_write
+from bench.core.config import RunConfig, dumps, flatten, from_dict, public_dict, read_toml
+from bench.core.errors import BenchError, RunInterrupted, UsageError, resource_exhausted
 from bench.data.datasets import Dataset, GaussianMixture, PointsDataset, get_dataset
 from bench.engine.checkpoint import load_checkpoint, retain, save_checkpoint
 from bench.engine.distributed import (
@@ -49,7 +52,7 @@ from bench.engine.evaluation import (
 )
 from bench.engine.fid import locate_weights, metric_mode
 from bench.engine.models import model_spec, net_summary, new_raw_net, sigma_data_of
-from bench.engine.signals import SignalGuard
+from bench.engine.signals import GUARD, signal_name
 from bench.engine.training import (
     BatchStream,
     LoopHooks,
@@ -232,7 +235,7 @@ def checkpoint_state(p: Prepared, state: LoopState) -> dict[str, Any]:
         "eval_module": "ema" if state.ema is not None else "student",
         "loop": loop_state_dict(state),
         "method_state": method.state_dict(),
-        "config": to_dict(p.config),
+        "config": public_dict(p.config),  # no password at rest
         "torch_rng": torch.get_rng_state(),
     }
 
@@ -309,34 +312,69 @@ def run_tags(p: Prepared) -> dict[str, str]:
     }
 
 
+class RunCheckpoints:
+    """A run's checkpoint files: last.pt (and the kept iter-<step>.pt), best.pt, and the
+    iteration the last one holds."""
+
+    def __init__(self, p: Prepared, tracker: Tracker, run_id: str, state: LoopState) -> None:
+        self.p, self.tracker, self.run_id = p, tracker, run_id
+        self.path = checkpoint_path(tracker, run_id)
+        self.remote = tracker.get_run(run_id).local_artifact_dir is None
+        self.saved_at: int | None = state.step if self.path.is_file() else None
+        self.best = BestCheckpoint(p, tracker, run_id, self.path.with_name("best.pt"),
+                                   self.remote)
+
+    def write(self, s: LoopState) -> None:
+        """Save the loop's state as the last checkpoint (the curves up to it stored first)."""
+        self.tracker.flush(self.run_id)
+        save_checkpoint(checkpoint_state(self.p, s), self.path)
+        self.saved_at = s.step
+        retain(self.path, s.step, self.p.config.train.keep_checkpoints)
+        if self.remote:
+            self.tracker.log_artifact(self.run_id, self.path, "checkpoints")
+
+
 def execute(
     p: Prepared,
     tracker: Tracker,
     run_id: str,
-    state: LoopState,
+    setup: Callable[[], LoopState],
     progress: Callable[[int, int, float], None] | None,
     report: Reporter,
     observer: RunObserver | None = None,
+    locked: bool = False,
+    held: bool = False,
 ) -> RunOutcome:
-    """Train from state, evaluate and log; mark the run FINISHED, FAILED or KILLED.
+    """Set up (`setup` returns the loop state to train from), train, evaluate and log; mark
+    the run FINISHED, FAILED or KILLED, whenever it ends: a signal or an error anywhere from
+    the moment the run exists is recorded in it. The run's lock is held throughout (taken
+    here unless the caller holds it: `locked`); `held`: the caller holds signals back
+    (GUARD.hold()) since it created the run, and they are taken from here on.
 
     An observer's `evaluated` callback sees every intermediate evaluation and may raise
     StopRun: the run then ends KILLED with a `stopped` tag (no checkpoint error, no traceback).
     """
+    with contextlib.ExitStack() as stack:
+        return _execute(p, tracker, run_id, setup, progress, report, observer,
+                        None if locked else stack, held)
+
+
+def _execute(
+    p: Prepared,
+    tracker: Tracker,
+    run_id: str,
+    setup: Callable[[], LoopState],
+    progress: Callable[[int, int, float], None] | None,
+    report: Reporter,
+    observer: RunObserver | None,
+    lock_into: contextlib.ExitStack | None,
+    held: bool,
+) -> RunOutcome:
+    """execute() with the lock taken into `lock_into` (None: the caller holds it)."""
     t0 = time.perf_counter()
     cfg = p.config
-    ckpt_path = checkpoint_path(tracker, run_id)
-    remote = tracker.get_run(run_id).local_artifact_dir is None
-    saved_at: list[int] = [state.step] if ckpt_path.is_file() else []  # last checkpoint
-    best = BestCheckpoint(p, tracker, run_id, ckpt_path.with_name("best.pt"), remote)
-
-    def write_checkpoint(s: LoopState) -> None:
-        tracker.flush(run_id)  # the curves up to a checkpoint are stored before it exists
-        save_checkpoint(checkpoint_state(p, s), ckpt_path)
-        saved_at[:] = [s.step]
-        retain(ckpt_path, s.step, cfg.train.keep_checkpoints)
-        if remote:
-            tracker.log_artifact(run_id, ckpt_path, "checkpoints")
+    state: LoopState | None = None
+    files: RunCheckpoints | None = None
 
     def log(metrics: dict[str, float], step: int) -> None:  # queued: off the training path
         tracker.log_metrics(run_id, metrics, step, wait=False)
@@ -348,48 +386,73 @@ def execute(
         for r in results:
             tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
                                 s.step)
-        best.consider(s, results)
+        assert files is not None
+        files.best.consider(s, results)
         if observer is not None and observer.evaluated is not None:
             observer.evaluated(s.step, results)
 
-    stream = batch_stream(p)
-    guard = SignalGuard()
-    hooks = LoopHooks(log=log, checkpoint=write_checkpoint, evaluate=intermediate_eval,
-                      progress=progress, critical=guard.deferred,
-                      reduce=all_mean if p.shard.distributed else None)
     try:
-        with guard.installed():
-            train_loop(p.method, cfg.train, stream, state, hooks)
+        with GUARD.installed():
+            if held:
+                held = False
+                GUARD.release()
+            GUARD.raise_pending()
+            if lock_into is not None:
+                lock_into.enter_context(RunLock(tracker, run_id, report))
+            state = setup()
+            files = RunCheckpoints(p, tracker, run_id, state)
+            hooks = LoopHooks(log=log, checkpoint=files.write, evaluate=intermediate_eval,
+                              progress=progress, critical=GUARD.deferred,
+                              reduce=all_mean if p.shard.distributed else None)
+            train_loop(p.method, cfg.train, batch_stream(p), state, hooks)
             if p.method.trains:
-                with guard.deferred():
-                    write_checkpoint(state)
+                with GUARD.deferred():
+                    files.write(state)
             results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
                                p.device, on_result=lambda r: log_result(tracker, run_id, r),
                                shard=p.shard)
-            best.consider(state, results)
+            files.best.consider(state, results)
             log_eval_artifacts(tracker, run_id, p, results)
     except StopRun as exc:
-        tracker.set_tags(run_id, {"stopped": f"{exc.reason} at iteration {state.step}",
-                                  **exc.tags})
+        step = state.step if state is not None else 0
+        tracker.set_tags(run_id, {"stopped": f"{exc.reason} at iteration {step}", **exc.tags})
         tracker.end_run(run_id, "KILLED")
         raise
     except KeyboardInterrupt as exc:
-        with guard.installed(), guard.shielded():  # a second Ctrl-C cannot cut this short
-            if p.method.trains and state.step > 0:
-                write_checkpoint(state)
-            tracker.set_tags(run_id, {"error": f"interrupted ({exc or 'SIGINT'}) at iteration "
-                                               f"{state.step}"})
+        name = signal_name(exc)
+        step = state.step if state is not None else 0
+        with GUARD.installed(), GUARD.shielded():  # a second Ctrl-C cannot cut this short
+            kept = ""
+            if files is not None and state is not None and p.method.trains and step > 0:
+                files.write(state)
+                kept = "checkpoint kept; "
+            tracker.set_tags(run_id, {"error": f"interrupted ({name}) at iteration {step}"})
             tracker.end_run(run_id, "KILLED")
-        raise RunInterrupted(f"interrupted at iteration {state.step}; checkpoint kept; resume "
-                             f"with `bench run --resume {run_id}`") from None
+        raise RunInterrupted(f"interrupted ({name}) at iteration {step}; run {run_id} marked "
+                             f"KILLED; {kept}resume with `bench run --resume {run_id}`",
+                             signal=name) from None
     except BaseException as exc:
+        step = state.step if state is not None else 0
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}",
-                                  "failed_at_iteration": getattr(exc, "iteration", state.step)})
-        tracker.end_run(run_id, "FAILED")
-        if isinstance(exc, BenchError) and saved_at:
-            raise BenchError(f"{message} (last good checkpoint: {ckpt_path}, iteration "
-                             f"{saved_at[0]})") from exc
+        with GUARD.shielded():
+            tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}",
+                                      "failed_at_iteration": getattr(exc, "iteration", step)})
+            tracker.end_run(run_id, "FAILED")
+        resource = resource_exhausted(exc)
+        if resource is not None:  # the disk or the memory ran out: say so, and how to go on
+            kept = (f"the last checkpoint ({files.path}, iteration {files.saved_at}) is intact"
+                    if files is not None and files.saved_at is not None else
+                    "no checkpoint was written")
+            way = (f"free some space and resume with `bench run --resume {run_id}`"
+                   if "space" in resource or "quota" in resource else
+                   f"resume with `bench run --resume {run_id}` where more memory is free, or "
+                   f"start again with a smaller train.batch_size")
+            raise BenchError(f"{resource}; run {run_id} marked FAILED, {kept}; {way}"
+                             ) from exc
+        if isinstance(exc, BenchError) and files is not None and files.saved_at is not None:
+            raise BenchError(f"{message} (last good checkpoint: {files.path}, iteration "
+                             f"{files.saved_at}; resume with `bench run --resume {run_id}`)"
+                             ) from exc
         raise
     tracker.end_run(run_id, "FINISHED")
     return RunOutcome(run_id, cfg.method, p.dataset.name, results, p.dataset.primary_metric,
@@ -407,15 +470,15 @@ def execute_worker(p: Prepared, run_id: str, state: LoopState) -> RunOutcome:
             evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite, p.device,
                      shard=p.shard)
 
-    guard = SignalGuard()
-    hooks = LoopHooks(evaluate=generate_share, critical=guard.deferred, reduce=all_mean)
+    hooks = LoopHooks(evaluate=generate_share, critical=GUARD.deferred, reduce=all_mean)
     try:
-        with guard.installed():
+        with GUARD.installed():
             train_loop(p.method, cfg.train, batch_stream(p), state, hooks)
             generate_share(state)
     except KeyboardInterrupt as exc:
-        raise RunInterrupted(f"rank {p.shard.rank} interrupted ({exc or 'SIGINT'}) at "
-                             f"iteration {state.step}") from None
+        name = signal_name(exc)
+        raise RunInterrupted(f"rank {p.shard.rank} interrupted ({name}) at iteration "
+                             f"{state.step}", signal=name) from None
     return RunOutcome(run_id, p.config.method, p.dataset.name, [], p.dataset.primary_metric,
                       time.perf_counter() - t0)
 
@@ -513,30 +576,28 @@ def _start(
         report(announce)
     if p.method.student is not None:
         report(net_summary(p.spec, p.method.student))
-    run_id = tracker.start_run(experiment=p.dataset.name,
-                               run_name=run_name or f"{cfg.method}-{p.dataset.name}",
-                               tags={**run_tags(p), **(extra_tags or {})},
-                               parent_run_id=parent_run_id)
-    broadcast(run_id, shard)
-    report(f"run {run_id} in experiment {p.dataset.name!r}")
-    if observer is not None and observer.started is not None:
-        try:
-            observer.started(run_id)
-        except BaseException:
-            tracker.end_run(run_id, "FAILED")
-            raise
+    GUARD.hold()  # from here a signal waits until execute() can end the run KILLED
     try:
-        tracker.log_params(run_id, flatten(to_dict(p.config)))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "config.toml"
-            path.write_text(mask_credentials(dumps(p.config)))  # no password in artifacts
-            tracker.log_artifact(run_id, path)
+        run_id = tracker.start_run(experiment=p.dataset.name,
+                                   run_name=run_name or f"{cfg.method}-{p.dataset.name}",
+                                   tags={**run_tags(p), **(extra_tags or {})},
+                                   parent_run_id=parent_run_id,
+                                   params=flatten(public_dict(p.config)),
+                                   files={"config.toml": dumps(p.config)})
     except BaseException:
-        tracker.end_run(run_id, "FAILED")
+        GUARD.release()
         raise
-    state = new_loop_state(p.method, p.config.train, p.config.seed, p.device)
-    accelerate(p)
-    return execute(p, tracker, run_id, state, progress, report, observer)
+
+    def setup() -> LoopState:
+        broadcast(run_id, shard)
+        report(f"run {run_id} in experiment {p.dataset.name!r}")
+        if observer is not None and observer.started is not None:
+            observer.started(run_id)
+        state = new_loop_state(p.method, p.config.train, p.config.seed, p.device)
+        accelerate(p)
+        return state
+
+    return execute(p, tracker, run_id, setup, progress, report, observer, held=True)
 
 
 def run_config(tracker: Tracker, run_id: str) -> RunConfig:
@@ -579,13 +640,15 @@ def resume(tracker: Tracker, run_id: str, report: Reporter,
     record = tracker.get_run(run_id)
     if record.status == "FINISHED":
         raise UsageError(f"run {run_id} already finished; nothing to resume")
-    if record.status == "RUNNING":
-        report(f"run {run_id} is marked RUNNING (its process died?); resuming it")
-    cfg = run_config(tracker, run_id)
-    if not shard.distributed:
-        return _resume(tracker, run_id, cfg, report, progress, shard)
-    with process_group(shard, local_device(resolve_device(cfg.device))):
-        return _resume(tracker, run_id, cfg, report, progress, shard)
+    with RunLock(tracker, run_id, report) if shard.is_main else contextlib.nullcontext():
+        if record.status == "RUNNING":
+            report(f"run {run_id} is marked RUNNING but no process holds it (it died?); "
+                   f"resuming it")
+        cfg = run_config(tracker, run_id)
+        if not shard.distributed:
+            return _resume(tracker, run_id, cfg, report, progress, shard)
+        with process_group(shard, local_device(resolve_device(cfg.device))):
+            return _resume(tracker, run_id, cfg, report, progress, shard)
 
 
 def _resume(tracker: Tracker, run_id: str, cfg: RunConfig, report: Reporter,
@@ -596,6 +659,9 @@ def _resume(tracker: Tracker, run_id: str, cfg: RunConfig, report: Reporter,
     state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
     ckpt = Path(broadcast(str(checkpoint_path(tracker, run_id)) if shard.is_main else None,
                           shard))
+    if p.method.trains and ckpt.exists() and not ckpt.is_file():
+        raise BenchError(f"run {run_id}'s checkpoint {ckpt} is not a file; move it aside (the "
+                         f"run would otherwise restart from iteration 0)")
     if p.method.trains and ckpt.is_file():
         restore(p, state, load_checkpoint(ckpt, map_location=p.device))
         report(f"resuming run {run_id} at iteration {state.step}")
@@ -604,18 +670,23 @@ def _resume(tracker: Tracker, run_id: str, cfg: RunConfig, report: Reporter,
     accelerate(p)
     if not shard.is_main:
         return execute_worker(p, run_id, state)
-    tracker.reopen(run_id)
-    return execute(p, tracker, run_id, state, progress, report)
+
+    def setup() -> LoopState:
+        tracker.reopen(run_id)
+        return state
+
+    return execute(p, tracker, run_id, setup, progress, report, locked=True)
 
 
 def evaluate_run(tracker: Tracker, run_id: str, nfe: list[int] | None, report: Reporter,
                  ) -> RunOutcome:
     """Re-evaluate a tracked run (at other NFEs, say) and log into the same run."""
     t0 = time.perf_counter()
-    p, state = load_run(tracker, run_id, report, nfe)
-    results = evaluate(p.method, state.ema, p.dataset, p.config, p.config.eval.nfe, p.suite,
-                       p.device, on_result=lambda r: log_result(tracker, run_id, r))
-    log_eval_artifacts(tracker, run_id, p, results)
+    with RunLock(tracker, run_id, report):
+        p, state = load_run(tracker, run_id, report, nfe)
+        results = evaluate(p.method, state.ema, p.dataset, p.config, p.config.eval.nfe,
+                           p.suite, p.device, on_result=lambda r: log_result(tracker, run_id, r))
+        log_eval_artifacts(tracker, run_id, p, results)
     return RunOutcome(run_id, p.config.method, p.dataset.name, results,
                       p.dataset.primary_metric, time.perf_counter() - t0)
 
@@ -638,9 +709,8 @@ def sample_run(tracker: Tracker, run_id: str, nfe: int, count: int, seed: int,
     measured, seconds = generate(p.method, model, p.dataset, nfe, count, batch_size, seed,
                                  p.device, conditional, lambda x: chunks.append(x.cpu()))
     x = torch.cat(chunks).to(torch.float32).numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("wb") as fh:
-        np.savez(fh, x=x, nfe=np.int64(measured), seed=np.int64(seed))
+    # whole or not at all: an interrupted or failed write leaves no partial file behind
+    atomic_write(out, lambda fh: np.savez(fh, x=x, nfe=np.int64(measured), seed=np.int64(seed)))
     report(f"{count} samples at NFE {measured} in {seconds:.2f} s")
     return out
 
@@ -649,10 +719,11 @@ def ode_error_run(tracker: Tracker, run_id: str, nfe: list[int] | None,
                   ddim_nfe: list[int], report: Reporter) -> Any:
     """Consistency error of a tracked run (gmm8/gmm25) next to exact-denoiser DDIM; the run's
     figures are logged as `ode_error` with step = NFE."""
-    p, state = load_run(tracker, run_id, report, nfe)
-    if not isinstance(p.dataset, GaussianMixture):
-        raise UsageError(f"bench ode-error needs gmm8 or gmm25, not {p.dataset.name}")
-    errors = ode_errors(p.method, state.ema, p.dataset, p.config.eval.nfe, ddim_nfe)
-    for k, v in errors.run.items():
-        tracker.log_metrics(run_id, {"ode_error": v}, k)
+    with RunLock(tracker, run_id, report):
+        p, state = load_run(tracker, run_id, report, nfe)
+        if not isinstance(p.dataset, GaussianMixture):
+            raise UsageError(f"bench ode-error needs gmm8 or gmm25, not {p.dataset.name}")
+        errors = ode_errors(p.method, state.ema, p.dataset, p.config.eval.nfe, ddim_nfe)
+        for k, v in errors.run.items():
+            tracker.log_metrics(run_id, {"ode_error": v}, k)
     return errors

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,8 +21,11 @@ from typing import Any
 
 from bench.app.outbox import Outbox, Record
 from bench.core.errors import BenchError, causes
+from bench.core.secrets import mask_credentials, mask_url  # noqa: F401 - re-exported
+from bench.engine.signals import GUARD, critical, signal_name
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+ENDING_TAGS = ("error", "failed_at_iteration", "stopped")  # why a run last ended early
 BUFFER_VALUES = 1000  # asynchronous metrics gathered into one write: at most this many values
 BUFFER_SECONDS = 30.0  # ... or what arrived within this long
 OUTBOX_RETRY_SECONDS = 15.0  # while a server is away, try delivering the outbox this often
@@ -31,29 +35,24 @@ REMOTE_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new "
                 "connection", "Read timed out", "Connection aborted", "RemoteDisconnected")
-# scheme://user:password@host: the password runs to the last "@" of the URL, so an unencoded
-# "@" or "/" in it is masked too; the user may be empty (redis://:password@host)
-_CREDENTIALS = re.compile(
-    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s\"']*):[^\s\"']*@")
-_QUERY_SECRETS = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd|secret|token)=)[^&;\s\"']+",
-                            re.IGNORECASE)
+def _lock_name(db: Path) -> str:
+    """The name of a sqlite store's creation lock: a digest of the database's path, so that
+    nothing of its URL (a query string, say) ends up in a file name."""
+    import hashlib
 
-
-def mask_credentials(text: str) -> str:
-    """Replace the password of any URL in text (user:password@ or ?password=) by ***."""
-    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    return _QUERY_SECRETS.sub(lambda m: f"{m['key']}***", text)
+    return f".{hashlib.sha256(str(db.resolve()).encode()).hexdigest()[:16]}.lock"
 
 
 @contextlib.contextmanager
 def _store_creation_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive lock on <db>.lock while opening a local sqlite store.
+    """Hold an exclusive lock on .<digest>.lock beside the database while opening a local
+    sqlite store.
 
     MLflow creates and migrates the schema of a new sqlite file on first use; two processes
     doing that at once (two `bench run`s on a fresh runs/ folder) break the migration. Other
     stores, and systems without fcntl, are opened without the lock.
     """
-    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
     if not path or path.startswith(":memory:"):
         yield
         return
@@ -64,7 +63,7 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
         return
     db = Path(path)
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as fh:
+    with open(db.parent / _lock_name(db), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -144,6 +143,7 @@ class Tracker:
         self._pending: dict[str, list[tuple[Any, list[Any]]]] = {}
         self._buffer: dict[str, list[Any]] = {}  # run id -> metrics not yet queued
         self._buffer_since: dict[str, float] = {}  # run id -> when its buffer was started
+        self._logged: dict[str, set[tuple[str, int]]] = {}  # reopened run -> points it holds
         try:
             with _store_creation_lock(uri):
                 self.client = MlflowClient(tracking_uri=uri)
@@ -179,19 +179,53 @@ class Tracker:
         run_name: str,
         tags: Mapping[str, str],
         parent_run_id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        files: Mapping[str, str] | None = None,
     ) -> str:
-        """Create a run and return its id."""
+        """Create a run with its tags, params and small text artifacts (`files`: name ->
+        text, a config.toml say) and return its id. No signal cuts this short: one that
+        arrives is raised once the run is whole, which then ends KILLED; an error ends it
+        FAILED."""
         all_tags = {k: mask_credentials(str(v)) for k, v in tags.items()}
         all_tags["mlflow.runName"] = run_name
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id(experiment), tags=all_tags,
-                                     run_name=run_name)
-        return run.info.run_id
+        experiment_id = self.experiment_id(experiment)
+        run_id: str | None = None
+        try:
+            with critical():
+                run_id = self.client.create_run(experiment_id, tags=all_tags,
+                                                run_name=run_name).info.run_id
+                if params:
+                    self.log_params(run_id, params)
+                if files:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        for name, text in files.items():
+                            path = Path(tmp) / name
+                            path.write_text(mask_credentials(text))
+                            self.log_artifact(run_id, path)
+        except BaseException as exc:
+            if run_id is not None:
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                reason = (f"interrupted ({signal_name(exc)}) as the run was created"
+                          if interrupted else f"{type(exc).__name__}: {_first_line(exc)}")
+                with GUARD.shielded():
+                    self.set_tags(run_id, {"error": reason})
+                    self.end_run(run_id, "KILLED" if interrupted else "FAILED")
+            raise
+        return run_id
 
     def reopen(self, run_id: str) -> None:
-        """Mark a finished, failed or killed run as running again (resume)."""
-        self.client.update_run(run_id, status="RUNNING")
+        """Mark a finished, failed or killed run as running again (resume): its tags of the
+        last ending (error, stopped) go, and from now on a metric point at a (name, step) the
+        run already holds is not logged again (a resume repeats the iterations after its
+        checkpoint and an interrupted evaluation, with the same values)."""
+        with critical():
+            self.client.update_run(run_id, status="RUNNING")
+        for key in ENDING_TAGS:
+            self.delete_tag(run_id, key)
+        self._logged[run_id] = {(key, m.step) for key in self.client.get_run(run_id).data.metrics
+                                for m in self.client.get_metric_history(run_id, key)}
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Close a run as FINISHED, FAILED or KILLED, once its queued metrics are stored.
@@ -328,7 +362,9 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        logged = self._logged.get(run_id)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if logged is None or (k, int(step)) not in logged]
         if not items:
             return
         if wait:
@@ -395,7 +431,11 @@ class Tracker:
 
     def _write(self, run_id: str, record: Record, call: Callable[[], Any]) -> None:
         """One write to a run: made now, or kept in the outbox (behind what is already
-        there) while the tracking server does not answer."""
+        there) while the tracking server does not answer. A signal waits until it is made."""
+        with critical():
+            self._write_now(run_id, record, call)
+
+    def _write_now(self, run_id: str, record: Record, call: Callable[[], Any]) -> None:
         if self.outbox is None:
             call()
             return

@@ -739,22 +739,31 @@ def suite(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors (exit 2 usage, 1 otherwise); --debug shows tracebacks."""
-    from bench.core.memory import one_malloc_arena
+    """Entry point: one-line errors (exit 2 usage, 1 otherwise; 130 for Ctrl-C, 143 for
+    SIGTERM); --debug shows tracebacks (and the warnings of the libraries underneath)."""
+    import click
 
+    from bench.core.memory import one_malloc_arena
+    from bench.engine.signals import GUARD, exit_code, signal_name
+
+    GUARD.install()  # SIGTERM ends a command like Ctrl-C does, from its first line
     one_malloc_arena()  # before torch starts its threads
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("BENCH_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    quiet_dependencies(debug)
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="bench", standalone_mode=False)
-    except typer.Exit as exc:
+        # make_context + invoke instead of command.main(): Click's main would turn Ctrl-C
+        # into an exit code that non-standalone mode returns instead of raising
+        with command.make_context("bench", args) as ctx:
+            command.invoke(ctx)
+    except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
+    except click.exceptions.Abort:
         print("bench: aborted", file=sys.stderr)
         sys.exit(130)
-    except typer.TyperException as exc:
+    except click.exceptions.ClickException as exc:
         if debug:
             raise
         if type(exc).__name__ == "NoArgsIsHelpError":  # `bench` alone: the help text
@@ -764,11 +773,11 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"bench: error: {mask_credentials(exc.format_message())}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
-        print("bench: interrupted", file=sys.stderr)
-        sys.exit(130)
+        print(f"bench: interrupted ({signal_name(exc)})", file=sys.stderr)
+        sys.exit(exit_code(exc))
     except Exception as exc:
         from bench.app.tracking import mask_credentials  # no password in any error line
         from bench.core.errors import BenchError
@@ -778,10 +787,37 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, BenchError):
             print(f"bench: error: {mask_credentials(str(exc))}", file=sys.stderr)
             sys.exit(exc.exit_code)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"bench: internal error: {type(exc).__name__}: {mask_credentials(first)} "
-              f"(run with --debug for the traceback)", file=sys.stderr)
+        print(f"bench: {describe_failure(exc)}", file=sys.stderr)
         sys.exit(1)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an unexpected error: what ran out (disk, memory) when that is the cause,
+    else the error's type and first line."""
+    from bench.app.tracking import mask_credentials
+    from bench.core.errors import resource_exhausted
+
+    resource = resource_exhausted(exc)
+    if resource is not None:
+        return f"error: {mask_credentials(resource)}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"internal error: {type(exc).__name__}: {mask_credentials(first)} (run with "
+            f"--debug for the traceback)")
+
+
+def quiet_dependencies(debug: bool) -> None:
+    """Keep the warnings of torch, SQLAlchemy, MLflow, tqdm and the others off the terminal
+    (--debug shows them): each is something for us to act on, not the user."""
+    import logging
+    import warnings
+
+    if debug:
+        return
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # subprocesses (torchrun, workers)
+    for name in ("mlflow", "alembic", "sqlalchemy", "optuna", "torch", "urllib3", "matplotlib",
+                 "PIL", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -251,6 +251,14 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return cfg.model_dump()
 
 
+def public_dict(cfg: RunConfig) -> dict[str, Any]:
+    """to_dict with every URL's password masked: what is written anywhere (checkpoints,
+    config.toml, params)."""
+    from bench.core.secrets import masked
+
+    return masked(to_dict(cfg))
+
+
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {"train.steps": 4000, ...}."""
     out: dict[str, Any] = {}
@@ -626,5 +634,5 @@ def merge_free(base: dict[str, Any], layer: Mapping[str, Any]) -> None:
 
 
 def dumps(cfg: RunConfig) -> str:
-    """The config as TOML text that `--config` accepts back."""
-    return tomli_w.dumps(to_dict(cfg))
+    """The config as TOML text that `--config` accepts back (passwords masked)."""
+    return tomli_w.dumps(public_dict(cfg))

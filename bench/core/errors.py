@@ -12,7 +12,13 @@ class BenchError(Exception):
 
 
 class RunInterrupted(BenchError):
-    """Ctrl-C or SIGTERM ended a run (its checkpoint is kept): exit code 1, one line."""
+    """Ctrl-C or SIGTERM ended a run (marked KILLED, its checkpoint kept): one line, exit
+    code 130 for SIGINT and 143 for SIGTERM (128 + the signal's number, as shells report)."""
+
+    def __init__(self, message: str, signal: str = "SIGINT") -> None:
+        super().__init__(message)
+        self.signal = signal
+        self.exit_code = 143 if signal == "SIGTERM" else 130
 
 
 class UsageError(BenchError):
@@ -34,3 +40,43 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__
+
+
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory",
+                  "cannot allocate memory")
+
+
+def resource_exhausted(exc: BaseException) -> str | None:
+    """What ran out, when exc (or an error it was raised from or during) says a disk or the
+    memory is full: 'no space left on device (...)', 'out of memory (...)'; else None."""
+    import errno
+
+    for error in causes(exc):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {error.filename}" if error.filename else ""
+            kind = "disk quota exceeded" if error.errno == errno.EDQUOT else \
+                "no space left on device"
+            return f"{kind}{where}"
+        text = str(error).strip().splitlines()[0].lower() if str(error).strip() else ""
+        if "database or disk is full" in text:
+            return "no space left on device for the tracking store (database or disk is full)"
+        if isinstance(error, MemoryError):
+            return "out of memory (the host's RAM)"
+        if type(error).__name__ == "OutOfMemoryError" or (
+                isinstance(error, RuntimeError) and any(m in text for m in _OUT_OF_MEMORY)):
+            device = "GPU memory" if "cuda" in text or "gpu" in text else "memory"
+            return f"out of {device}: {str(error).strip().splitlines()[0][:200]}"
+    return None
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words. A file that needs
+    code to be unpickled is refused outright: torch's advice to load it with
+    weights_only=False is left out, since that runs whatever code the file holds."""
+    import pickle
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError) or first.startswith("Weights only load failed"):
+        return ("holds Python objects other than tensors and plain values, which could run "
+                "code when loaded; it is refused (only weights-only files are loaded)")
+    return f"is unreadable (corrupt or truncated): {first[:300]}"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from bench.core.atomic import atomic_write
-from bench.core.errors import BenchError
+from bench.core.errors import BenchError, unreadable_reason
 
 FORMAT = "cmbench-checkpoint/1"
 KEPT_PATTERN = re.compile(r"^iter-(\d+)\.pt$")  # the kept history beside last.pt
@@ -25,14 +25,14 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by save_checkpoint; never unpickles code."""
+    if path.is_dir():
+        raise BenchError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise BenchError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated, corrupt or not a torch file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BenchError(f"checkpoint {path} is unreadable (corrupt or truncated): {first}"
-                         ) from None
+    except Exception as exc:  # truncated, corrupt, not a torch file, or one that holds code
+        raise BenchError(f"checkpoint {path} {unreadable_reason(exc)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise BenchError(f"{path} is not a cmbench checkpoint")
     return state

@@ -1,14 +1,23 @@
-"""SIGINT and SIGTERM end a run at a safe point.
+"""SIGINT and SIGTERM end a command at a safe point.
+
+The `bench` command installs one process-wide guard (`GUARD.install()`) before it does
+anything: both signals then arrive as `Interrupted` (a KeyboardInterrupt whose message is the
+signal's name), so a pre-empted job (SIGTERM) is handled exactly like Ctrl-C, with exit code
+143 instead of 130.
 
 A signal that arrives inside a `deferred()` block (one training iteration and its periodic
-checkpoint) is raised as `Interrupted` when the block ends, so no iteration is ever cut in half:
-the final checkpoint then holds the weights, optimizer, EMA, RNG states and iteration counter
-of one and the same completed iteration, and `--resume` continues bit for bit. Outside such a
-block (evaluation, say) the signal is raised at once.
+checkpoint, the creation of a run and the record of its id, one write to the tracking store) is
+raised as `Interrupted` when the outermost such block ends, so neither an iteration nor a
+store transaction is ever cut in half: the final checkpoint then holds the weights, optimizer,
+EMA, RNG states and iteration counter of one and the same completed iteration, `--resume`
+continues bit for bit, and the store is never left locked by a half-made write. Outside such a
+block (evaluation, say) the signal is raised at once. Signals are only ever delivered to the
+main thread, so blocks entered on other threads defer nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Iterator
@@ -17,10 +26,25 @@ from types import FrameType, TracebackType
 from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report
 
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; the message is the signal's name."""
+
+    @property
+    def signal_name(self) -> str:
+        return str(self.args[0]) if self.args else "SIGINT"
+
+
+def signal_name(exc: BaseException) -> str:
+    """SIGINT or SIGTERM: which signal a KeyboardInterrupt stands for (a plain one: SIGINT)."""
+    return exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code of a command ended by this interrupt: 130 (SIGINT) or 143 (SIGTERM)."""
+    return EXIT_CODES.get(signal_name(exc), 130)
 
 
 class SignalGuard:
@@ -37,6 +61,12 @@ class SignalGuard:
             return
         raise Interrupted(name)
 
+    def install(self) -> None:
+        """Handle SIGINT and SIGTERM for the rest of the process (main thread only)."""
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                signal.signal(s, self._handle)
+
     @contextmanager
     def installed(self) -> Iterator[SignalGuard]:
         """Handle SIGINT and SIGTERM inside the block (main thread only; elsewhere a no-op)."""
@@ -50,9 +80,12 @@ class SignalGuard:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def deferred(self) -> _Deferred:
+    def deferred(self) -> contextlib.AbstractContextManager[None]:
         """Hold signals back until the block ends, then raise Interrupted (if none is raised).
-        A plain context manager (entered once per training iteration: no generator)."""
+        A plain context manager (entered once per training iteration: no generator); a
+        no-op on threads other than the main one."""
+        if threading.current_thread() is not threading.main_thread():
+            return _NOTHING
         return _Deferred(self)
 
     @contextmanager
@@ -64,6 +97,24 @@ class SignalGuard:
         finally:
             self._depth -= 1
             self.pending = None
+
+    def hold(self) -> None:
+        """Hold signals back until release() (a deferred block spanning two functions: the
+        creation of a run and the start of the code that ends it KILLED). Main thread only,
+        like every block of the guard; elsewhere a no-op."""
+        if threading.current_thread() is threading.main_thread():
+            self._depth += 1
+
+    def release(self) -> None:
+        """End a hold(); a signal held back is raised by the next raise_pending()."""
+        if threading.current_thread() is threading.main_thread():
+            self._depth -= 1
+
+    def raise_pending(self) -> None:
+        """Raise a signal held back by an enclosing block now (outside every deferred block)."""
+        if self.pending is not None and not self._depth:
+            name, self.pending = self.pending, None
+            raise Interrupted(name)
 
 
 class _Deferred:
@@ -82,4 +133,16 @@ class _Deferred:
         guard = self.guard
         guard._depth -= 1
         if kind is None and not guard._depth and guard.pending is not None:
-            raise Interrupted(guard.pending)
+            name, guard.pending = guard.pending, None
+            raise Interrupted(name)
+
+
+_NOTHING = contextlib.nullcontext()
+
+GUARD = SignalGuard()  # the process's guard: `bench` installs it, the run and the tracker use it
+
+
+def critical() -> contextlib.AbstractContextManager[None]:
+    """A block no signal cuts short (raised when it ends instead): the process guard's
+    deferred()."""
+    return GUARD.deferred()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.core.errors import BenchError
+from bench.core.errors import BenchError, unreadable_reason
 
 TORCH_FIDELITY = "torch-fidelity"
 CLEAN_FID = "clean-fid"
@@ -132,8 +132,7 @@ def load_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a wrong or corrupt file can raise almost anything
-        first = " ".join(str(err).split())[:300]
-        raise BenchError(f"cannot read '{path}' as a weights-only state dict: {first}") from None
+        raise BenchError(f"'{path}' {unreadable_reason(err)}") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise BenchError(f"'{path}' is not a state dict of tensors")
     return dict(state)
