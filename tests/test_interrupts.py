@@ -157,8 +157,11 @@ def test_a_signal_at_any_moment_of_a_run_ends_it_killed_with_the_exit_code(
     run_id = assert_killed_with_hint(run, signum)
     if moment in ("training", "evaluating"):
         assert "checkpoint kept" in run.lines[-1]
+    # flags that disagree with the run are refused; agreeing ones are accepted
+    assert_one_line_error(run_bench(["run", "--resume", run_id, "--steps", "999"], cwd), 2,
+                          f"train.steps = 999 conflicts with run {run_id}, which has {STEPS}")
     # the run resumes to the end under its own id; nothing was logged twice
-    done = run_bench(["run", "--resume", run_id], cwd)
+    done = run_bench(["run", "--resume", run_id, "--steps", str(STEPS), "--method", "ct"], cwd)
     assert done.returncode == 0, done.stderr
     assert run_id_of(done.stdout) == run_id
     client = client_for(cwd)

@@ -484,3 +484,46 @@ def test_hosts_opening_a_new_database_at_once_all_get_the_storage(
     results = [p.communicate(timeout=120) for p in procs]
     for proc, (out, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0 and out.strip() == "0", err[-2000:]
+
+
+def test_a_password_in_the_tracking_and_storage_urls_is_nowhere_at_rest(
+        loopback_postgres: str, tmp_path: Path) -> None:
+    # a sweep whose trials train with checkpoints, tracked in PostgreSQL and with its Optuna
+    # study in PostgreSQL, both URLs holding the password; then every file the sweep left
+    # (checkpoints, artifacts, outbox, locks, the journal of nothing), its output and every
+    # row of both databases are searched for the password, plain and percent-encoded
+    import psycopg
+
+    name = f"secret_{os.getpid()}_{int(time.time())}"
+    with psycopg.connect(loopback_postgres, autocommit=True) as conn:
+        for db in (f"{name}_mlflow", f"{name}_optuna"):
+            conn.execute(f'CREATE DATABASE "{db}"')
+    base = loopback_postgres.rsplit("/", 1)[0]
+    tracking, storage = f"{base}/{name}_mlflow", f"{base}/{name}_optuna"
+    assert quote(PASSWORD, safe="") in tracking
+    # the tracking URL in bench.toml, so that it is part of every trial's config
+    (tmp_path / "bench.toml").write_text(f'[tracking]\nuri = "{tracking}"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "sweep", "--method", "ct", "--dataset", "gmm8",
+         "--space", "ct-schedule", "--trials", "2", "--pruner", "none",
+         "--set", "train.steps=60", "--set", "train.checkpoint_every=20",
+         "--set", "train.keep_checkpoints=2", "--set", "train.keep_best=true",
+         "--set", "eval.num_samples=300", "--storage", storage],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=bench_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    checkpoints = list(tmp_path.rglob("*.pt"))
+    assert len(checkpoints) >= 4, checkpoints  # last.pt, kept and best of each trial
+    no_secret_in(out.stdout + out.stderr, "the sweep's output")
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.name != "bench.toml":  # the user's own file
+            data = path.read_bytes()
+            for secret in SECRETS:
+                assert secret.encode() not in data, f"the password appears in {path}"
+    for db in (f"{name}_mlflow", f"{name}_optuna"):
+        with psycopg.connect(f"{base}/{db}") as conn:
+            tables = [row[0] for row in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")]
+            assert tables
+            for table in tables:
+                rows = conn.execute(f'SELECT * FROM "{table}"').fetchall()
+                no_secret_in(repr(rows), f"table {table} of {db}")

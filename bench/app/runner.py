@@ -8,7 +8,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,20 @@ from bench.app.artifacts import (
 from bench.app.diagnostics import ode_errors
 from bench.app.runlock import RunLock
 from bench.app.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
-from bench.app.tracking import Tracker, git_commit, package_versions
+from bench.app.tracking import Tracker, git_commit, package_versions, param_text
 from bench.core.atomic import atomic_write
-from bench.core.config import RunConfig, dumps, flatten, from_dict, public_dict, read_toml
+from bench.core.config import (
+    RunConfig,
+    dumps,
+    flatten,
+    from_dict,
+    merge_free,
+    nest,
+    parse_set,
+    public_dict,
+    read_toml,
+    to_dict,
+)
 from bench.core.errors import BenchError, RunInterrupted, UsageError, resource_exhausted
 from bench.data.datasets import Dataset, GaussianMixture, PointsDataset, get_dataset
 from bench.engine.checkpoint import load_checkpoint, retain, save_checkpoint
@@ -629,10 +640,33 @@ def load_run(tracker: Tracker, run_id: str, report: Reporter, nfe: list[int] | N
     return p, state
 
 
+def check_resume_flags(cfg: RunConfig, run_id: str, flags: Mapping[str, Any],
+                       sets: list[str]) -> None:
+    """A resumed run keeps its config: flags and --set values given with --resume must agree
+    with it (a usage error names the first that does not); where the run is tracked
+    (tracking.*) is not part of it."""
+    data = to_dict(cfg)
+    for key, value in flags.items():
+        if value is not None:
+            merge_free(data, nest(key.split("."), value))
+    for item in sets:
+        path, value = parse_set(item)
+        merge_free(data, nest(path, value))
+    wanted = flatten(to_dict(from_dict(data)))
+    have = flatten(to_dict(cfg))
+    for key, value in wanted.items():
+        if not key.startswith("tracking.") and have.get(key) != value:
+            raise UsageError(f"{key} = {param_text(value)} conflicts with run {run_id}, "
+                             f"which has {param_text(have.get(key))}: a resumed run keeps its "
+                             f"config (start a new run to change it)")
+
+
 def resume(tracker: Tracker, run_id: str, report: Reporter,
            progress: Callable[[int, int, float], None] | None = None,
-           shard: Shard = Shard()) -> RunOutcome:
-    """Continue a killed or failed run from its last checkpoint, under the same run id.
+           shard: Shard = Shard(), flags: Mapping[str, Any] | None = None,
+           sets: list[str] | None = None) -> RunOutcome:
+    """Continue a killed or failed run from its last checkpoint, under the same run id
+    (`flags` and `sets`, given with --resume, must agree with its config).
 
     Under several processes every rank reads the run's config; rank 0 finds the checkpoint and
     reopens the run, the others load the checkpoint it names."""
@@ -645,6 +679,7 @@ def resume(tracker: Tracker, run_id: str, report: Reporter,
             report(f"run {run_id} is marked RUNNING but no process holds it (it died?); "
                    f"resuming it")
         cfg = run_config(tracker, run_id)
+        check_resume_flags(cfg, run_id, flags or {}, sets or [])
         if not shard.distributed:
             return _resume(tracker, run_id, cfg, report, progress, shard)
         with process_group(shard, local_device(resolve_device(cfg.device))):

@@ -127,6 +127,8 @@ class Tracker:
             logging.getLogger(name).setLevel(logging.WARNING)
         # MLflow prints a server's run links itself, with the URL as given (a password too)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        # nor its artifact-download progress bars (tqdm), which a resume or `bench eval` showed
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
         self.uri = uri
         self.runs_dir = runs_dir

@@ -170,23 +170,26 @@ def run(
     if nproc is not None:
         _relaunch(nproc)
     shard = _shard()
+    flags = {"method": method, "dataset": dataset, "teacher": teacher,
+             "eval.nfe": parse_nfe(nfe), "train.steps": steps, "seed": seed, "device": device}
     if resume:
-        if not RUN_ID_PATTERN.match(resume):  # before the slow imports
-            from bench.core.errors import BenchError
+        from bench.core.errors import BenchError, UsageError
 
+        if not RUN_ID_PATTERN.match(resume):  # before the slow imports
             raise BenchError(f"unknown run id {resume!r} (run ids are 32 hex characters)")
+        if config is not None:
+            raise UsageError("--config cannot be given with --resume: a resumed run keeps its "
+                             "own config")
         from bench.app import runner
 
         tracker = _tracker(tracking_uri)
         if not shard.is_main:  # another rank of a torchrun: rank 0 reports
-            runner.resume(tracker, resume, _report, shard=shard)
+            runner.resume(tracker, resume, _report, shard=shard, flags=flags, sets=set_)
             return
         with _Progress() as progress:
-            outcome = runner.resume(tracker, resume, _report, progress, shard)
+            outcome = runner.resume(tracker, resume, _report, progress, shard, flags, set_)
         _print_outcome(outcome)
         return
-    flags = {"method": method, "dataset": dataset, "teacher": teacher,
-             "eval.nfe": parse_nfe(nfe), "train.steps": steps, "seed": seed, "device": device}
     resolved = resolve(bench_files=default_bench_files(Path.cwd()), config_file=config,
                        flags=flags, sets=set_ or [])
     shard.local_size(resolved.config.train.batch_size)  # an uneven split fails at once
@@ -741,8 +744,6 @@ def suite(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors (exit 2 usage, 1 otherwise; 130 for Ctrl-C, 143 for
     SIGTERM); --debug shows tracebacks (and the warnings of the libraries underneath)."""
-    import click
-
     from bench.core.memory import one_malloc_arena
     from bench.engine.signals import GUARD, exit_code, signal_name
 
@@ -754,16 +755,16 @@ def main(argv: list[str] | None = None) -> None:
     quiet_dependencies(debug)
     command = typer.main.get_command(app)
     try:
-        # make_context + invoke instead of command.main(): Click's main would turn Ctrl-C
-        # into an exit code that non-standalone mode returns instead of raising
+        # make_context + invoke instead of command.main(): its main turns Ctrl-C into an
+        # exit code that non-standalone mode returns instead of raising
         with command.make_context("bench", args) as ctx:
             command.invoke(ctx)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("bench: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.ClickException as exc:
+    except typer.TyperException as exc:
         if debug:
             raise
         if type(exc).__name__ == "NoArgsIsHelpError":  # `bench` alone: the help text
