@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -435,10 +436,14 @@ def _execute(
         with GUARD.installed(), GUARD.shielded():  # a second Ctrl-C cannot cut this short
             kept = ""
             if files is not None and state is not None and p.method.trains and step > 0:
-                files.write(state)
-                kept = "checkpoint kept; "
-            tracker.set_tags(run_id, {"error": f"interrupted ({name}) at iteration {step}"})
-            tracker.end_run(run_id, "KILLED")
+                try:
+                    files.write(state)
+                    kept = "checkpoint kept; "
+                except Exception as error:  # a full disk, say: the previous one is whole
+                    kept = (f"the checkpoint of iteration {files.saved_at} is kept (writing "
+                            f"this one failed: {resource_exhausted(error) or error}); ")
+            _record_end(tracker, run_id, "KILLED",
+                        {"error": f"interrupted ({name}) at iteration {step}"})
         raise RunInterrupted(f"interrupted ({name}) at iteration {step}; run {run_id} marked "
                              f"KILLED; {kept}resume with `bench run --resume {run_id}`",
                              signal=name) from None
@@ -446,9 +451,9 @@ def _execute(
         step = state.step if state is not None else 0
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         with GUARD.shielded():
-            tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {message}",
-                                      "failed_at_iteration": getattr(exc, "iteration", step)})
-            tracker.end_run(run_id, "FAILED")
+            _record_end(tracker, run_id, "FAILED",
+                        {"error": f"{type(exc).__name__}: {message}",
+                         "failed_at_iteration": getattr(exc, "iteration", step)})
         resource = resource_exhausted(exc)
         if resource is not None:  # the disk or the memory ran out: say so, and how to go on
             kept = (f"the last checkpoint ({files.path}, iteration {files.saved_at}) is intact"
@@ -468,6 +473,19 @@ def _execute(
     tracker.end_run(run_id, "FINISHED")
     return RunOutcome(run_id, cfg.method, p.dataset.name, results, p.dataset.primary_metric,
                       time.perf_counter() - t0)
+
+
+def _record_end(tracker: Tracker, run_id: str, status: str, tags: dict[str, Any]) -> None:
+    """Tag a run with why it ended and close it; when the store cannot take that (its disk is
+    full, say), one line says so and the run's own error goes on (the run stays RUNNING, which
+    `--resume` accepts)."""
+    try:
+        tracker.set_tags(run_id, tags)
+        tracker.end_run(run_id, status)
+    except Exception as error:
+        reason = resource_exhausted(error) or str(error).strip().splitlines()[0][:200]
+        print(f"bench: could not mark run {run_id} {status} in the tracking store: {reason}",
+              file=sys.stderr, flush=True)
 
 
 def execute_worker(p: Prepared, run_id: str, state: LoopState) -> RunOutcome:
