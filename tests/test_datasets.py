@@ -532,6 +532,91 @@ def test_corrupt_image_names_file(tmp_path):
     assert "bad.png" in one_line(err)
 
 
+# --- image folders with links ------------------------------------------------------------------
+
+
+def link_maze(root: Path) -> None:
+    """x.png, a/y.png, b/z.png under root, tied together by links: a/to-b -> b, b/to-a -> a
+    (a loop), four links to root itself (a walk that followed them would branch 4-fold at each
+    level), a link to root's parent, a link to an image and a hard link to another."""
+    write_pngs(root, 1, (8, 8), seed=8)
+    (root / "00.png").rename(root / "x.png")
+    for sub, name in (("a", "y.png"), ("b", "z.png")):
+        write_pngs(root / sub, 1, (8, 8), seed=9)
+        (root / sub / "00.png").rename(root / sub / name)
+    (root / "a" / "to-b").symlink_to("../b")
+    (root / "b" / "to-a").symlink_to("../a")
+    for i in range(4):
+        (root / f"again{i}").symlink_to(".")
+    (root / "a" / "up").symlink_to("../..")
+    (root / "xx-link.png").symlink_to("x.png")
+    os.link(root / "b" / "z.png", root / "b" / "zz-hard.png")
+
+
+@pytest.mark.timeout(60)
+def test_link_loops_end_fast_with_each_image_once(tmp_path):
+    root = tmp_path / "maze"
+    link_maze(root)
+    folder = get_dataset(f"folder:{root}")
+    assert len(folder) == 3
+    assert [p.relative_to(root).as_posix() for p in folder._listing()[0]] == \
+        ["x.png", "a/y.png", "b/z.png"]
+    assert folder.train().shape == (3, 3, 8, 8)
+
+
+def test_self_link_does_not_duplicate_images(tmp_path):
+    write_pngs(tmp_path, 2, (8, 8), seed=10)
+    (tmp_path / "again").symlink_to(".")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "back").symlink_to("..")
+    assert len(get_dataset(f"folder:{tmp_path}")) == 2
+
+
+def test_links_outside_the_folder_are_followed(tmp_path):
+    outside = write_pngs(tmp_path / "elsewhere", 2, (8, 8), seed=11)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cats").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "data" / "dogs").symlink_to(tmp_path / "elsewhere")  # the same folder again
+    folder = get_dataset(f"folder:{tmp_path / 'data'}")
+    pixels = folder.train_uint8()
+    assert [p.parent.name for p in folder._listing()[0]] == ["cats", "cats"]
+    for got, want in zip(pixels, outside, strict=True):
+        assert torch.equal(got, torch.from_numpy(want.transpose(2, 0, 1)))
+
+
+def test_class_folder_linked_from_another_keeps_its_own_label(tmp_path):
+    """imagenet64 as class subfolders: n01/extra -> ../n02 is claimed by n02's own entry at the
+    top, so n02's images keep label 1 and are not counted again under n01."""
+    for synset in ("n01", "n02"):
+        write_pngs(tmp_path / synset, 2, (64, 64), seed=12)
+    (tmp_path / "n01" / "extra").symlink_to("../n02")
+    imagenet = get_dataset("imagenet64", str(tmp_path))
+    assert torch.equal(imagenet.train_labels(), torch.tensor([0, 0, 1, 1]))
+
+
+@pytest.mark.timeout(60)
+def test_fifo_and_broken_link_with_image_names_are_one_line(tmp_path):
+    write_pngs(tmp_path, 1, (8, 8), seed=13)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(BenchError) as err:
+        len(get_dataset(f"folder:{tmp_path}"))
+    assert f"'{fifo}'" in one_line(err) and "not a regular file" in one_line(err)
+    fifo.unlink()
+    broken = tmp_path / "gone.png"
+    broken.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(BenchError) as err:
+        len(get_dataset(f"folder:{tmp_path}"))
+    assert f"broken link '{broken}'" in one_line(err)
+
+
+def test_imagenet64_ignores_a_fifo_named_like_a_batch(tmp_path):
+    os.mkfifo(tmp_path / "train_data_batch_1.npz")
+    with pytest.raises(BenchError) as err:
+        get_dataset("imagenet64", str(tmp_path))
+    assert "no images" in one_line(err)
+
+
 def test_unknown_name_lists_valid_names():
     with pytest.raises(UsageError) as err:
         get_dataset("cifar100")

@@ -438,7 +438,12 @@ def refstats(
 
 @app.command()
 def datasets() -> None:
-    """List the datasets: name, shape, size, sigma_data and availability here."""
+    """List the datasets: name, shape, size, sigma_data and availability here.
+
+    Image folders (folder:PATH, lsun-*, imagenet64 as class subfolders) are read recursively;
+    links are followed, but each real folder and each real file only once, so link loops end
+    and no image counts twice.
+    """
     from rich.table import Table
 
     from bench.core.config import default_bench_files

@@ -7,6 +7,11 @@ unpickler), `imagenet64` (.npz batches or a class-per-subfolder image folder), `
 `lsun-cat`, `folder:PATH` (image folders) and `points:PATH` (2-D points). Opening a path
 dataset is cheap; pixels are read on first use and kept in memory as uint8, converted to float32
 in [-1, 1] on request.
+
+Image folders are read recursively and follow links to folders and files, also outside the
+folder (except links to the folder itself or above it); each real folder is listed once and each
+real file counted once, so a link loop or a link back to a parent neither hangs the scan nor
+repeats images.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -736,13 +742,73 @@ class Cifar10(PathImageDataset):
 # --- image folders --------------------------------------------------------------------------
 
 
+def _scan(directory: Path) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]]]:
+    """A folder's image entries and subfolder entries (links followed), each sorted by name."""
+    try:
+        with os.scandir(directory) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError as err:
+        raise BenchError(f"cannot list folder '{directory}': {err.strerror or err}") from None
+    images, subfolders = [], []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            subfolders.append(entry)
+        elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+            images.append(entry)
+    return images, subfolders
+
+
+def _identity(entry: os.DirEntry[str]) -> tuple[int, int, int]:
+    """(device, inode, mode) of what an entry names, links followed; BenchError if it is a
+    broken link or cannot be read."""
+    try:
+        info = entry.stat()
+    except OSError as err:
+        what = "broken link" if entry.is_symlink() else "unreadable"
+        raise BenchError(f"{what} '{entry.path}': {err.strerror or err}") from None
+    return info.st_dev, info.st_ino, info.st_mode
+
+
 def _walk_images(root: Path) -> Iterator[Path]:
-    """Image files under root, recursively, in a fixed sorted order (files before subfolders)."""
-    for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs.sort()
-        for file in sorted(files):
-            if file.lower().endswith(IMAGE_SUFFIXES):
-                yield Path(directory) / file
+    """Image files under root, recursively, in a fixed sorted order (files before subfolders).
+
+    Links to folders and to files are followed, also when they point outside root, except a
+    link to root itself or to a folder above it. Each real folder (by device and inode) is listed
+    once, under the first path the walk finds for it (a folder's listing claims its subfolders
+    before any of them is read), and each real file is yielded once, at its first path: a link
+    loop or a link back to a parent neither repeats images nor hangs. An unlistable folder, a
+    broken link with an image name, or an image name that is not a regular file (a FIFO, a
+    device) is a BenchError naming the path.
+    """
+    try:
+        top = root.stat()
+        above = [(info.st_dev, info.st_ino) for info in map(os.stat, root.resolve().parents)]
+    except OSError as err:
+        raise BenchError(f"cannot read folder '{root}': {err.strerror or err}") from None
+    folders_seen = {(top.st_dev, top.st_ino), *above}
+    files_seen: set[tuple[int, int]] = set()
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        images, subfolders = _scan(directory)
+        for entry in images:
+            device, inode, mode = _identity(entry)
+            if not stat.S_ISREG(mode):
+                raise BenchError(f"'{entry.path}' has an image name but is not a regular file")
+            if (device, inode) not in files_seen:
+                files_seen.add((device, inode))
+                yield Path(entry.path)
+        below = []
+        for entry in subfolders:
+            device, inode, _ = _identity(entry)
+            if (device, inode) not in folders_seen:
+                folders_seen.add((device, inode))
+                below.append(Path(entry.path))
+        pending.extend(reversed(below))
 
 
 def _read_image(file: Path, resolution: int) -> np.ndarray:
@@ -779,6 +845,8 @@ def _image_side(file: Path) -> int:
 class ImageFolder(PathImageDataset):
     """Images found recursively under a folder, centre-cropped and resized to a square.
 
+    The walk (`_walk_images`) follows links but lists each real folder and yields each real file
+    once, so link loops end and no image is counted twice.
     With `labelled`, the first subfolder below the root names the class (sorted names -> 0..K-1).
     Files are listed once; train_uint8() decodes and caches everything, while train_batch() and
     reference() decode only the files they need until then.
@@ -816,9 +884,11 @@ class ImageFolder(PathImageDataset):
             return self._missing()
         if not self.path.is_dir():
             return f"{self.name}: '{self.path}' is not a folder - {_set_hint(self.name)}"
-        if self._first_image() is None:
-            return self._empty()
-        return None
+        try:
+            first = self._first_image()
+        except BenchError as err:
+            return str(err)
+        return self._empty() if first is None else None
 
     def _side(self) -> int:
         """The output resolution, from the first image when not given."""
@@ -903,7 +973,8 @@ class ImageFolder(PathImageDataset):
 
 
 class FolderImages(ImageFolder):
-    """`folder:PATH`: any folder of images, unconditional."""
+    """`folder:PATH`: any folder of images (.png, .jpg, .jpeg, .webp, .bmp, in subfolders too),
+    unconditional. Links are followed, each real folder and file is read once (ImageFolder)."""
 
     def __init__(self, path: str, resolution: int | None) -> None:
         """resolution None = the shorter side of the first image."""
@@ -968,7 +1039,8 @@ class ImageNet64(ImageFolder):
             found: list[Path] = []
             if self.path is not None and self.path.is_dir():
                 for pattern in ("train_data_batch_*.npz", "*/train_data_batch_*.npz"):
-                    found += [p for p in self.path.glob(pattern) if _NPZ_BATCH.match(p.name)]
+                    found += [p for p in self.path.glob(pattern)
+                              if _NPZ_BATCH.match(p.name) and p.is_file()]
             self._npz = sorted(found, key=lambda p: (_npz_batch_number(p), str(p)))
         return self._npz
 
