@@ -11,7 +11,9 @@ in [-1, 1] on request.
 Image folders are read recursively and follow links to folders and files, also outside the
 folder (except links to the folder itself or above it); each real folder is listed once and each
 real file counted once, so a link loop or a link back to a parent neither hangs the scan nor
-repeats images.
+repeats images. Only PNG, JPEG, WebP and BMP files are decoded; an image whose header claims
+more than Pillow's Image.MAX_IMAGE_PIXELS pixels is refused as a likely decompression bomb, and
+any unreadable image is a one-line error naming the file.
 """
 
 from __future__ import annotations
@@ -22,20 +24,25 @@ import os
 import pickle
 import re
 import stat
+import warnings
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from bench.core.errors import BenchError, UsageError, unknown_name
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 TRAIN_SIZE = 100_000  # training points drawn for each embedded 2-D dataset
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -811,15 +818,41 @@ def _walk_images(root: Path) -> Iterator[Path]:
         pending.extend(reversed(below))
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # the decoders tried, whatever the suffix
+_CLAIMED_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+@contextmanager
+def _opened_image(file: Path) -> Iterator[PILImage]:
+    """The image opened by Pillow (PNG, JPEG, WebP or BMP only); any failure inside, while
+    opening or decoding, is a BenchError naming the file. An image over Image.MAX_IMAGE_PIXELS
+    is refused (a decompression bomb), not only over twice that as Pillow's own check does."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file, formats=IMAGE_FORMATS) as opened:
+                yield opened
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        claimed = _CLAIMED_PIXELS.search(str(err))
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        raise BenchError(f"refusing image '{file}': its header claims {size}, over the limit of "
+                         f"{Image.MAX_IMAGE_PIXELS:,} (a decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise BenchError(f"cannot read image '{file}': not a readable PNG, JPEG, WebP or BMP "
+                         f"image") from None
+    except Exception as err:  # a damaged file can make a decoder raise almost anything
+        raise BenchError(f"cannot read image '{file}': {_one_line(err) or type(err).__name__}"
+                         ) from None
+
+
 def _read_image(file: Path, resolution: int) -> np.ndarray:
     """Decode to RGB, centre-crop to a square, resize to resolution: uint8 (3, r, r)."""
     from PIL import Image
 
-    try:
-        with Image.open(file) as opened:
-            image = opened.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise BenchError(f"cannot read image '{file}': {_one_line(err)}") from None
+    with _opened_image(file) as opened:
+        image = opened.convert("RGB")
     width, height = image.size
     side = min(width, height)
     if width != height:
@@ -833,13 +866,8 @@ def _read_image(file: Path, resolution: int) -> np.ndarray:
 
 def _image_side(file: Path) -> int:
     """Shorter side of an image, read from its header."""
-    from PIL import Image
-
-    try:
-        with Image.open(file) as opened:
-            return min(opened.size)
-    except (OSError, ValueError) as err:
-        raise BenchError(f"cannot read image '{file}': {_one_line(err)}") from None
+    with _opened_image(file) as opened:
+        return min(opened.size)
 
 
 class ImageFolder(PathImageDataset):
