@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench.core.config import RunConfig
+from bench.core.errors import out_of_memory
 from bench.data.datasets import gmm8
 from bench.engine.checkpoint import save_checkpoint
 from bench.engine.models import denoiser_from_spec, model_spec
@@ -83,6 +84,11 @@ FAST = {
                            ["train.steps must be >= 0"]),
     "--set steps 1e30": ([*CT, "--set", "train.steps=1e30"], None, 2,
                          ["config key 'train.steps' expects int, got 1e+30"]),
+    "--nfe superscript digit": ([*CT, "--nfe", "1,\u00b2"], None, 2,
+                                ["--nfe expects positive integers"]),
+    "--nfe Arabic-Indic digit": ([*CT, "--nfe", "\u0661"], None, 2,
+                                 ["--nfe expects positive integers"]),
+    "--nfe 5000 digits": ([*CT, "--nfe", "9" * 5000], None, 2, ["--nfe expects positive integers"]),
     "--set list beyond int64": ([*CT, "--set", f"net.channel_mult=[1, {2**63}]"], None, 2,
                                 ["net.channel_mult values must fit in 64 bits"]),
 }
@@ -133,6 +139,11 @@ SLOW = {
     "teacher of another dataset": (["run", "--method", "cd", "--dataset", "gmm25", "--teacher",
                                     "{d}/teacher.pt"], None, 2, ["trained on 'gmm8'"]),
     "--device tpu": ([*CT, "--device", "tpu"], None, 2, ["'tpu' is not a device"]),
+    "more samples than a Sobol sequence": ([*CT, "--set", "eval.num_samples=2000000000"], None, 2,
+                                           ["quasi-random noise (eval.noise = auto) draws at most "
+                                            "1073741824 samples"]),
+    "network too wide for any memory": ([*CT, "--set", "net.width=100000000"], None, 1,
+                                        ["out of memory", "lower the sizes in the config"]),
 }
 
 
@@ -184,3 +195,13 @@ def test_bad_input_fails_fast_in_one_line(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", list(SLOW))
 def test_bad_input_after_loading_is_one_line(name: str, workdir) -> None:
     check(SLOW[name], workdir("w"))
+
+
+def test_a_failed_allocation_is_named_out_of_memory() -> None:
+    with pytest.raises(RuntimeError) as err:
+        torch.empty(2**62, dtype=torch.uint8)
+    message = out_of_memory(err.value)
+    assert message is not None and message.startswith("out of memory: ")
+    assert "[enforce fail" not in message and "\n" not in message
+    assert out_of_memory(RuntimeError("shape mismatch")) is None
+    assert out_of_memory(ValueError("can't allocate memory")) is None

@@ -47,7 +47,7 @@ def parse_nfe(text: str | None) -> list[int] | None:
     values = []
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) < 1:
+        if not (part.isascii() and part.isdigit()) or len(part) > 18 or int(part) < 1:
             raise UsageError(f"--nfe expects positive integers separated by commas, got {text!r}")
         values.append(int(part))
     return values
@@ -755,13 +755,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception as exc:
         from bench.app.tracking import mask_credentials  # no password in any error line
-        from bench.core.errors import BenchError
+        from bench.core.errors import BenchError, out_of_memory
 
         if debug:
             raise
         if isinstance(exc, BenchError):
             print(f"bench: error: {mask_credentials(str(exc))}", file=sys.stderr)
             sys.exit(exc.exit_code)
+        if out_of_memory(exc) is not None:
+            print(f"bench: error: {out_of_memory(exc)}", file=sys.stderr)
+            sys.exit(1)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"bench: internal error: {type(exc).__name__}: {mask_credentials(first)} "
               f"(run with --debug for the traceback)", file=sys.stderr)

@@ -34,3 +34,21 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__
+
+
+_ALLOCATION_FAILURES = ("can't allocate memory", "not enough memory",
+                        "Storage size calculation overflowed", "out of memory")
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """The one line for a failed memory allocation (a MemoryError, or torch's allocators' own
+    errors, which a network width, batch size, NFE or sample count far too large for this
+    machine causes), or None for any other error."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError)
+                and any(text in first for text in _ALLOCATION_FAILURES))):
+        return None
+    detail = first.split("] err == 0. ", 1)[-1] or type(exc).__name__
+    return (f"out of memory: {detail} (lower the sizes in the config: batch sizes, network "
+            f"widths, NFE or sample counts)")
