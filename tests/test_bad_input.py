@@ -84,6 +84,12 @@ FAST = {
                            ["train.steps must be >= 0"]),
     "--set steps 1e30": ([*CT, "--set", "train.steps=1e30"], None, 2,
                          ["config key 'train.steps' expects int, got 1e+30"]),
+    "--set nested 3000 deep": ([*CT, "--set", "train.lr=" + "[" * 3000 + "]" * 3000], None, 2,
+                               ["--set train.lr: arrays or tables nested too deeply"]),
+    "--set tables 3000 deep": ([*CT, "--set", "train=" + "{a=" * 3000 + "1" + "}" * 3000], None,
+                               2, ["--set train: arrays or tables nested too deeply"]),
+    "--config nested 3000 deep": (["run", "--config", "{d}/deep.toml"], None, 2,
+                                  ["{d}/deep.toml is not valid TOML", "nested too deeply"]),
     "--nfe superscript digit": ([*CT, "--nfe", "1,\u00b2"], None, 2,
                                 ["--nfe expects positive integers"]),
     "--nfe Arabic-Indic digit": ([*CT, "--nfe", "\u0661"], None, 2,
@@ -154,6 +160,7 @@ def make_inputs(d: Path) -> None:
     (d / "utf16.toml").write_bytes("[train]\nsteps = 1\n".encode("utf-16"))
     (d / "latin1.toml").write_bytes("[train]\n# caf\u00e9\nsteps = 1\n".encode("latin-1"))
     (d / "long.toml").write_text(f"[train]\nsteps = {'9' * 5000}\n")
+    (d / "deep.toml").write_text("[train]\nlr = " + "[" * 3000 + "]" * 3000 + "\n")
     rng = np.random.default_rng(0)
     np.save(d / "shape.npy", rng.normal(size=(50, 3)).astype(np.float32))
     nan = rng.normal(size=(50, 2)).astype(np.float32)

@@ -429,6 +429,7 @@ def merge(base: dict[str, Any], layer: Mapping[str, Any], source: str, prefix: s
 
 _TOO_LONG = (f"an integer of more than {sys.get_int_max_str_digits()} digits "
              "(integer keys fit in 64 bits)")
+_TOO_DEEP = "arrays or tables nested too deeply"
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:
@@ -444,6 +445,8 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         value = raw
     except ValueError:
         raise UsageError(f"--set {key}: {_TOO_LONG}") from None
+    except RecursionError:
+        raise UsageError(f"--set {key}: {_TOO_DEEP}") from None
     return key.split("."), value
 
 
@@ -479,6 +482,8 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise UsageError(f"{what} {path} is not valid TOML: {exc}") from None
     except ValueError:
         raise UsageError(f"{what} {path} is not valid TOML: {_TOO_LONG}") from None
+    except RecursionError:
+        raise UsageError(f"{what} {path} is not valid TOML: {_TOO_DEEP}") from None
 
 
 # ---------------------------------------------------------------------------------------------
