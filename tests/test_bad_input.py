@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench.core.config import RunConfig
+from bench.core.errors import resource_exhausted
 from bench.data.datasets import gmm8
 from bench.engine.checkpoint import save_checkpoint
 from bench.engine.models import denoiser_from_spec, model_spec
@@ -20,7 +21,8 @@ from tests.test_cli import assert_one_line_error
 CT = ["run", "--method", "ct", "--dataset", "gmm8"]
 SWEEP = ["sweep", "--method", "ct", "--dataset", "gmm8", "--space", "ct-lr", "--trials", "1"]
 
-# (args, bench.toml text or None, exit code, fragments of the line); {d} is the test folder
+# (args, bench.toml text (or bytes) or None, exit code, fragments of the line); {d} is the
+# test folder
 FAST = {
     "unknown command": (["frobnicate"], None, 2, ["No such command"]),
     "--steps not a number": ([*CT, "--steps", "abc"], None, 2, ["--steps"]),
@@ -44,6 +46,57 @@ FAST = {
     "bench.toml wrong type": (CT, '[train]\nlr = "fast"\n', 2, ["train.lr", "float"]),
     "bench.toml preset not a table": (CT, "[preset]\ncd = 3\n", 2, ["[preset] must hold"]),
     "--resume not a run id": (["run", "--resume", "nothex"], None, 1, ["unknown run id"]),
+    "--config UTF-16": (["run", "--config", "{d}/utf16.toml"], None, 2,
+                        ["config file {d}/utf16.toml is not UTF-8 text", "byte 0xff on line 1"]),
+    "--config latin-1": (["run", "--config", "{d}/latin1.toml"], None, 2,
+                         ["config file {d}/latin1.toml is not UTF-8", "byte 0xe9 on line 2"]),
+    "bench.toml not UTF-8": (CT, b"\xff\xfe[train]\n", 2,
+                             ["bench.toml {d}/bench.toml is not UTF-8 text"]),
+    "--config a folder": (["run", "--config", "{d}/empty"], None, 2,
+                          ["cannot read config file {d}/empty"]),
+    "--config endless": (["run", "--config", "/dev/zero"], None, 2,
+                         ["config file /dev/zero is larger than 16 MiB"]),
+    "--config 5000-digit integer": (["run", "--config", "{d}/long.toml"], None, 2,
+                                    ["{d}/long.toml is not valid TOML", "more than 4300 digits"]),
+    "--set 5000-digit integer": ([*CT, "--set", f"train.steps={'9' * 5000}"], None, 2,
+                                 ["--set train.steps: an integer of more than 4300 digits"]),
+    "--set lr inf": ([*CT, "--set", "train.lr=inf"], None, 2,
+                     ["train.lr must be a finite number, got inf"]),
+    "--set lr 1e400": ([*CT, "--set", "train.lr=1e400"], None, 2,
+                       ["train.lr must be a finite number, got inf"]),
+    "--set lr nan": ([*CT, "--set", "train.lr=nan"], None, 2,
+                     ["train.lr must be a finite number, got nan"]),
+    "--set rho -inf (no bounds)": ([*CT, "--set", "diffusion.rho=-inf"], None, 2,
+                                   ["diffusion.rho must be a finite number, got -inf"]),
+    "--set method key inf": ([*CT, "--set", "ct.p_mean=inf"], None, 2,
+                             ["ct.p_mean must be a finite number, got inf"]),
+    "--set sigmas with inf": ([*CT, "--set", "sample.sigmas=[inf, 1.0]"], None, 2,
+                              ["sample.sigmas values must be finite numbers, got inf"]),
+    "bench.toml lr 1e400": (CT, "[train]\nlr = 1e400\n", 2,
+                            ["train.lr must be a finite number, got inf"]),
+    "--steps beyond int64": ([*CT, "--steps", "99999999999999999999999"], None, 2,
+                             ["train.steps must fit in 64 bits"]),
+    "--seed beyond int64": ([*CT, "--seed", "99999999999999999999999"], None, 2,
+                            ["seed must fit in 64 bits"]),
+    "--set seed beyond int64": ([*CT, "--set", "seed=99999999999999999999999"], None, 2,
+                                ["seed must fit in 64 bits", "got 99999999999999999999999"]),
+    "--set steps -2**64": ([*CT, "--set", f"train.steps={-2**64}"], None, 2,
+                           ["train.steps must be >= 0"]),
+    "--set steps 1e30": ([*CT, "--set", "train.steps=1e30"], None, 2,
+                         ["config key 'train.steps' expects int, got 1e+30"]),
+    "--set nested 3000 deep": ([*CT, "--set", "train.lr=" + "[" * 3000 + "]" * 3000], None, 2,
+                               ["--set train.lr: arrays or tables nested too deeply"]),
+    "--set tables 3000 deep": ([*CT, "--set", "train=" + "{a=" * 3000 + "1" + "}" * 3000], None,
+                               2, ["--set train: arrays or tables nested too deeply"]),
+    "--config nested 3000 deep": (["run", "--config", "{d}/deep.toml"], None, 2,
+                                  ["{d}/deep.toml is not valid TOML", "nested too deeply"]),
+    "--nfe superscript digit": ([*CT, "--nfe", "1,\u00b2"], None, 2,
+                                ["--nfe expects positive integers"]),
+    "--nfe Arabic-Indic digit": ([*CT, "--nfe", "\u0661"], None, 2,
+                                 ["--nfe expects positive integers"]),
+    "--nfe 5000 digits": ([*CT, "--nfe", "9" * 5000], None, 2, ["--nfe expects positive integers"]),
+    "--set list beyond int64": ([*CT, "--set", f"net.channel_mult=[1, {2**63}]"], None, 2,
+                                ["net.channel_mult values must fit in 64 bits"]),
 }
 SLOW = {
     "report --select": (["report", "--select", "worst"], None, 2, ["--select"]),
@@ -92,6 +145,11 @@ SLOW = {
     "teacher of another dataset": (["run", "--method", "cd", "--dataset", "gmm25", "--teacher",
                                     "{d}/teacher.pt"], None, 2, ["trained on 'gmm8'"]),
     "--device tpu": ([*CT, "--device", "tpu"], None, 2, ["'tpu' is not a device"]),
+    "more samples than a Sobol sequence": ([*CT, "--set", "eval.num_samples=2000000000"], None, 2,
+                                           ["quasi-random noise (eval.noise = auto) draws at most "
+                                            "1073741824 samples"]),
+    "network too wide for any memory": ([*CT, "--set", "net.width=100000000"], None, 1,
+                                        ["out of memory", "lower the sizes in the config"]),
 }
 
 
@@ -99,6 +157,10 @@ def make_inputs(d: Path) -> None:
     """The damaged files the cases point at."""
     (d / "empty").mkdir()
     (d / "garbage.toml").write_text("this is [not toml\n")
+    (d / "utf16.toml").write_bytes("[train]\nsteps = 1\n".encode("utf-16"))
+    (d / "latin1.toml").write_bytes("[train]\n# caf\u00e9\nsteps = 1\n".encode("latin-1"))
+    (d / "long.toml").write_text(f"[train]\nsteps = {'9' * 5000}\n")
+    (d / "deep.toml").write_text("[train]\nlr = " + "[" * 3000 + "]" * 3000 + "\n")
     rng = np.random.default_rng(0)
     np.save(d / "shape.npy", rng.normal(size=(50, 3)).astype(np.float32))
     nan = rng.normal(size=(50, 2)).astype(np.float32)
@@ -117,11 +179,13 @@ def make_inputs(d: Path) -> None:
     save_checkpoint({**state, "model": model_spec(narrow, gmm8(), "edm")}, d / "otherarch.pt")
 
 
-def check(case: tuple[list[str], str | None, int, list[str]], cwd: Path) -> None:
+def check(case: tuple[list[str], str | bytes | None, int, list[str]], cwd: Path) -> None:
     args, bench_toml, code, fragments = case
     if any("{d}" in a for a in args):
         make_inputs(cwd)
-    if bench_toml is not None:
+    if isinstance(bench_toml, bytes):
+        (cwd / "bench.toml").write_bytes(bench_toml)
+    elif bench_toml is not None:
         (cwd / "bench.toml").write_text(bench_toml)
     result = run_bench([a.replace("{d}", str(cwd)) for a in args], cwd,
                        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
@@ -175,3 +239,13 @@ def test_an_unwritable_output_path_fails_before_the_work(name: str, tmp_path: Pa
     assert not (tmp_path / "runs").exists()  # no store opened, no run loaded
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
     assert (tmp_path / "file").read_text() == "kept\n" and not any((tmp_path / "folder").iterdir())
+
+
+def test_a_failed_allocation_is_named_resource_exhausted() -> None:
+    with pytest.raises(RuntimeError) as err:
+        torch.empty(2**62, dtype=torch.uint8)
+    message = resource_exhausted(err.value)
+    assert message is not None and message.startswith("out of memory: ")
+    assert "[enforce fail" not in message and "\n" not in message
+    assert resource_exhausted(RuntimeError("shape mismatch")) is None
+    assert resource_exhausted(ValueError("can't allocate memory")) is None

@@ -8,12 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.core.config import defaults_dict, flatten, load_bench_file, resolve
-from bench.core.errors import BenchError
+from bench.core.errors import BenchError, UsageError
 
 KEYS = sorted(flatten(defaults_dict()))  # train.steps, eval.nfe, ...
 SECTIONS = sorted({k.split(".")[0] for k in KEYS})
@@ -73,13 +74,13 @@ flags = st.fixed_dictionaries({}, optional={
 })
 
 
-def load(bench_toml: str, config_toml: str, sets: list[str], flag_values: dict[str, Any],
-         ) -> None:
+def load(bench_toml: str | bytes, config_toml: str | bytes, sets: list[str],
+         flag_values: dict[str, Any]) -> None:
     """Run the loader; only the project's errors may escape."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "bench.toml").write_text(bench_toml)
-        (folder / "config.toml").write_text(config_toml)
+        for name, text in (("bench.toml", bench_toml), ("config.toml", config_toml)):
+            (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
         try:
             files = [load_bench_file(folder / "bench.toml")]
             resolve(bench_files=files, config_file=folder / "config.toml", flags=flag_values,
@@ -102,3 +103,48 @@ def test_structured_toml_and_overrides_never_escape(table: dict[str, Any],
 @given(text=st.text(max_size=200), sets=st.lists(st.text(max_size=20), max_size=3))
 def test_arbitrary_text_never_escapes(text: str, sets: list[str]) -> None:
     load(text, "", sets, {})
+
+
+@settings(max_examples=100, deadline=None)
+@given(bench_bytes=st.binary(max_size=200), config_bytes=st.binary(max_size=200))
+def test_arbitrary_bytes_never_escape(bench_bytes: bytes, config_bytes: bytes) -> None:
+    load(bench_bytes, config_bytes, [], {})
+    load(b"[train]\nsteps = 1\n# " + bench_bytes, "", [], {})
+
+
+FLAT = flatten(defaults_dict())
+FLOAT_KEYS = sorted(k for k, v in FLAT.items() if isinstance(v, float)
+                    or (isinstance(v, list) and k == "sample.sigmas"))
+INT_KEYS = sorted(k for k, v in FLAT.items() if isinstance(v, int) and not isinstance(v, bool))
+INT_LIST_KEYS = sorted(k for k, v in FLAT.items()
+                       if isinstance(v, list) and v and isinstance(v[0], int))
+
+
+def refused(item: str) -> str:
+    """The one-line UsageError of resolving the defaults with one --set item."""
+    with pytest.raises(UsageError) as err:
+        resolve(bench_files=[], sets=[item])
+    message = str(err.value)
+    assert message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "+nan", "1e400", "-1e400"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_refuses_non_finite_values(key: str, value: str) -> None:
+    literal = f"[{value}]" if isinstance(FLAT[key], list) else value
+    message = refused(f"{key}={literal}")
+    assert key in message and "finite" in message
+
+
+@pytest.mark.parametrize("value", [2**63, 10**23, -2**63 - 1])
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_every_int_key_refuses_values_beyond_int64(key: str, value: int) -> None:
+    message = refused(f"{key}={value}")
+    assert key in message and str(value) in message
+
+
+@pytest.mark.parametrize("key", INT_LIST_KEYS)
+def test_every_int_list_key_refuses_values_beyond_int64(key: str) -> None:
+    message = refused(f"{key}=[1, {2**63}]")
+    assert f"{key} values must fit in 64 bits" in message

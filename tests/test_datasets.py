@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from bench.data.datasets import (
     list_datasets,
     register_dataset,
 )
+from tests.test_cli import assert_one_line_error
 
 POINTS = ["gmm8", "gmm25", "moons", "swissroll", "checkerboard"]
 
@@ -530,6 +534,176 @@ def test_corrupt_image_names_file(tmp_path):
     with pytest.raises(BenchError) as err:
         get_dataset(f"folder:{tmp_path}").shape  # noqa: B018
     assert "bad.png" in one_line(err)
+
+
+def png_bytes(width: int, height: int, idat: bytes) -> bytes:
+    """An RGB PNG whose IHDR claims width x height, with the given IDAT payload (valid CRCs)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+def damaged_images() -> dict[str, bytes]:
+    """File contents an image folder may hold that no decoder should turn into pixels."""
+    rows = b"".join(b"\0" + bytes(3 * 8) for _ in range(8))  # 8x8 black, filter byte 0 per row
+    gif = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(gif, "GIF")
+    whole = io.BytesIO()
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                    ).save(whole, "PNG")
+    return {
+        "truncated": whole.getvalue()[:len(whole.getvalue()) // 2],
+        "garbage-zlib": png_bytes(8, 8, b"not a zlib stream"),
+        "short-zlib": png_bytes(8, 8, zlib.compress(rows[:40])),
+        "zero-width": png_bytes(0, 8, zlib.compress(rows)),
+        "gif-named-png": gif.getvalue(),
+        "text": b"not an image at all",
+    }
+
+
+@pytest.mark.parametrize("name", list(damaged_images()))
+def test_damaged_image_is_one_line_naming_it(tmp_path, name):
+    write_pngs(tmp_path, 1, (8, 8), seed=5)
+    bad = tmp_path / "zz-bad.png"
+    bad.write_bytes(damaged_images()[name])
+    folder = get_dataset(f"folder:{tmp_path}", resolution=8)
+    with pytest.raises(BenchError) as err:
+        folder.train()
+    message = one_line(err)
+    assert f"'{bad}'" in message and message.startswith("cannot read image")
+
+
+@pytest.mark.parametrize("side", [10_000, 100_000])
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path, side):
+    """A header claiming side x side pixels: 10^8 is over Image.MAX_IMAGE_PIXELS, where Pillow
+    only warns; 10^10 is over twice it, where Pillow raises. Both are refused the same way,
+    from the header alone (the shape) and when decoding at a given resolution."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bytes(side, side, zlib.compress(b"\0" * 64)))
+    assert side * side > Image.MAX_IMAGE_PIXELS
+    for read in (lambda: get_dataset(f"folder:{tmp_path}").shape,
+                 lambda: get_dataset(f"folder:{tmp_path}", resolution=8).train()):
+        with pytest.raises(BenchError) as err:
+            read()
+        message = one_line(err)
+        assert f"refusing image '{bomb}'" in message
+        assert f"{side * side:,} pixels" in message and "decompression bomb" in message
+
+
+def test_decompression_bomb_fails_bench_run_in_one_line(bench, tmp_path):
+    images = tmp_path / "images"
+    write_pngs(images, 1, (8, 8), seed=6)
+    bomb = images / "00.png"  # the first image: its header sets the resolution
+    bomb.write_bytes(png_bytes(100_000, 100_000, zlib.compress(b"\0" * 64)))
+    result = bench("run", "--method", "edm", "--dataset", f"folder:{images}", "--steps", "1",
+                   timeout=300)
+    assert_one_line_error(result, 1, f"refusing image '{bomb}'", "decompression bomb")
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_truncated_image_fails_bench_refstats_in_one_line(bench, tmp_path):
+    """refstats decodes every image (through a random-weights Inception of torch-fidelity's
+    layout: no weights can be downloaded here); a truncated file is one line naming it."""
+    from tests.test_fid import torch_fidelity_shell_state
+
+    images = tmp_path / "images"
+    write_pngs(images, 3, (8, 8), seed=7)
+    bad = images / "01.png"
+    bad.write_bytes(damaged_images()["truncated"])
+    torch.save(torch_fidelity_shell_state(0), tmp_path / "inception.pth")
+    result = bench("refstats", "--dataset", f"folder:{images}", "--set",
+                   "eval.inception_weights=inception.pth", timeout=300)
+    assert_one_line_error(result, 1, f"cannot read image '{bad}'", "truncated")
+
+
+# --- image folders with links ------------------------------------------------------------------
+
+
+def link_maze(root: Path) -> None:
+    """x.png, a/y.png, b/z.png under root, tied together by links: a/to-b -> b, b/to-a -> a
+    (a loop), four links to root itself (a walk that followed them would branch 4-fold at each
+    level), a link to root's parent, a link to an image and a hard link to another."""
+    write_pngs(root, 1, (8, 8), seed=8)
+    (root / "00.png").rename(root / "x.png")
+    for sub, name in (("a", "y.png"), ("b", "z.png")):
+        write_pngs(root / sub, 1, (8, 8), seed=9)
+        (root / sub / "00.png").rename(root / sub / name)
+    (root / "a" / "to-b").symlink_to("../b")
+    (root / "b" / "to-a").symlink_to("../a")
+    for i in range(4):
+        (root / f"again{i}").symlink_to(".")
+    (root / "a" / "up").symlink_to("../..")
+    (root / "xx-link.png").symlink_to("x.png")
+    os.link(root / "b" / "z.png", root / "b" / "zz-hard.png")
+
+
+@pytest.mark.timeout(60)
+def test_link_loops_end_fast_with_each_image_once(tmp_path):
+    root = tmp_path / "maze"
+    link_maze(root)
+    folder = get_dataset(f"folder:{root}")
+    assert len(folder) == 3
+    assert [p.relative_to(root).as_posix() for p in folder._listing()[0]] == \
+        ["x.png", "a/y.png", "b/z.png"]
+    assert folder.train().shape == (3, 3, 8, 8)
+
+
+def test_self_link_does_not_duplicate_images(tmp_path):
+    write_pngs(tmp_path, 2, (8, 8), seed=10)
+    (tmp_path / "again").symlink_to(".")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "back").symlink_to("..")
+    assert len(get_dataset(f"folder:{tmp_path}")) == 2
+
+
+def test_links_outside_the_folder_are_followed(tmp_path):
+    outside = write_pngs(tmp_path / "elsewhere", 2, (8, 8), seed=11)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cats").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "data" / "dogs").symlink_to(tmp_path / "elsewhere")  # the same folder again
+    folder = get_dataset(f"folder:{tmp_path / 'data'}")
+    pixels = folder.train_uint8()
+    assert [p.parent.name for p in folder._listing()[0]] == ["cats", "cats"]
+    for got, want in zip(pixels, outside, strict=True):
+        assert torch.equal(got, torch.from_numpy(want.transpose(2, 0, 1)))
+
+
+def test_class_folder_linked_from_another_keeps_its_own_label(tmp_path):
+    """imagenet64 as class subfolders: n01/extra -> ../n02 is claimed by n02's own entry at the
+    top, so n02's images keep label 1 and are not counted again under n01."""
+    for synset in ("n01", "n02"):
+        write_pngs(tmp_path / synset, 2, (64, 64), seed=12)
+    (tmp_path / "n01" / "extra").symlink_to("../n02")
+    imagenet = get_dataset("imagenet64", str(tmp_path))
+    assert torch.equal(imagenet.train_labels(), torch.tensor([0, 0, 1, 1]))
+
+
+@pytest.mark.timeout(60)
+def test_fifo_and_broken_link_with_image_names_are_one_line(tmp_path):
+    write_pngs(tmp_path, 1, (8, 8), seed=13)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(BenchError) as err:
+        len(get_dataset(f"folder:{tmp_path}"))
+    assert f"'{fifo}'" in one_line(err) and "not a regular file" in one_line(err)
+    fifo.unlink()
+    broken = tmp_path / "gone.png"
+    broken.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(BenchError) as err:
+        len(get_dataset(f"folder:{tmp_path}"))
+    assert f"broken link '{broken}'" in one_line(err)
+
+
+def test_imagenet64_ignores_a_fifo_named_like_a_batch(tmp_path):
+    os.mkfifo(tmp_path / "train_data_batch_1.npz")
+    with pytest.raises(BenchError) as err:
+        get_dataset("imagenet64", str(tmp_path))
+    assert "no images" in one_line(err)
 
 
 def test_unknown_name_lists_valid_names():

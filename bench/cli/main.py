@@ -47,7 +47,7 @@ def parse_nfe(text: str | None) -> list[int] | None:
     values = []
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) < 1:
+        if not (part.isascii() and part.isdigit()) or len(part) > 18 or int(part) < 1:
             raise UsageError(f"--nfe expects positive integers separated by commas, got {text!r}")
         values.append(int(part))
     return values
@@ -444,7 +444,12 @@ def refstats(
 
 @app.command()
 def datasets() -> None:
-    """List the datasets: name, shape, size, sigma_data and availability here."""
+    """List the datasets: name, shape, size, sigma_data and availability here.
+
+    Image folders (folder:PATH, lsun-*, imagenet64 as class subfolders) are read recursively;
+    links are followed, but each real folder and each real file only once, so link loops end
+    and no image counts twice.
+    """
     from rich.table import Table
 
     from bench.core.config import default_bench_files
@@ -799,6 +804,9 @@ def describe_failure(exc: BaseException) -> str:
     from bench.core.errors import resource_exhausted
 
     resource = resource_exhausted(exc)
+    if resource is not None and resource.startswith("out of"):
+        return (f"error: {mask_credentials(resource)} (lower the sizes in the config: batch "
+                f"sizes, network widths, NFE or sample counts)")
     if resource is not None:
         return f"error: {mask_credentials(resource)}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -10,12 +10,14 @@ bench.toml files.
 The sections shared by every run are defined here; each method declares its own section (a
 `Section` subclass in its module, registered with `register_section`), so a run's config holds
 the shared sections and one section per registered method. Validation is pydantic's (strict
-types, no unknown keys, bounds on the fields); its errors become one line naming the key.
+types, no unknown keys, bounds on the fields, finite floats, integers within int64); its errors
+become one line naming the key.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -26,14 +28,25 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import annotated_types
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from bench.core.errors import UsageError
 
 PACKAGE_DEFAULTS = Path(__file__).resolve().parents[1] / "_defaults" / "bench.toml"
 SOURCE_DEFAULTS = Path(__file__).resolve().parents[2] / "bench.toml"
 ALL = "*"  # preset key matching every method ([preset."*".<dataset>]) or every dataset
+INT64_MAX = 2**63 - 1  # every integer key fits a signed 64-bit integer (seeds, tensor sizes)
+CONFIG_MAX_BYTES = 16 * 2**20  # a bench.toml or --config file larger than this is refused
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
@@ -48,10 +61,26 @@ def _default_image_metrics() -> list[ImageMetric]:
     return ["fid"]
 
 
-class Section(BaseModel):
-    """One table of the config: typed fields with defaults; unknown keys and wrong types fail."""
+def _outside_int64(value: Any) -> bool:
+    """Whether an integer, or any integer in a list, lies outside the signed 64-bit range."""
+    if isinstance(value, list):
+        return any(_outside_int64(v) for v in value)
+    return isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+class Section(BaseModel):
+    """One table of the config: typed fields with defaults; unknown keys and wrong types fail;
+    floats are finite (no nan, inf or 1e400) and integers fit in 64 bits."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _int64(cls, value: Any) -> Any:
+        if _outside_int64(value):
+            raise PydanticCustomError("int64_range", "integer outside the int64 range")
+        return value
 
 
 class DataConfig(Section):
@@ -363,6 +392,13 @@ def _message(model: type[BaseModel], error: Any) -> str:
         return f"{what} must be {_bounds(info, element)}, got {value!r}"
     if kind == "too_short":
         return f"{key} must not be empty"
+    if kind == "finite_number":
+        if loc and isinstance(loc[-1], int):
+            return f"{key} values must be finite numbers, got {value!r}"
+        return f"{key} must be a finite number, got {value!r}"
+    if kind == "int64_range":
+        what = f"{key} values" if isinstance(value, list) else key
+        return f"{what} must fit in 64 bits (-2**63 to 2**63 - 1), got {value!r}"
     if kind == "value_error":
         return str(error["ctx"]["error"])
     return f"config key '{key}': {error['msg']}"
@@ -399,6 +435,11 @@ def merge(base: dict[str, Any], layer: Mapping[str, Any], source: str, prefix: s
             base[key] = copy.deepcopy(value)
 
 
+_TOO_LONG = (f"an integer of more than {sys.get_int_max_str_digits()} digits "
+             "(integer keys fit in 64 bits)")
+_TOO_DEEP = "arrays or tables nested too deeply"
+
+
 def parse_set(item: str) -> tuple[list[str], Any]:
     """Parse one `key=value` override; the value is a TOML literal or else a bare string."""
     if "=" not in item:
@@ -410,6 +451,10 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except ValueError:
+        raise UsageError(f"--set {key}: {_TOO_LONG}") from None
+    except RecursionError:
+        raise UsageError(f"--set {key}: {_TOO_DEEP}") from None
     return key.split("."), value
 
 
@@ -422,16 +467,31 @@ def nest(path: list[str], value: Any) -> dict[str, Any]:
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:
-    """Read a TOML file; a missing or malformed file is a one-line error."""
+    """Read a TOML file; a missing, unreadable, oversized, non-UTF-8 or malformed file is a
+    one-line error naming it."""
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read(CONFIG_MAX_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise UsageError(f"{what} {path} is larger than {CONFIG_MAX_BYTES // 2**20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{what} {path} is not UTF-8 text (TOML files are): byte "
+                         f"0x{data[exc.start]:02x} on line {line}") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{what} {path} is not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except ValueError:
+        raise UsageError(f"{what} {path} is not valid TOML: {_TOO_LONG}") from None
+    except RecursionError:
+        raise UsageError(f"{what} {path} is not valid TOML: {_TOO_DEEP}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 _OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory",
-                  "cannot allocate memory")
+                  "cannot allocate memory", "storage size calculation overflowed")
 
 
 def resource_exhausted(exc: BaseException) -> str | None:
@@ -65,7 +65,9 @@ def resource_exhausted(exc: BaseException) -> str | None:
         if type(error).__name__ == "OutOfMemoryError" or (
                 isinstance(error, RuntimeError) and any(m in text for m in _OUT_OF_MEMORY)):
             device = "GPU memory" if "cuda" in text or "gpu" in text else "memory"
-            return f"out of {device}: {str(error).strip().splitlines()[0][:200]}"
+            first = str(error).strip().splitlines()[0]
+            detail = first.split("] err == 0. ", 1)[-1][:200]  # not torch's enforce prefix
+            return f"out of {device}: {detail}"
     return None
 
 

@@ -7,6 +7,13 @@ unpickler), `imagenet64` (.npz batches or a class-per-subfolder image folder), `
 `lsun-cat`, `folder:PATH` (image folders) and `points:PATH` (2-D points). Opening a path
 dataset is cheap; pixels are read on first use and kept in memory as uint8, converted to float32
 in [-1, 1] on request.
+
+Image folders are read recursively and follow links to folders and files, also outside the
+folder (except links to the folder itself or above it); each real folder is listed once and each
+real file counted once, so a link loop or a link back to a parent neither hangs the scan nor
+repeats images. Only PNG, JPEG, WebP and BMP files are decoded; an image whose header claims
+more than Pillow's Image.MAX_IMAGE_PIXELS pixels is refused as a likely decompression bomb, and
+any unreadable image is a one-line error naming the file.
 """
 
 from __future__ import annotations
@@ -16,20 +23,26 @@ import math
 import os
 import pickle
 import re
+import stat
+import warnings
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from bench.core.errors import BenchError, UsageError, unknown_name
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 TRAIN_SIZE = 100_000  # training points drawn for each embedded 2-D dataset
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -736,24 +749,110 @@ class Cifar10(PathImageDataset):
 # --- image folders --------------------------------------------------------------------------
 
 
+def _scan(directory: Path) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]]]:
+    """A folder's image entries and subfolder entries (links followed), each sorted by name."""
+    try:
+        with os.scandir(directory) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError as err:
+        raise BenchError(f"cannot list folder '{directory}': {err.strerror or err}") from None
+    images, subfolders = [], []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            subfolders.append(entry)
+        elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+            images.append(entry)
+    return images, subfolders
+
+
+def _identity(entry: os.DirEntry[str]) -> tuple[int, int, int]:
+    """(device, inode, mode) of what an entry names, links followed; BenchError if it is a
+    broken link or cannot be read."""
+    try:
+        info = entry.stat()
+    except OSError as err:
+        what = "broken link" if entry.is_symlink() else "unreadable"
+        raise BenchError(f"{what} '{entry.path}': {err.strerror or err}") from None
+    return info.st_dev, info.st_ino, info.st_mode
+
+
 def _walk_images(root: Path) -> Iterator[Path]:
-    """Image files under root, recursively, in a fixed sorted order (files before subfolders)."""
-    for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs.sort()
-        for file in sorted(files):
-            if file.lower().endswith(IMAGE_SUFFIXES):
-                yield Path(directory) / file
+    """Image files under root, recursively, in a fixed sorted order (files before subfolders).
+
+    Links to folders and to files are followed, also when they point outside root, except a
+    link to root itself or to a folder above it. Each real folder (by device and inode) is listed
+    once, under the first path the walk finds for it (a folder's listing claims its subfolders
+    before any of them is read), and each real file is yielded once, at its first path: a link
+    loop or a link back to a parent neither repeats images nor hangs. An unlistable folder, a
+    broken link with an image name, or an image name that is not a regular file (a FIFO, a
+    device) is a BenchError naming the path.
+    """
+    try:
+        top = root.stat()
+        above = [(info.st_dev, info.st_ino) for info in map(os.stat, root.resolve().parents)]
+    except OSError as err:
+        raise BenchError(f"cannot read folder '{root}': {err.strerror or err}") from None
+    folders_seen = {(top.st_dev, top.st_ino), *above}
+    files_seen: set[tuple[int, int]] = set()
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        images, subfolders = _scan(directory)
+        for entry in images:
+            device, inode, mode = _identity(entry)
+            if not stat.S_ISREG(mode):
+                raise BenchError(f"'{entry.path}' has an image name but is not a regular file")
+            if (device, inode) not in files_seen:
+                files_seen.add((device, inode))
+                yield Path(entry.path)
+        below = []
+        for entry in subfolders:
+            device, inode, _ = _identity(entry)
+            if (device, inode) not in folders_seen:
+                folders_seen.add((device, inode))
+                below.append(Path(entry.path))
+        pending.extend(reversed(below))
+
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # the decoders tried, whatever the suffix
+_CLAIMED_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+@contextmanager
+def _opened_image(file: Path) -> Iterator[PILImage]:
+    """The image opened by Pillow (PNG, JPEG, WebP or BMP only); any failure inside, while
+    opening or decoding, is a BenchError naming the file. An image over Image.MAX_IMAGE_PIXELS
+    is refused (a decompression bomb), not only over twice that as Pillow's own check does."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file, formats=IMAGE_FORMATS) as opened:
+                yield opened
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        claimed = _CLAIMED_PIXELS.search(str(err))
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        raise BenchError(f"refusing image '{file}': its header claims {size}, over the limit of "
+                         f"{Image.MAX_IMAGE_PIXELS:,} (a decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise BenchError(f"cannot read image '{file}': not a readable PNG, JPEG, WebP or BMP "
+                         f"image") from None
+    except Exception as err:  # a damaged file can make a decoder raise almost anything
+        raise BenchError(f"cannot read image '{file}': {_one_line(err) or type(err).__name__}"
+                         ) from None
 
 
 def _read_image(file: Path, resolution: int) -> np.ndarray:
     """Decode to RGB, centre-crop to a square, resize to resolution: uint8 (3, r, r)."""
     from PIL import Image
 
-    try:
-        with Image.open(file) as opened:
-            image = opened.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise BenchError(f"cannot read image '{file}': {_one_line(err)}") from None
+    with _opened_image(file) as opened:
+        image = opened.convert("RGB")
     width, height = image.size
     side = min(width, height)
     if width != height:
@@ -767,18 +866,15 @@ def _read_image(file: Path, resolution: int) -> np.ndarray:
 
 def _image_side(file: Path) -> int:
     """Shorter side of an image, read from its header."""
-    from PIL import Image
-
-    try:
-        with Image.open(file) as opened:
-            return min(opened.size)
-    except (OSError, ValueError) as err:
-        raise BenchError(f"cannot read image '{file}': {_one_line(err)}") from None
+    with _opened_image(file) as opened:
+        return min(opened.size)
 
 
 class ImageFolder(PathImageDataset):
     """Images found recursively under a folder, centre-cropped and resized to a square.
 
+    The walk (`_walk_images`) follows links but lists each real folder and yields each real file
+    once, so link loops end and no image is counted twice.
     With `labelled`, the first subfolder below the root names the class (sorted names -> 0..K-1).
     Files are listed once; train_uint8() decodes and caches everything, while train_batch() and
     reference() decode only the files they need until then.
@@ -816,9 +912,11 @@ class ImageFolder(PathImageDataset):
             return self._missing()
         if not self.path.is_dir():
             return f"{self.name}: '{self.path}' is not a folder - {_set_hint(self.name)}"
-        if self._first_image() is None:
-            return self._empty()
-        return None
+        try:
+            first = self._first_image()
+        except BenchError as err:
+            return str(err)
+        return self._empty() if first is None else None
 
     def _side(self) -> int:
         """The output resolution, from the first image when not given."""
@@ -903,7 +1001,8 @@ class ImageFolder(PathImageDataset):
 
 
 class FolderImages(ImageFolder):
-    """`folder:PATH`: any folder of images, unconditional."""
+    """`folder:PATH`: any folder of images (.png, .jpg, .jpeg, .webp, .bmp, in subfolders too),
+    unconditional. Links are followed, each real folder and file is read once (ImageFolder)."""
 
     def __init__(self, path: str, resolution: int | None) -> None:
         """resolution None = the shorter side of the first image."""
@@ -968,7 +1067,8 @@ class ImageNet64(ImageFolder):
             found: list[Path] = []
             if self.path is not None and self.path.is_dir():
                 for pattern in ("train_data_batch_*.npz", "*/train_data_batch_*.npz"):
-                    found += [p for p in self.path.glob(pattern) if _NPZ_BATCH.match(p.name)]
+                    found += [p for p in self.path.glob(pattern)
+                              if _NPZ_BATCH.match(p.name) and p.is_file()]
             self._npz = sorted(found, key=lambda p: (_npz_batch_number(p), str(p)))
         return self._npz
 

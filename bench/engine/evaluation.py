@@ -54,8 +54,13 @@ def uses_qmc(dataset: Dataset, cfg: RunConfig) -> bool:
     if cfg.eval.noise == "qmc" and not isinstance(dataset, PointsDataset):
         raise UsageError(f"eval.noise = qmc is for 2-D datasets; {dataset.name} is not one "
                          "(use random)")
-    return cfg.eval.noise == "qmc" or (cfg.eval.noise == "auto"
-                                       and isinstance(dataset, PointsDataset))
+    qmc = cfg.eval.noise == "qmc" or (cfg.eval.noise == "auto"
+                                      and isinstance(dataset, PointsDataset))
+    most = 2**torch.quasirandom.SobolEngine.MAXBIT  # points of one Sobol sequence
+    if qmc and cfg.eval.num_samples > most:
+        raise UsageError(f"quasi-random noise (eval.noise = {cfg.eval.noise}) draws at most "
+                         f"{most} samples; lower eval.num_samples or set eval.noise = random")
+    return qmc
 
 
 def points_reference(dataset: PointsDataset, cfg: RunConfig, n: int) -> torch.Tensor:
