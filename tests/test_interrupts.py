@@ -27,7 +27,7 @@ STEPS = 120
 RUN_ARGS = ["run", "--method", "ct", "--dataset", "gmm8", "--steps", str(STEPS),
             "--nfe", "1,2,4,8", "--set", "train.batch_size=64",
             "--set", "train.checkpoint_every=40", "--set", "train.log_every=10",
-            "--set", "eval.num_samples=4000"]
+            "--set", "eval.num_samples=1000"]
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 

@@ -122,7 +122,10 @@ def check_stopped(proc: subprocess.Popen[str], pgid: int, signum: signal.Signals
     return took
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [
+    pytest.param(signal.SIGTERM, id="SIGTERM"),
+    pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow),  # the same path, ~50 s
+])
 def test_a_signal_stops_the_whole_mlflow_ui(signum: signal.Signals, workdir) -> None:
     cwd = workdir("ui")
     port = free_port()
@@ -166,13 +169,16 @@ if stopped is not None:
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("signum", [
+    pytest.param(signal.SIGTERM, id="SIGTERM"),
+    pytest.param(signal.SIGHUP, id="SIGHUP", marks=pytest.mark.slow),
+])
 def test_what_ignores_sigterm_is_killed_after_the_grace(signum: signal.Signals,
                                                         tmp_path: Path) -> None:
     port = free_port()
     args = [sys.executable, "-c", DRIVER, str(port), STUBBORN]
     with serving(args, tmp_path, port, tmp_path / "log") as (proc, pgid):
-        assert len(live_members(pgid)) == 2
+        assert len(live_members(pgid)) >= 2  # the server and the child it started
         took = check_stopped(proc, pgid, signum, port, tmp_path / "log")
     assert took >= GRACE_SECONDS - 0.5  # the group had its grace before SIGKILL
 
