@@ -50,6 +50,7 @@ POLL_SECONDS = 2.0  # how often an idle worker looks at the study again
 MAX_FAILURES_IN_ROW = 3  # a worker stops after this many consecutive failed trials
 DEFINITION_ATTR = "bench.definition"
 PARENT_ATTR = "bench.mlflow_parent_run_id"
+ADOPT_WAIT_SECONDS = 5.0  # a study still without our definition this long after it is seen: adopted
 PARENT_WAIT_SECONDS = 60.0  # how long a joining host waits for the creator's parent run
 
 
@@ -275,9 +276,14 @@ def _open_study(plan: WorkerPlan, storage: Any, definition: dict[str, Any],
         raise UsageError(f"study {plan.study!r} exists with direction(s) {', '.join(have)}, "
                          f"not {', '.join(directions)}; use --study for a new study")
     stored = study.user_attrs.get(DEFINITION_ATTR)
-    if created or stored is None:
-        study.set_user_attr(DEFINITION_ATTR, definition)
-        return study, created
+    deadline = time.monotonic() + ADOPT_WAIT_SECONDS
+    while not created and stored is None and time.monotonic() < deadline:
+        time.sleep(0.25)  # a host that created it a moment ago is writing its definition
+        study = _load_study(plan, storage)
+        stored = study.user_attrs.get(DEFINITION_ATTR)
+    if created or stored is None:  # ours now (one made with Optuna alone is adopted, with no
+        study.set_user_attr(DEFINITION_ATTR, definition)  # parent run of another host to wait
+        return study, True  # for)
     for key in ("method", "dataset", "params", "objectives", "sets"):
         if stored.get(key) != definition[key]:
             raise UsageError(f"study {plan.study!r} was made with other {key} "

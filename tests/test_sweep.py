@@ -238,7 +238,8 @@ def test_pruned_trial_ends_its_run_cleanly(bench, tmp_path: Path) -> None:
         study.enqueue_trial({"train.lr": lr})
     result = bench("sweep", "--method", "ct", "--dataset", "gmm8", "--space", str(space),
                    "--study", "prune", "--trials", "4",
-                   "--set", "train.steps=100", "--set", "train.eval_every=50",
+                   "--set", "train.steps=40", "--set", "train.eval_every=20",
+                   "--set", "eval.metrics=['w2']",
                    "--set", "train.batch_size=128", "--set", "eval.num_samples=200",
                    "--set", "train.warmup_steps=0", "--set", "train.checkpoint_every=0",
                    "--set", "train.ema_rate=0")
@@ -247,13 +248,13 @@ def test_pruned_trial_ends_its_run_cleanly(bench, tmp_path: Path) -> None:
     study = optuna.load_study(study_name="prune", storage=storage)
     assert states(study) == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
     pruned = study.trials[3]
-    assert list(pruned.intermediate_values) == [50]
+    assert list(pruned.intermediate_values) == [20]
     run = client_for(tmp_path).get_run(pruned.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
     assert run.data.tags["sweep.state"] == "PRUNED"
     assert run.data.tags["stopped"].startswith("pruned by the sweep")
     assert "error" not in run.data.tags
-    assert "pruned at iteration 50" in result.stdout
+    assert "pruned at iteration 20" in result.stdout
 
 
 # --- killed workers --------------------------------------------------------------------------
