@@ -135,7 +135,7 @@ SLOW = {
                               "{d}/nope.pt"], None, 1, ["--teacher"]),
     "teacher checkpoint truncated": (["run", "--method", "cd", "--dataset", "gmm8", "--teacher",
                                       "{d}/truncated.pt"], None, 1,
-                                     ["unreadable (corrupt or truncated)"]),
+                                     ["unreadable (corrupt, truncated or not a torch file)"]),
     "teacher not a cmbench checkpoint": (["run", "--method", "cd", "--dataset", "gmm8",
                                           "--teacher", "{d}/foreign.pt"], None, 1,
                                          ["not a cmbench checkpoint"]),

@@ -191,7 +191,7 @@ def test_signal_gives_a_killed_run_that_resumes_exactly(workdir, reference,
     path = checkpoint_of(b)
     path.write_bytes(path.read_bytes()[:1000])
     assert_one_line_error(run_bench(["eval", "--run", run_id], b), 1,
-                          "unreadable (corrupt or truncated)", str(path))
+                          "unreadable (corrupt, truncated or not a torch file)", str(path))
 
 
 def outlier_file(folder: Path, row: int) -> Path:
@@ -247,7 +247,7 @@ def test_nonfinite_loss_stops_with_the_iteration_or_is_skipped(workdir) -> None:
                           "checkpoint does not match this run's architecture")
     failed_ckpt.write_bytes(failed_ckpt.read_bytes()[:2000])
     assert_one_line_error(run_bench(["run", "--resume", failed.info.run_id], cwd), 1,
-                          "unreadable (corrupt or truncated)")
+                          "unreadable (corrupt, truncated or not a torch file)")
 
 
 @pytest.mark.slow

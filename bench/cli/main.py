@@ -97,12 +97,12 @@ class _Progress:
         self.task: Any = None
         self.last: tuple[float, int] | None = None
 
-    def __enter__(self) -> _Progress:
-        self.progress.start()
-        return self
+    def __enter__(self) -> _Progress:  # shown from the first step on: a command that fails
+        return self  # before training prints no empty bar (nor the blank line it leaves)
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()
 
     def __call__(self, step: int, total: int, loss: float) -> None:
         import time
@@ -113,6 +113,7 @@ class _Progress:
             rate = f"{(step - self.last[1]) / max(now - self.last[0], 1e-9):.0f}"
         self.last = (now, step)
         if self.task is None:
+            self.progress.start()
             self.task = self.progress.add_task("train", total=total, loss=loss, rate=rate)
         self.progress.update(self.task, completed=step, loss=loss, rate=rate)
 
@@ -438,6 +439,11 @@ def refstats(
     cfg = resolve(bench_files=default_bench_files(Path.cwd()), config_file=config,
                   flags={"dataset": dataset}, sets=set_ or []).config
     data = get_dataset(cfg.dataset, cfg.data.path or None)
+    if data.kind != "image":
+        from bench.core.errors import UsageError
+
+        raise UsageError(f"bench refstats computes image-metric reference statistics; "
+                         f"{data.name} holds {data.kind}, whose metrics need none")
     path = precompute_reference_stats(data, cfg, Path(cfg.tracking.runs_dir) / "cache")
     _console().print(f"reference statistics: {path}")
 

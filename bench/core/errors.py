@@ -75,10 +75,9 @@ def unreadable_reason(exc: BaseException) -> str:
     """Why torch.load(weights_only=True) refused a file, in a few words. A file that needs
     code to be unpickled is refused outright: torch's advice to load it with
     weights_only=False is left out, since that runs whatever code the file holds."""
-    import pickle
-
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, pickle.UnpicklingError) or first.startswith("Weights only load failed"):
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if first.startswith("Weights only load failed"):
         return ("holds Python objects other than tensors and plain values, which could run "
                 "code when loaded; it is refused (only weights-only files are loaded)")
-    return f"is unreadable (corrupt or truncated): {first[:300]}"
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"is unreadable (corrupt, truncated or not a torch file): {detail[:300]}"
