@@ -228,7 +228,13 @@ OUTPUTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(OUTPUTS))
+DEFAULT_OUTPUTS = {"sample --out a folder", "report --out a file", "perf --out unwritable",
+                   "doctor --json under a file"}  # one per command; the others under -m slow
+
+
+@pytest.mark.parametrize("name", [
+    name if name in DEFAULT_OUTPUTS else pytest.param(name, marks=pytest.mark.slow)
+    for name in OUTPUTS])
 def test_an_unwritable_output_path_fails_before_the_work(name: str, tmp_path: Path) -> None:
     args, fragments = OUTPUTS[name]
     (tmp_path / "folder").mkdir()

@@ -143,7 +143,7 @@ MOMENTS = {"loading": _loading, "created": _created, "training": _training,
 
 @pytest.mark.parametrize(("moment", "signum"), [
     ("loading", signal.SIGINT), ("created", signal.SIGTERM), ("training", signal.SIGINT),
-    ("evaluating", signal.SIGTERM)])
+    pytest.param("evaluating", signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_signal_at_any_moment_of_a_run_ends_it_killed_with_the_exit_code(
         workdir, moment: str, signum: signal.Signals) -> None:
     cwd = workdir(moment)
