@@ -107,6 +107,14 @@ class RunLock:
         self.holder: Holder | None = None
 
     def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+    def acquire(self) -> RunLock:
+        """Take the run, or raise the one-line refusal naming its holder."""
         self._lock_file()
         try:
             self._claim_tag()
@@ -118,8 +126,8 @@ class RunLock:
         self._thread.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def release(self) -> None:
+        """Give the run back: the heartbeat stops, the tag and the lock file go."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

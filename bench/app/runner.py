@@ -366,27 +366,11 @@ def execute(
     An observer's `evaluated` callback sees every intermediate evaluation and may raise
     StopRun: the run then ends KILLED with a `stopped` tag (no checkpoint error, no traceback).
     """
-    with contextlib.ExitStack() as stack:
-        return _execute(p, tracker, run_id, setup, progress, report, observer,
-                        None if locked else stack, held)
-
-
-def _execute(
-    p: Prepared,
-    tracker: Tracker,
-    run_id: str,
-    setup: Callable[[], LoopState],
-    progress: Callable[[int, int, float], None] | None,
-    report: Reporter,
-    observer: RunObserver | None,
-    lock_into: contextlib.ExitStack | None,
-    held: bool,
-) -> RunOutcome:
-    """execute() with the lock taken into `lock_into` (None: the caller holds it)."""
     t0 = time.perf_counter()
     cfg = p.config
     state: LoopState | None = None
     files: RunCheckpoints | None = None
+    lock: RunLock | None = None
 
     def log(metrics: dict[str, float], step: int) -> None:  # queued: off the training path
         tracker.log_metrics(run_id, metrics, step, wait=False)
@@ -409,8 +393,8 @@ def _execute(
                 held = False
                 GUARD.release()
             GUARD.raise_pending()
-            if lock_into is not None:
-                lock_into.enter_context(RunLock(tracker, run_id, report))
+            if not locked:
+                lock = RunLock(tracker, run_id, report).acquire()
             state = setup()
             files = RunCheckpoints(p, tracker, run_id, state)
             hooks = LoopHooks(log=log, checkpoint=files.write, evaluate=intermediate_eval,
@@ -470,7 +454,11 @@ def _execute(
                              f"{files.saved_at}; resume with `bench run --resume {run_id}`)"
                              ) from exc
         raise
-    tracker.end_run(run_id, "FINISHED")
+    else:
+        tracker.end_run(run_id, "FINISHED")
+    finally:
+        if lock is not None:  # after the run's end is recorded
+            lock.release()
     return RunOutcome(run_id, cfg.method, p.dataset.name, results, p.dataset.primary_metric,
                       time.perf_counter() - t0)
 
