@@ -317,8 +317,7 @@ def _parent_run(tracker: Tracker, study: Any, created: bool, request: SweepReque
             "sweep.space": space.label, "sweep.objective": ",".join(o.label for o in objectives),
             "method": request.method, "dataset": request.dataset}
     run_id = tracker.start_run(experiment=request.dataset,
-                               run_name=f"sweep-{study.study_name}", tags=tags)
-    tracker.log_params(run_id, {
+                               run_name=f"sweep-{study.study_name}", tags=tags, params={
         "sweep.trials": request.trials, "sweep.space": space.label,
         "sweep.params": ",".join(p.name for p in space.params),
         "sweep.objective": ",".join(o.label for o in objectives),

@@ -14,7 +14,6 @@ the EMA weights) and, for consistency models, target network.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,13 +161,10 @@ def import_checkpoint(tracker: Tracker, request: ImportRequest, cwd: Path,
         "versions": package_versions(),
     }
     name = request.name or f"{request.kind}-{request.dataset}-{request.checkpoint.stem}"
-    run_id = tracker.start_run(experiment=request.dataset, run_name=name, tags=tags)
+    run_id = tracker.start_run(experiment=request.dataset, run_name=name, tags=tags,
+                               params=flatten(public_dict(cfg)),
+                               files={"config.toml": dumps(cfg)})
     try:
-        tracker.log_params(run_id, flatten(public_dict(cfg)))
-        with tempfile.TemporaryDirectory() as tmp:
-            config_file = Path(tmp) / "config.toml"
-            config_file.write_text(dumps(cfg))
-            tracker.log_artifact(run_id, config_file)
         path = checkpoint_path(tracker, run_id)
         save_checkpoint(checkpoint, path)
         if tracker.get_run(run_id).local_artifact_dir is None:

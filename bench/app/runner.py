@@ -390,7 +390,6 @@ def execute(
     try:
         with GUARD.installed():
             if held:
-                held = False
                 GUARD.release()
             GUARD.raise_pending()
             if not locked:
