@@ -56,6 +56,19 @@ def live_members(pgid: int) -> list[int]:
     return found
 
 
+def group_leaders(pid: int) -> list[int]:
+    """The children of pid that lead a process group of their own (the server bench starts
+    with start_new_session; not a short-lived helper in bench's own group)."""
+    leaders = []
+    for child in children(pid):
+        try:
+            if os.getpgid(child) == child:
+                leaders.append(child)
+        except ProcessLookupError:
+            continue
+    return leaders
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -81,12 +94,13 @@ def serving(args: list[str], cwd: Path, port: int, log: Path,
     groups: set[int] = set()
     try:
         deadline = time.monotonic() + START_SECONDS + 60
-        while not answers(port):
+        # the server answers, and bench has seen it answer (it then shows the URL)
+        while not (answers(port) and f"MLflow UI on http://127.0.0.1:{port}" in log.read_text()):
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
-            groups.update(children(proc.pid))
+            groups.update(group_leaders(proc.pid))
             time.sleep(0.2)
-        groups.update(children(proc.pid))
+        groups.update(group_leaders(proc.pid))
         (pgid,) = groups
         yield proc, pgid
     finally:
