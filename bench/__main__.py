@@ -1,5 +1,5 @@
 """python -m bench == the bench command (torchrun uses this)."""
 
-from bench.cli.main import main
+from bench.cli import main
 
 main()

@@ -224,7 +224,8 @@ def test_sample_interrupted_exits_with_the_signal_and_writes_no_file(
     assert not [p for p in cwd.iterdir() if p.name.startswith(f".{out.name}")]  # no temp file
 
 
-@pytest.mark.parametrize("delay", [0.6, pytest.param(1.5, marks=pytest.mark.slow)])
+# 0.2 s: while typer and pydantic are imported; 0.6 s: while numpy and scipy are
+@pytest.mark.parametrize("delay", [0.2, 0.6, pytest.param(1.5, marks=pytest.mark.slow)])
 def test_report_interrupted_exits_130(finished_run, delay: float) -> None:
     cwd, _ = finished_run
     run = Running(["report", "--out", str(cwd / f"report-{delay}")], cwd)
@@ -333,3 +334,40 @@ def test_memory_that_runs_out_is_one_line_naming_it(workdir) -> None:
     assert "marked FAILED" in last and "smaller train.batch_size" in last, last
     (record,) = all_runs(cwd)
     assert record.info.status == "FAILED"
+
+
+IMPORT_INTERRUPTED = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from bench.engine.signals import GUARD, Interrupted
+GUARD.install()
+started = time.monotonic()
+try:
+    import slow_module  # sends itself the signal in the middle of its body
+    imported = time.monotonic()
+    while time.monotonic() - imported < 5:
+        time.sleep(0.01)
+    print("not interrupted")
+except Interrupted as exc:
+    whole = getattr(sys.modules.get("slow_module"), "COMPLETE", False)
+    print(exc.signal_name, "complete" if whole else "half", round(time.monotonic() - started, 2))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_an_import_waits_for_the_module_to_finish(tmp_path: Path,
+                                                                  signum: signal.Signals) -> None:
+    """An interrupt raised in the middle of a module's first import leaves it half-initialised
+    in sys.modules (numpy's lazy attributes then recurse without end): the guard holds the
+    signal until the import is over, then raises it."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\n"
+        f"os.kill(os.getpid(), {int(signum)})\n"
+        "time.sleep(0.5)\n"
+        "COMPLETE = True\n")
+    done = subprocess.run([sys.executable, "-c", IMPORT_INTERRUPTED, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, env=bench_env())
+    assert done.returncode == 0, done.stderr
+    name, state, seconds = done.stdout.split()
+    assert (name, state) == (signum.name, "complete")
+    assert 0.5 <= float(seconds) < 2.0  # raised within the retry period after the import

@@ -753,19 +753,21 @@ def suite(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors (exit 2 usage, 1 otherwise; 130 for Ctrl-C, 143 for
-    SIGTERM); --debug shows tracebacks (and the warnings of the libraries underneath)."""
-    from bench.core.memory import one_malloc_arena
-    from bench.engine.signals import GUARD, exit_code, signal_name
+    """The commands, run: one-line errors (exit 2 usage, 1 otherwise; 130 for Ctrl-C, 143 for
+    SIGTERM); --debug shows tracebacks (and the warnings of the libraries underneath). The
+    `bench` entry point (bench.cli.main) installs the signal guard before importing this."""
+    from bench.engine.signals import EXIT_CODES, GUARD, exit_code, signal_name
 
     GUARD.install()  # SIGTERM ends a command like Ctrl-C does, from its first line
-    one_malloc_arena()  # before torch starts its threads
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("BENCH_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
-    quiet_dependencies(debug)
-    command = typer.main.get_command(app)
     try:
+        from bench.core.memory import one_malloc_arena
+
+        one_malloc_arena()  # before torch starts its threads
+        quiet_dependencies(debug)
+        command = typer.main.get_command(app)
         # make_context + invoke instead of command.main(): its main turns Ctrl-C into an
         # exit code that non-standalone mode returns instead of raising
         with command.make_context("bench", args) as ctx:
@@ -799,6 +801,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, BenchError):
             print(f"bench: error: {mask_credentials(str(exc))}", file=sys.stderr)
             sys.exit(exc.exit_code)
+        if GUARD.delivered is not None:  # a library turned the interrupt into its own error
+            print(f"bench: interrupted ({GUARD.delivered})", file=sys.stderr)
+            sys.exit(EXIT_CODES.get(GUARD.delivered, 130))
         print(f"bench: {describe_failure(exc)}", file=sys.stderr)
         sys.exit(1)
 

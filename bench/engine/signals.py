@@ -11,8 +11,12 @@ raised as `Interrupted` when the outermost such block ends, so neither an iterat
 store transaction is ever cut in half: the final checkpoint then holds the weights, optimizer,
 EMA, RNG states and iteration counter of one and the same completed iteration, `--resume`
 continues bit for bit, and the store is never left locked by a half-made write. Outside such a
-block (evaluation, say) the signal is raised at once. Signals are only ever delivered to the
-main thread, so blocks entered on other threads defer nothing.
+block (evaluation, say) the signal is raised at once, unless the main thread is importing a
+module: an exception raised in the middle of a module's first import leaves that module (numpy,
+scipy, ...) half-initialised in `sys.modules`, where the next attribute lookup can recurse
+without end and hide the interrupt behind a RecursionError. The signal then waits for the import
+to finish (checked again every 50 ms on a timer). Signals are only ever delivered to the main
+thread, so blocks entered on other threads defer nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RETRY_SECONDS = 0.05  # how often a signal that arrived during an import checks again
+_IMPORT_MACHINERY = ("<frozen importlib._bootstrap", "importlib/_bootstrap")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report
 
 
@@ -52,14 +58,32 @@ class SignalGuard:
 
     def __init__(self) -> None:
         self.pending: str | None = None  # name of a signal held back by deferred()
+        self.delivered: str | None = None  # name of the last signal raised as Interrupted
         self._depth = 0
+
+    def _raise(self, name: str) -> NoReturn:
+        self.delivered = name
+        raise Interrupted(name)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self._depth:
             self.pending = self.pending or name
             return
-        raise Interrupted(name)
+        if _importing(frame) and _arm_retry(self._retry):
+            self.pending = self.pending or name
+            return
+        self._raise(name)
+
+    def _retry(self, signum: int, frame: FrameType | None) -> None:
+        """The timer armed by a signal that arrived during an import: raise it once the import
+        is over (a deferred block entered since raises it itself when it ends)."""
+        if self.pending is None or self._depth:
+            return
+        if _importing(frame) and _arm_retry(self._retry):
+            return
+        name, self.pending = self.pending, None
+        self._raise(name)
 
     def install(self) -> None:
         """Handle SIGINT and SIGTERM for the rest of the process (main thread only)."""
@@ -114,7 +138,25 @@ class SignalGuard:
         """Raise a signal held back by an enclosing block now (outside every deferred block)."""
         if self.pending is not None and not self._depth:
             name, self.pending = self.pending, None
-            raise Interrupted(name)
+            self._raise(name)
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether this frame runs inside the import machinery (a module's first execution)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_IMPORT_MACHINERY):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _arm_retry(handler: Any) -> bool:
+    """Call `handler` once after RETRY_SECONDS on SIGALRM; False where timers are missing."""
+    if not hasattr(signal, "setitimer"):
+        return False
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+    return True
 
 
 class _Deferred:
@@ -134,7 +176,7 @@ class _Deferred:
         guard._depth -= 1
         if kind is None and not guard._depth and guard.pending is not None:
             name, guard.pending = guard.pending, None
-            raise Interrupted(name)
+            guard._raise(name)
 
 
 _NOTHING = contextlib.nullcontext()
