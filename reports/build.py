@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +51,7 @@ def build_report(
     select: Select,
     formats: list[str],
     out_dir: Path,
-    pinned: Mapping[tuple[str, str], str] | None = None,
+    pinned: Mapping[tuple[str, str], str | Sequence[str]] | None = None,
     log_run: bool = True,
 ) -> ReportOutput:
     """Write the report for the datasets (all with runs when None) and log it as a run."""

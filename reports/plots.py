@@ -21,13 +21,17 @@ def _pyplot() -> ModuleType:
     return plt
 
 
-def series(table: Table, paper: bool) -> dict[str, list[tuple[int, float]]]:
-    """label -> sorted (NFE, value) points of the primary metric (ours, or the paper's)."""
-    key = f"paper:{table.primary}" if paper else table.primary
-    out: dict[str, list[tuple[int, float]]] = {}
-    for row in table.rows:
-        if key in row.values:
-            out.setdefault(row.label, []).append((row.nfe, row.values[key]))
+def series(table: Table, paper: bool) -> dict[str, list[tuple[int, float, float]]]:
+    """label -> sorted (NFE, value, std) points of the primary metric (ours, or the paper's;
+    std 0 where no spread was measured); with several protocols, one series per protocol."""
+    columns = [c for c in table.columns if c.metric == table.primary and c.is_paper == paper]
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    for column in columns:
+        for row in table.rows:
+            if column.key in row.values:
+                label = f"{row.label} [{column.protocol}]" if column.protocol else row.label
+                out.setdefault(label, []).append(
+                    (row.nfe, row.values[column.key], row.std.get(column.key, 0.0)))
     return {label: sorted(points) for label, points in out.items()}
 
 
@@ -39,17 +43,20 @@ def plot_metric_vs_nfe(table: Table, png: Path, svg: Path) -> None:
     ours, paper = series(table, False), series(table, True)
     fig, ax = plt.subplots(figsize=(7.5, 4.0), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    labels = list(dict.fromkeys(r.label for r in table.rows if r.label in ours or r.label in paper))
+    labels = list(dict.fromkeys([*ours, *paper]))
     for i, label in enumerate(labels):
         color = colors[i % len(colors)]
         if label in ours:
-            x, y = zip(*ours[label], strict=True)
-            ax.plot(x, y, marker="o", color=color, label=label)
+            x, y, err = zip(*ours[label], strict=True)
+            if any(err):  # error bars: ± one standard deviation over the seeds
+                ax.errorbar(x, y, yerr=err, marker="o", color=color, label=label, capsize=3)
+            else:
+                ax.plot(x, y, marker="o", color=color, label=label)
         if label in paper:
-            x, y = zip(*paper[label], strict=True)
+            x, y, _ = zip(*paper[label], strict=True)
             ax.plot(x, y, marker="o", linestyle="--", color=color, markerfacecolor="none",
                     label=f"{label} (paper)")
-    values = [v for pts in (*ours.values(), *paper.values()) for _, v in pts]
+    values = [v for pts in (*ours.values(), *paper.values()) for _, v, _ in pts]
     if values and min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")
     ax.set_xscale("log", base=2)
@@ -63,11 +70,12 @@ def plot_metric_vs_nfe(table: Table, png: Path, svg: Path) -> None:
 def seconds_series(table: Table) -> dict[str, list[tuple[float, float, int]]]:
     """label -> (seconds per sample, primary metric, NFE) of our rows that carry a measured
     sampling time, in NFE order."""
+    key = table.columns[0].key  # the primary metric (under the first protocol)
     out: dict[str, list[tuple[float, float, int]]] = {}
     for row in table.rows:
         seconds = row.extra.get("seconds_per_sample")
-        if table.primary in row.values and seconds is not None and seconds > 0:
-            out.setdefault(row.label, []).append((seconds, row.values[table.primary], row.nfe))
+        if key in row.values and seconds is not None and seconds > 0:
+            out.setdefault(row.label, []).append((seconds, row.values[key], row.nfe))
     return {label: sorted(points, key=lambda p: p[2]) for label, points in out.items()}
 
 

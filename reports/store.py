@@ -9,13 +9,14 @@ newest value.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import polars as pl
 
+from bench.app.protocol import comparable, logged_protocol, seed_count
 from bench.app.tracking import RunRecord, Tracker, mask_credentials
 from bench.core.errors import BenchError, UsageError
 from bench.data.datasets import FOLDER_PREFIX, POINTS_PREFIX, dataset_names, describe_dataset
@@ -26,8 +27,12 @@ Select = Literal["best", "latest"]
 SELECTS: tuple[Select, ...] = ("best", "latest")
 EVAL_METRICS = tuple(LOWER_IS_BETTER)  # evaluation metrics a report can show
 EXTRA_METRICS = ("seconds_per_sample",)  # read for the CSV, never bold
+# one row per (run, nfe, metric): the value is the mean over the evaluation's seed sets (the
+# value itself with one set), std their sample standard deviation (null with one set), seeds
+# their count, protocol what the number is comparable under (bench.app.protocol.comparable)
 RESULT_SCHEMA = {"dataset": pl.String, "method": pl.String, "run_id": pl.String,
-                 "nfe": pl.Int64, "metric": pl.String, "value": pl.Float64}
+                 "nfe": pl.Int64, "metric": pl.String, "value": pl.Float64, "std": pl.Float64,
+                 "seeds": pl.Int64, "protocol": pl.String}
 
 
 @dataclass(frozen=True)
@@ -98,20 +103,40 @@ def candidate_runs(tracker: Tracker, datasets: Iterable[str] | None) -> dict[str
     return out
 
 
+def _newest_points(tracker: Tracker, record: RunRecord, key: str) -> dict[int, float]:
+    """step -> the newest value of a metric (a re-evaluated NFE counts with its newest)."""
+    newest: dict[int, tuple[int, float]] = {}
+    if key not in record.metric_keys:
+        return {}
+    for point in tracker.metric_points(record.run_id, key):
+        kept = newest.get(point.step)
+        if kept is None or point.timestamp >= kept[0]:
+            newest[point.step] = (point.timestamp, point.value)
+    return {step: value for step, (_, value) in newest.items()}
+
+
 def eval_results(tracker: Tracker, record: RunRecord, metrics: Iterable[str]) -> pl.DataFrame:
-    """The run's evaluation numbers: one row per (nfe, metric), newest value per NFE."""
+    """The run's evaluation numbers: one row per (nfe, metric), newest value per NFE, with the
+    spread over seed sets and the protocol the NFE was evaluated under."""
     rows: list[dict[str, object]] = []
+    dataset = record.tags["dataset"]
+    points = describe_dataset(dataset).kind == "points"
+    protocols: dict[int, dict[str, object]] = {}
     for key in metrics:
-        if key not in record.metric_keys:
+        values = _newest_points(tracker, record, key)
+        if not values:
             continue
-        newest: dict[int, tuple[int, float]] = {}
-        for point in tracker.metric_points(record.run_id, key):
-            kept = newest.get(point.step)
-            if kept is None or point.timestamp >= kept[0]:
-                newest[point.step] = (point.timestamp, point.value)
-        rows += [{"dataset": record.tags["dataset"], "method": record.tags["method"],
-                  "run_id": record.run_id, "nfe": step, "metric": key, "value": value}
-                 for step, (_, value) in newest.items()]
+        stds = _newest_points(tracker, record, f"{key}_std")
+        for step, value in values.items():
+            if step not in protocols:
+                protocols[step] = logged_protocol(record.tags, record.params, step, points,
+                                                  dataset == "digits")
+            protocol = protocols[step]
+            seeds = seed_count(protocol)
+            rows.append({"dataset": dataset, "method": record.tags["method"],
+                         "run_id": record.run_id, "nfe": step, "metric": key, "value": value,
+                         "std": stds.get(step) if seeds > 1 else None, "seeds": seeds,
+                         "protocol": comparable(protocol)})
     return pl.DataFrame(rows, schema=RESULT_SCHEMA)
 
 
@@ -160,14 +185,30 @@ def _best(tracker: Tracker, records: list[RunRecord], primary: str) -> RunRecord
     return by_id[ranked[0][0]]
 
 
+def _seed_members(records: list[RunRecord], chosen: RunRecord) -> list[RunRecord]:
+    """The chosen run and, when it is one of several training seeds (tag `seed_group`), the
+    newest finished run of each other seed of its group."""
+    group = chosen.tags.get("seed_group")
+    if not group:
+        return [chosen]
+    by_seed: dict[str, RunRecord] = {chosen.params.get("seed", ""): chosen}
+    for record in sorted(records, key=lambda r: (r.start_time, r.run_id), reverse=True):
+        if record.tags.get("seed_group") == group and not _is_nested(record):
+            by_seed.setdefault(record.params.get("seed", ""), record)
+    return [chosen, *(r for r in by_seed.values() if r is not chosen)]
+
+
 def select_runs(
     tracker: Tracker,
     datasets: Iterable[str] | None = None,
     select: Select = "latest",
-    pinned: Mapping[tuple[str, str], str] | None = None,
+    pinned: Mapping[tuple[str, str], str | Sequence[str]] | None = None,
 ) -> Selection:
     """One finished run per (dataset, method): the pinned run id, else `latest` (the newest
-    run that is not a sweep trial, if there is one) or `best` (every run, trials included)."""
+    run that is not a sweep trial, if there is one) or `best` (every run, trials included).
+    Several training seeds of one method count together: pinned as several ids, or with
+    `latest` every finished run sharing the chosen run's `seed_group` tag (the newest of each
+    seed); the results then hold the rows of each of them."""
     select = check_select(select)
     requested = None if datasets is None else list(datasets)
     for name in requested or []:
@@ -192,12 +233,17 @@ def select_runs(
         for method in sorted(by_method):
             records = by_method[method]
             pin = (pinned or {}).get((dataset, method))
-            chosen = next((r for r in records if r.run_id == pin), None)
+            ids = [pin] if isinstance(pin, str) else list(pin or [])
+            members = [r for i in ids for r in records if r.run_id == i]
+            chosen = members[0] if members else None
             if chosen is None and select == "latest":
                 chosen = _newest([r for r in records if not _is_nested(r)] or records)
+                members = _seed_members(records, chosen)
             elif chosen is None:
                 chosen = _best(tracker, records, primary[dataset])
+                members = [chosen]
             runs[(dataset, method)] = _run_info(chosen)
-            frames.append(eval_results(tracker, chosen, (*EVAL_METRICS, *EXTRA_METRICS)))
+            frames += [eval_results(tracker, r, (*EVAL_METRICS, *EXTRA_METRICS))
+                       for r in members]
     results = pl.concat(frames).sort("dataset", "method", "nfe", "metric")
     return Selection(select, runs, results, primary)

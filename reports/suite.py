@@ -10,6 +10,8 @@ report of the dataset closes the suite.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -140,6 +142,13 @@ def check_suite(dataset: str, methods: Sequence[str], sets: Sequence[str], cwd: 
         suite_config(dataset, method, "none", [*common, *per_method.get(method, [])], cwd)
 
 
+def seed_group(cfg: RunConfig) -> str:
+    """What the runs of one method over several training seeds share: the first 16 hex digits
+    of the SHA-256 of their logged config without the seed (the tag `seed_group`)."""
+    params = {k: v for k, v in logged_params(cfg).items() if k != "seed"}
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_suite(
     tracker: Tracker,
     dataset: str,
@@ -148,40 +157,56 @@ def run_suite(
     cwd: Path,
     report: Reporter,
     progress: ProgressFactory | None = None,
+    seeds: int = 1,
 ) -> SuiteOutcome:
-    """Run (or skip, or resume) every method on the dataset, then write its report."""
+    """Run (or skip, or resume) every method on the dataset, then write its report. With
+    `seeds` > 1 every method trains that many times (training seeds seed, seed + 1, ...; each
+    seed's distillation runs use that seed's teacher), the runs of a method tagged with one
+    `seed_group`, and the report shows each number as the mean ± std over the seeds."""
     t0 = time.perf_counter()
+    if seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {seeds}")
     check_suite(dataset, methods, sets, cwd)
     data = describe_dataset(dataset)
     has_analytic = isinstance(data, GaussianMixture)
     common, per_method = split_sets(sets)
     outcome = SuiteOutcome(data.name)
-    teacher_run: str | None = None
-    teacher_failed = False
-    for i, method in enumerate(methods, 1):
-        needs_teacher = get_method(method).needs_teacher
-        if not needs_teacher:
-            teacher = "none"
-        elif has_analytic and not get_method(method).teacher_weights:
-            teacher = "analytic"
-        else:
-            teacher = teacher_run or ("" if teacher_failed else newest_teacher(tracker, data.name)
-                                      or "")
-            if not teacher:
-                name = teacher_method()
-                why = (f"the {name} teacher did not finish" if teacher_failed else
-                       f"no finished {name} run on {data.name}; add {name} to --methods")
-                outcome.runs.append(SuiteRun(method, "not run", error=why))
-                continue
-        cfg, preset = suite_config(data.name, method, teacher,
-                                   [*common, *per_method.get(method, [])], cwd)
-        row = _run_one(tracker, cfg, preset, f"{i}/{len(methods)}", report, progress, runner)
-        outcome.runs.append(row)
-        if get_method(method).provides_teacher:
-            teacher_run = row.run_id if row.status in ("ran", "resumed", "skipped") else None
-            teacher_failed = teacher_run is None
-    pinned = {(data.name, r.method): r.run_id for r in outcome.runs
-              if r.status in ("ran", "resumed", "skipped")}
+    total = len(methods) * seeds
+    for k in range(seeds):
+        teacher_run: str | None = None
+        teacher_failed = False
+        for i, method in enumerate(methods, 1):
+            needs_teacher = get_method(method).needs_teacher
+            if not needs_teacher:
+                teacher = "none"
+            elif has_analytic and not get_method(method).teacher_weights:
+                teacher = "analytic"
+            else:
+                teacher = teacher_run or ("" if teacher_failed or k else
+                                          newest_teacher(tracker, data.name) or "")
+                if not teacher:
+                    name = teacher_method()
+                    why = (f"the {name} teacher did not finish" if teacher_failed or k else
+                           f"no finished {name} run on {data.name}; add {name} to --methods")
+                    outcome.runs.append(SuiteRun(method, "not run", error=why))
+                    continue
+            method_sets = [*common, *per_method.get(method, [])]
+            cfg, preset = suite_config(data.name, method, teacher, method_sets, cwd)
+            tags: dict[str, str] = {}
+            if seeds > 1:
+                cfg, preset = suite_config(data.name, method, teacher,
+                                           [*method_sets, f"seed={cfg.seed + k}"], cwd)
+                tags = {"seed_group": seed_group(cfg), "seed_index": str(k)}
+            row = _run_one(tracker, cfg, preset, f"{k * len(methods) + i}/{total}", report,
+                           progress, runner, tags)
+            outcome.runs.append(row)
+            if get_method(method).provides_teacher:
+                teacher_run = row.run_id if row.status in ("ran", "resumed", "skipped") else None
+                teacher_failed = teacher_run is None
+    pinned: dict[tuple[str, str], list[str]] = {}
+    for r in outcome.runs:
+        if r.status in ("ran", "resumed", "skipped"):
+            pinned.setdefault((data.name, r.method), []).append(r.run_id)
     if pinned:
         outcome.report = build_report(tracker, [data.name], "latest", list(FORMATS),
                                       tracker.runs_dir / "reports", pinned)
@@ -190,16 +215,23 @@ def run_suite(
 
 
 def _run_one(tracker: Tracker, cfg: RunConfig, preset: str | None, position: str,
-             report: Reporter, progress: ProgressFactory | None, runner: Any) -> SuiteRun:
-    """Skip, resume or start one run; failures are recorded, interrupts stop the suite."""
+             report: Reporter, progress: ProgressFactory | None, runner: Any,
+             tags: dict[str, str] | None = None) -> SuiteRun:
+    """Skip, resume or start one run (with `tags` besides the contract's); failures are
+    recorded, interrupts stop the suite. A finished run prints its result line."""
     method = cfg.method
+    seed = f" (seed {cfg.seed})" if tags else ""
     finished = matching_run(tracker, cfg, "FINISHED")
     if finished is not None:
-        report(f"suite {position}: {method} on {cfg.dataset} already finished "
+        report(f"suite {position}: {method}{seed} on {cfg.dataset} already finished "
                f"(run {finished.run_id}); skipped")
+        if tags:
+            tracker.set_tags(finished.run_id, tags)
         return SuiteRun(method, "skipped", finished.run_id, cfg.teacher)
     killed = matching_run(tracker, cfg, "KILLED")
-    report(f"suite {position}: {method} on {cfg.dataset}, teacher {cfg.teacher}"
+    if killed is not None and tags:
+        tracker.set_tags(killed.run_id, tags)
+    report(f"suite {position}: {method}{seed} on {cfg.dataset}, teacher {cfg.teacher}"
            + (f", presets {preset}" if preset else "")
            + (f"; resuming killed run {killed.run_id}" if killed else ""))
     t0 = time.perf_counter()
@@ -208,7 +240,7 @@ def _run_one(tracker: Tracker, cfg: RunConfig, preset: str | None, position: str
             if killed is not None:
                 outcome = runner.resume(tracker, killed.run_id, report, bar)
             else:
-                outcome = runner.start(cfg, tracker, report, bar)
+                outcome = runner.start(cfg, tracker, report, bar, extra_tags=tags or None)
     except RunInterrupted as exc:
         raise RunInterrupted(f"{method}: {exc}, or re-run the same `bench suite` command, which "
                              "resumes it", signal=exc.signal) from None
@@ -219,8 +251,23 @@ def _run_one(tracker: Tracker, cfg: RunConfig, preset: str | None, position: str
         report(f"suite {position}: {method} failed: {message}")
         return SuiteRun(method, "failed", killed.run_id if killed else "", cfg.teacher,
                         time.perf_counter() - t0, message)
+    line = result_line(outcome.results, outcome.primary_metric)
+    if line:
+        report(f"{method}{seed}: {line}")
     return SuiteRun(method, "resumed" if killed else "ran", outcome.run_id, cfg.teacher,
                     time.perf_counter() - t0)
+
+
+def result_line(results: Sequence[Any], metric: str) -> str:
+    """'w2@1 0.058 @2 0.040' (± the spread over evaluation seed sets where measured)."""
+    parts: list[str] = []
+    for r in sorted(results, key=lambda r: r.nfe_measured):
+        if metric not in r.metrics:
+            continue
+        std = r.spread().get(f"{metric}_std")
+        value = f"{r.metrics[metric]:.4g}" + (f" ± {std:.2g}" if std is not None else "")
+        parts.append(f"{metric if not parts else ''}@{r.nfe_measured} {value}")
+    return " ".join(parts)
 
 
 def summary_table(outcome: SuiteOutcome) -> Any:

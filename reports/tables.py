@@ -11,6 +11,7 @@ import csv
 import html
 import io
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,10 @@ MISSING = "–"
 class Column:
     """A numeric column: a metric of ours or the paper's number of one."""
 
-    key: str  # metric name, or "paper:<metric>"
+    key: str  # metric name, "paper:<metric>", or "<metric> [<protocol letter>]"
     metric: str  # the metric it holds
     lower_is_better: bool
+    protocol: str = ""  # the letter of its evaluation protocol when a table has several
 
     @property
     def is_paper(self) -> bool:
@@ -50,8 +52,9 @@ class Column:
 
     @property
     def header(self) -> str:
-        """Plain-text header, e.g. 'FID (paper) ↓'."""
-        return f"{metric_name(self.metric)}{' (paper)' if self.is_paper else ''} {self.arrow}"
+        """Plain-text header, e.g. 'FID (paper) ↓' or 'w2 [B] ↓'."""
+        tail = " (paper)" if self.is_paper else f" [{self.protocol}]" if self.protocol else ""
+        return f"{metric_name(self.metric)}{tail} {self.arrow}"
 
 
 @dataclass
@@ -68,6 +71,9 @@ class Row:
     teacher_logged: str = ""  # the run's `teacher` tag as logged
     run_id: str = ""  # full id; "" = paper only
     extra: dict[str, float] = field(default_factory=dict)  # CSV-only numbers
+    std: dict[str, float] = field(default_factory=dict)  # column key -> standard deviation
+    count: dict[str, int] = field(default_factory=dict)  # column key -> seeds it is over
+    runs: list[str] = field(default_factory=list)  # every run id the row's numbers come from
 
 
 @dataclass
@@ -158,36 +164,83 @@ def teacher_text(teacher: str) -> str:
     return Path(teacher).name
 
 
-def _metric_columns(metrics: set[str], primary: str, with_paper: bool) -> list[Column]:
+def _metric_columns(metrics: set[str], primary: str, with_paper: bool,
+                    protocols: list[str]) -> list[Column]:
+    """The primary metric first (then the paper's FID), then the others in METRIC_ORDER; with
+    several protocols one column per (metric, protocol), lettered A, B, ..."""
     ordered = [m for m in METRIC_ORDER if m in metrics and m != primary]
     ordered += sorted(metrics - set(METRIC_ORDER) - {primary})
-    columns = [Column(primary, primary, LOWER_IS_BETTER.get(primary, True))]
+    letters = [protocol_letter(i) for i in range(len(protocols))] if len(protocols) > 1 else [""]
+
+    def ours(metric: str) -> list[Column]:
+        return [Column(f"{metric} [{letter}]" if letter else metric, metric,
+                       LOWER_IS_BETTER.get(metric, True), letter) for letter in letters]
+
+    columns = ours(primary)
     if with_paper:
         columns.append(Column(f"{PAPER_PREFIX}fid", "fid", True))
-    columns += [Column(m, m, LOWER_IS_BETTER.get(m, True)) for m in ordered]
+    for m in ordered:
+        columns += ours(m)
     return columns
 
 
+def protocol_letter(index: int) -> str:
+    """A, B, ..., Z, AA, AB, ..."""
+    text = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        text = chr(ord("A") + rest) + text
+    return text
+
+
 def _bold(rows: list[Row], columns: list[Column]) -> set[tuple[int, str]]:
-    """The best displayed value of each column (every tie is bold)."""
+    """The best displayed value of each column (every tie is bold), and only where it is better
+    than every other row beyond the uncertainty: its mean ± std interval apart from theirs
+    (a value with no spread counts as an interval of width 0)."""
     marks: set[tuple[int, str]] = set()
     for column in columns:
-        shown = {i: float(r.text[column.key]) for i, r in enumerate(rows) if column.key in r.text}
+        shown = {i: float(r.text[column.key].split(" ± ")[0]) for i, r in enumerate(rows)
+                 if column.key in r.text}
         if not shown:
             continue
-        best = min(shown.values()) if column.lower_is_better else max(shown.values())
-        marks |= {(i, column.key) for i, v in shown.items() if v == best}
+        sign = 1.0 if column.lower_is_better else -1.0
+        best = min(sign * v for v in shown.values())
+        winners = [i for i, v in shown.items() if sign * v == best]
+        others = [i for i in shown if i not in winners]
+
+        # each row's interval, as (better end, worse end) in the lower-is-better sense
+        ends = {i: (sign * rows[i].values[column.key] - rows[i].std.get(column.key, 0.0),
+                    sign * rows[i].values[column.key] + rows[i].std.get(column.key, 0.0))
+                for i in shown}
+        if all(ends[w][1] < ends[o][0] for w in winners for o in others):
+            marks |= {(i, column.key) for i in winners}
     return marks
 
 
+def format_std(std: float) -> str:
+    """A standard deviation to two significant digits: 0.0042, 1.3, 7.2e-06, 0."""
+    return f"{std:.2g}"
+
+
+def _cell_text(value: float, std: float | None) -> str:
+    return format_value(value) if std is None else f"{format_value(value)} ± {format_std(std)}"
+
+
 def build_table(selection: Selection, dataset: str) -> Table:
-    """The dataset's table from the selected runs and the paper's numbers."""
+    """The dataset's table from the selected runs and the paper's numbers. A row's number is a
+    run's mean over its evaluation seed sets (± their standard deviation), or with several
+    runs of one method (training seeds) the mean over the runs ± their standard deviation."""
     primary = selection.primary[dataset]
     results = selection.results.filter(pl.col("dataset") == dataset)
     paper = paper_numbers(dataset) if primary == "fid" else []
     shown_metrics = set(results["metric"].unique().to_list()) & set(LOWER_IS_BETTER)
     shown_metrics.add(primary)
-    columns = _metric_columns(shown_metrics, primary, bool(paper))
+    shown = results.filter(pl.col("metric").is_in(sorted(shown_metrics)))
+    protocols = sorted(shown["protocol"].unique().to_list())
+    letter = {p: protocol_letter(i) for i, p in enumerate(protocols)} if len(protocols) > 1 \
+        else {}
+    columns = _metric_columns(shown_metrics, primary, bool(paper), protocols)
     rows: dict[tuple[str, int], Row] = {}
 
     def row_for(method: str, nfe: int, info: RunInfo | None) -> Row:
@@ -198,15 +251,26 @@ def build_table(selection: Selection, dataset: str) -> Table:
                             nfe)
         return rows[key]
 
-    for method, run_id, nfe, metric, value in results.select(
-            "method", "run_id", "nfe", "metric", "value").iter_rows():
+    grouped = results.group_by("method", "nfe", "metric", "protocol", maintain_order=True).agg(
+        pl.col("run_id"), pl.col("value"), pl.col("std"), pl.col("seeds"))
+    for method, nfe, metric, protocol, run_ids, values, stds, seeds in grouped.sort(
+            "method", "nfe", "metric", "protocol").iter_rows():
         info = selection.runs[(dataset, method)]
         row = row_for(method, nfe, info)
-        row.run_id, row.teacher, row.teacher_logged = run_id, teacher_text(info.teacher), \
+        row.run_id, row.teacher, row.teacher_logged = info.run_id, teacher_text(info.teacher), \
             info.teacher
+        row.runs = sorted(set(row.runs) | set(run_ids))
+        key = f"{metric} [{letter[protocol]}]" if protocol in letter else metric
+        if len(values) > 1:  # runs of several training seeds
+            value, std, count = statistics.fmean(values), statistics.stdev(values), len(values)
+        else:
+            value, std, count = values[0], stds[0], seeds[0]
         if metric in shown_metrics:
-            row.values[metric] = value
-            row.text[metric] = format_value(value)
+            row.values[key] = value
+            row.text[key] = _cell_text(value, std)
+            row.count[key] = count
+            if std is not None:
+                row.std[key] = std
         else:
             row.extra[metric] = value
     for number in paper:
@@ -214,8 +278,30 @@ def build_table(selection: Selection, dataset: str) -> Table:
         row.values[f"{PAPER_PREFIX}fid"] = number.value
         row.text[f"{PAPER_PREFIX}fid"] = number.fid
     ordered = sorted(rows.values(), key=lambda r: (*group_of(r.method)[::2], r.method, r.nfe))
-    return Table(dataset, primary, selection.select, columns, ordered,
-                 _bold(ordered, columns), _notes(dataset, primary, selection.select, bool(paper)))
+    notes = _notes(dataset, primary, selection.select, bool(paper))
+    notes += _uncertainty_notes(ordered)
+    if len(protocols) == 1:
+        notes.append(f"Protocol of our numbers: {protocols[0]}.")
+    for protocol, mark in letter.items():
+        notes.append(f"[{mark}]: numbers evaluated under {protocol}; columns of different "
+                     "protocols are not comparable.")
+    return Table(dataset, primary, selection.select, columns, ordered, _bold(ordered, columns),
+                 notes)
+
+
+def _uncertainty_notes(rows: list[Row]) -> list[str]:
+    """What ± means in this table, and how the bold marks treat it."""
+    several_runs = any(len(r.runs) > 1 for r in rows)
+    counts = sorted({n for r in rows for k, n in r.count.items() if k in r.std})
+    notes = []
+    if counts:
+        over = "training seeds (runs)" if several_runs else "evaluation seed sets"
+        sizes = "/".join(str(n) for n in counts)
+        notes.append(f"x ± s: the mean and sample standard deviation over {sizes} {over}.")
+    else:
+        notes.append("One seed set per number: its uncertainty is not measured here (raise "
+                     "eval.seeds, or `bench eval --seeds 3`, to see it).")
+    return notes
 
 
 def _notes(dataset: str, primary: str, select: str, with_paper: bool) -> list[str]:
@@ -225,14 +311,17 @@ def _notes(dataset: str, primary: str, select: str, with_paper: bool) -> list[st
     notes = [
         f"One run per method ({rule}; a re-evaluated NFE counts with its newest value); "
         "its rows are the NFEs it was evaluated at, NFE as measured (network calls per sample).",
-        "Bold: the best displayed value of each column (↓ lower is better, ↑ higher is better).",
+        "Bold: the best displayed value of each column (↓ lower is better, ↑ higher is better), "
+        "only where its mean ± std interval lies apart from every other row's; no mark where "
+        "the difference is within the uncertainty.",
         "Teacher: what a row's method sampled or distilled: analytic = the exact denoiser of the "
         "mixture, run = the tracked EDM run with that id prefix, - = none (trained from data).",
     ]
     if with_paper:
         notes.append("FID (paper): " + "; ".join(paper_sources(dataset)) + ". Ours are "
                      "comparable only at the paper's scale (networks, iterations, 50,000 "
-                     "samples, the same Inception features).")
+                     "samples, the same Inception features): the papers' protocol is 50,000 "
+                     "samples against the training set, TF-Inception features, one seed set.")
     return notes
 
 
@@ -310,8 +399,10 @@ def to_latex(table: Table) -> str:
 def to_csv(table: Table) -> str:
     """Full-precision numbers, one line per row, full run ids and the teacher as logged."""
     extra = sorted({k for r in table.rows for k in r.extra})
+    spread = [c.key for c in table.columns if any(c.key in r.std for r in table.rows)]
     header = ["dataset", "group", "method", "label", "nfe", *(c.key for c in table.columns),
-              *extra, "teacher", "run_id"]
+              *(f"{k}_std" for k in spread), *(f"{k}_n" for k in spread), *extra, "teacher",
+              "run_id"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -322,6 +413,8 @@ def to_csv(table: Table) -> str:
                 numbers.append(row.text.get(c.key, ""))
             else:
                 numbers.append(repr(row.values[c.key]) if c.key in row.values else "")
+        numbers += [repr(row.std[k]) if k in row.std else "" for k in spread]
+        numbers += [str(row.count[k]) if k in row.std else "" for k in spread]
         numbers += [repr(row.extra[k]) if k in row.extra else "" for k in extra]
         writer.writerow([table.dataset, row.group, row.method, row.label, row.nfe, *numbers,
                          row.teacher_logged, row.run_id])

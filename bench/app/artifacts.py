@@ -83,7 +83,7 @@ def tidy_rows(method: str, dataset: str, results: Sequence[EvalResult]) -> list[
     """One row per (nfe, metric), with the measured NFE."""
     rows: list[dict[str, object]] = []
     for r in results:
-        for metric, value in r.metrics.items():
+        for metric, value in {**r.metrics, **r.spread()}.items():
             rows.append({"method": method, "dataset": dataset, "nfe": r.nfe_measured,
                          "metric": metric, "value": value})
         rows.append({"method": method, "dataset": dataset, "nfe": r.nfe_measured,

@@ -25,6 +25,8 @@ from bench.app.artifacts import (
     tidy_rows,
 )
 from bench.app.diagnostics import ode_errors
+from bench.app.protocol import TAG_PREFIX as PROTOCOL_TAG
+from bench.app.protocol import evaluation_protocol
 from bench.app.runlock import RunLock
 from bench.app.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
 from bench.app.tracking import Tracker, git_commit, package_versions, param_text
@@ -57,6 +59,7 @@ from bench.engine.evaluation import (
     LOWER_IS_BETTER,
     EvalResult,
     evaluate,
+    evaluation_seeds,
     generate,
     points_reference,
     prepare_metrics,
@@ -320,8 +323,16 @@ def run_tags(p: Prepared) -> dict[str, str]:
         "git_commit": git_commit(),
         "versions": package_versions(),
         "world_size": str(p.shard.world_size),
+        **seed_tags(cfg),
         **p.suite.notes,
     }
+
+
+def seed_tags(cfg: RunConfig) -> dict[str, str]:
+    """Which seeds the evaluation used and which statistic the metrics' own names hold."""
+    seeds = evaluation_seeds(cfg)
+    return {"eval_seeds": ",".join(str(s) for s in seeds),
+            "eval_statistic": ("mean" if len(seeds) > 1 else "single")}
 
 
 class RunCheckpoints:
@@ -403,8 +414,10 @@ def execute(
             if p.method.trains:
                 with GUARD.deferred():
                     files.write(state)
+            protocol = evaluation_protocol(p.dataset, cfg, p.suite)
             results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
-                               p.device, on_result=lambda r: log_result(tracker, run_id, r),
+                               p.device, on_result=lambda r: log_result(tracker, run_id, r,
+                                                                        protocol),
                                shard=p.shard)
             files.best.consider(state, results)
             log_eval_artifacts(tracker, run_id, p, results)
@@ -499,14 +512,18 @@ def execute_worker(p: Prepared, run_id: str, state: LoopState) -> RunOutcome:
                       time.perf_counter() - t0)
 
 
-def log_result(tracker: Tracker, run_id: str, r: EvalResult) -> None:
-    """Evaluation metrics against the measured NFE as the step."""
-    metrics = dict(r.metrics)
+def log_result(tracker: Tracker, run_id: str, r: EvalResult,
+               protocol: dict[str, Any] | None = None) -> None:
+    """Evaluation metrics against the measured NFE as the step (each metric's mean over the
+    seed sets, and with several sets their spread), the sampler's levels and the protocol."""
+    metrics = {**r.metrics, **r.spread()}
     metrics["seconds_per_sample"] = r.seconds_per_sample
     metrics["nfe_measured"] = r.nfe_measured
     tracker.log_metrics(run_id, metrics, r.nfe_measured)
-    tracker.set_tags(run_id, {f"sigmas_nfe{r.nfe_measured}":
-                              json.dumps([round(s, 6) for s in r.sigmas])})
+    tags = {f"sigmas_nfe{r.nfe_measured}": json.dumps([round(s, 6) for s in r.sigmas])}
+    if protocol is not None:
+        tags[f"{PROTOCOL_TAG}{r.nfe_measured}"] = json.dumps(protocol, sort_keys=True)
+    tracker.set_tags(run_id, tags)
 
 
 def log_eval_artifacts(tracker: Tracker, run_id: str, p: Prepared,
@@ -628,15 +645,22 @@ def run_config(tracker: Tracker, run_id: str) -> RunConfig:
 
 
 def load_run(tracker: Tracker, run_id: str, report: Reporter, nfe: list[int] | None = None,
-             device: str | None = None) -> tuple[Prepared, LoopState]:
-    """Rebuild a tracked run's method with its last checkpoint loaded."""
+             device: str | None = None, seeds: int | None = None,
+             ) -> tuple[Prepared, LoopState]:
+    """Rebuild a tracked run's method with its last checkpoint loaded (evaluated at `nfe`
+    with `seeds` seed sets where given, instead of the run's own)."""
     cfg = run_config(tracker, run_id)
     changes: dict[str, Any] = {}
     if device:
         changes["device"] = device
     cfg = cfg.model_copy(update=changes)
+    evaluation: dict[str, Any] = {}
     if nfe:
-        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"nfe": nfe})})
+        evaluation["nfe"] = nfe
+    if seeds is not None:
+        evaluation["seeds"] = seeds
+    if evaluation:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=evaluation)})
     p = prepare(cfg, tracker, report)
     state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
     if p.method.trains:
@@ -719,13 +743,17 @@ def _resume(tracker: Tracker, run_id: str, cfg: RunConfig, report: Reporter,
 
 
 def evaluate_run(tracker: Tracker, run_id: str, nfe: list[int] | None, report: Reporter,
-                 ) -> RunOutcome:
-    """Re-evaluate a tracked run (at other NFEs, say) and log into the same run."""
+                 seeds: int | None = None) -> RunOutcome:
+    """Re-evaluate a tracked run (at other NFEs, or under more seed sets) and log into the
+    same run; each NFE records the protocol it was evaluated under."""
     t0 = time.perf_counter()
     with RunLock(tracker, run_id, report):
-        p, state = load_run(tracker, run_id, report, nfe)
+        p, state = load_run(tracker, run_id, report, nfe, seeds=seeds)
+        protocol = evaluation_protocol(p.dataset, p.config, p.suite)
+        tracker.set_tags(run_id, seed_tags(p.config))
         results = evaluate(p.method, state.ema, p.dataset, p.config, p.config.eval.nfe,
-                           p.suite, p.device, on_result=lambda r: log_result(tracker, run_id, r))
+                           p.suite, p.device,
+                           on_result=lambda r: log_result(tracker, run_id, r, protocol))
         log_eval_artifacts(tracker, run_id, p, results)
     return RunOutcome(run_id, p.config.method, p.dataset.name, results,
                       p.dataset.primary_metric, time.perf_counter() - t0)

@@ -119,8 +119,10 @@ class _Progress:
 
 
 def _print_metric_table(title: str, rows: list[tuple[int, dict[str, float], float]],
-                        run_id: str, seconds: float) -> None:
-    """One row per NFE (nfe, metrics, seconds per sample), then the run id and duration."""
+                        run_id: str, seconds: float,
+                        spreads: list[dict[str, float]] | None = None) -> None:
+    """One row per NFE (nfe, metrics, seconds per sample), then the run id and duration; a
+    metric with a standard deviation over seed sets in `spreads` shows as mean ± std."""
     from rich.table import Table
 
     table = Table(title=title)
@@ -129,8 +131,10 @@ def _print_metric_table(title: str, rows: list[tuple[int, dict[str, float], floa
     for m in metrics:
         table.add_column(m, justify="right")
     table.add_column("s/sample", justify="right")
-    for nfe, values, per_sample in rows:
-        cells = [f"{values[m]:.4f}" if m in values else "-" for m in metrics]
+    for i, (nfe, values, per_sample) in enumerate(rows):
+        spread = spreads[i] if spreads else {}
+        cells = [("-" if m not in values else f"{values[m]:.4f} ± {spread[f'{m}_std']:.4f}"
+                  if f"{m}_std" in spread else f"{values[m]:.4f}") for m in metrics]
         table.add_row(str(nfe), *cells, f"{per_sample:.2e}")
     console = _console()
     console.print(table)
@@ -140,7 +144,9 @@ def _print_metric_table(title: str, rows: list[tuple[int, dict[str, float], floa
 def _print_outcome(outcome: Any) -> None:
     rows = [(r.nfe_measured, r.metrics, r.seconds_per_sample) for r in outcome.results]
     _print_metric_table(f"{outcome.method} on {outcome.dataset}", rows, outcome.run_id,
-                        outcome.seconds)
+                        outcome.seconds, [r.spread() for r in outcome.results])
+    if any(r.spread() for r in outcome.results):
+        _console().print("mean ± standard deviation over the evaluation seed sets")
 
 
 @app.command()
@@ -331,13 +337,17 @@ def sync(tracking_uri: TrackingOption = None) -> None:
 def eval_(
     run_id: Annotated[str, typer.Option("--run", help="MLflow run id.")],
     nfe: NfeOption = None,
+    seeds: Annotated[int | None, typer.Option(
+        help="Evaluation seed sets (default: the run's eval.seeds): each metric's mean, "
+             "standard deviation and best over the sets are logged.", min=1, max=1000)] = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Evaluate a tracked run again (at other NFEs, say), logging into the same run."""
+    """Evaluate a tracked run again (at other NFEs, or under more seeds), logging into the
+    same run."""
     from bench.app import runner
 
     nfes = parse_nfe(nfe)
-    outcome = runner.evaluate_run(_tracker(tracking_uri), run_id, nfes, _report)
+    outcome = runner.evaluate_run(_tracker(tracking_uri), run_id, nfes, _report, seeds)
     _print_outcome(outcome)
 
 
@@ -720,6 +730,8 @@ def report(
     for table in output.tables:
         console.print(to_rich(table))
     console.print(f"wrote {len(output.files)} files to {output.out_dir}")
+    if (output.out_dir / "report.html").is_file():
+        console.print(f"report: {output.out_dir / 'report.html'}")
     console.print(f"run id: {output.run_id}")
 
 
@@ -733,6 +745,9 @@ def suite(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Config override for every run (key=value) or one method "
                       "(cd:train.steps=500); repeatable.")] = None,
+    seeds: Annotated[int, typer.Option(
+        help="Training seeds per method (seed, seed + 1, ...): the report shows mean ± std "
+             "over them.", min=1, max=100)] = 1,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Train the teacher, run every method (skipping finished ones), then the report."""
@@ -742,12 +757,15 @@ def suite(
     chosen = parse_methods(methods_)
     check_suite(dataset, chosen, set_ or [], Path.cwd())
     tracker = _tracker(tracking_uri, split_sets(set_ or [])[0])
-    outcome = run_suite(tracker, dataset, chosen, set_ or [], Path.cwd(), _report, _Progress)
+    outcome = run_suite(tracker, dataset, chosen, set_ or [], Path.cwd(), _report, _Progress,
+                        seeds)
     console = _console()
     if outcome.report is not None:
         for table in outcome.report.tables:
             console.print(to_rich(table))
-        console.print(f"report: {outcome.report.out_dir}  (run id: {outcome.report.run_id})")
+        page = outcome.report.out_dir / "report.html"
+        console.print(f"report: {page if page.is_file() else outcome.report.out_dir}  "
+                      f"(run id: {outcome.report.run_id})")
     console.print(summary_table(outcome))
     outcome.raise_for_failures()
 

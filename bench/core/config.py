@@ -163,6 +163,9 @@ class EvalConfig(Section):
     batch_size: PosInt = 1000  # samples per generation batch
     metrics: list[str] = Field(default_factory=list)  # [] = the dataset's default metrics
     seed: NonNegInt = 0  # sampling seed: sample i uses (seed, i), identical across methods
+    # evaluation seed sets: set k draws its noise from seed + 1000 k; each metric is logged per
+    # set and as the mean (the tables' number), standard deviation and best (min) over sets
+    seeds: PosInt = 1
     # "random", "qmc" (scrambled Sobol, 2-D data only), "auto" = qmc on 2-D
     noise: Literal["auto", "random", "qmc"] = "auto"
     reference_seed: NonNegInt = 1  # seed of the reference draw of the data

@@ -3,9 +3,10 @@ metrics, count the network calls and time the sampling."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from bench.metrics.base import (
 from methods.base import Method
 
 PREVIEW_POINTS = 2000  # points kept for the scatter plot
+SEED_STRIDE = 1000  # evaluation seed set k samples with eval.seed + SEED_STRIDE k
 PREVIEW_IMAGES = 64  # images kept for the sample grid
 
 LOWER_IS_BETTER = {"w2": True, "fd": True, "swd": True, "nll": True, "mode_recall": False,
@@ -111,16 +113,46 @@ def prepare_metrics(dataset: Dataset, cfg: RunConfig, cache_dir: Path) -> Metric
     return prepare_fid(dataset, cfg, cache_dir)
 
 
+def evaluation_seeds(cfg: RunConfig) -> list[int]:
+    """The sampling seed of each evaluation seed set (eval.seeds of them, eval.seed first)."""
+    return [cfg.eval.seed + SEED_STRIDE * k for k in range(cfg.eval.seeds)]
+
+
 @dataclass
 class EvalResult:
-    """One NFE's numbers."""
+    """One NFE's numbers: `metrics` holds each metric's mean over the seed sets (the value
+    itself with one set), `per_seed` the values of each set in evaluation_seeds() order."""
 
     nfe: int  # requested
     nfe_measured: int  # network calls per sample, counted
     metrics: dict[str, float]
     seconds_per_sample: float
     sigmas: list[float]
-    preview: torch.Tensor  # a few samples on the CPU, for pictures
+    preview: torch.Tensor  # a few samples on the CPU, for pictures (from the first seed set)
+    per_seed: list[dict[str, float]] = field(default_factory=list)
+
+    def spread(self) -> dict[str, float]:
+        """With two or more seed sets: `<metric>_std` (sample standard deviation), `<metric>_best`
+        (the best set's value: the minimum, or the maximum where higher is better, as papers
+        report min-of-seeds) and `<metric>_seed<k>` per set; nothing with one set."""
+        if len(self.per_seed) < 2:
+            return {}
+        out: dict[str, float] = {}
+        for name in self.metrics:
+            values = [s[name] for s in self.per_seed if name in s]
+            if len(values) < 2:
+                continue
+            out[f"{name}_std"] = statistics.stdev(values)
+            out[f"{name}_best"] = (min(values) if LOWER_IS_BETTER.get(name, True)
+                                   else max(values))
+            out.update({f"{name}_seed{k}": v for k, v in enumerate(values)})
+        return out
+
+
+def mean_metrics(per_seed: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the seed sets that have it (in the first set's order)."""
+    names = dict.fromkeys(k for s in per_seed for k in s)
+    return {k: statistics.fmean(s[k] for s in per_seed if k in s) for k in names}
 
 
 def sample_labels(seed: int, indices: range, num_classes: int) -> torch.Tensor:
@@ -246,29 +278,40 @@ def evaluate(
     keep = PREVIEW_POINTS if dataset.kind == "points" else PREVIEW_IMAGES
     qmc = uses_qmc(dataset, cfg)
     compiled: dict[int, nn.Module] = {}  # one compiled network per evaluation model
+    seeds = evaluation_seeds(cfg)
     for nfe in nfes:
-        accumulators = suite.new()
-        preview: list[torch.Tensor] = []
-
-        def consume(x: torch.Tensor, accumulators: list[MetricAccumulator] = accumulators,
-                    preview: list[torch.Tensor] = preview) -> None:
-            for acc in accumulators:
-                acc.update(x)
-            have = sum(p.shape[0] for p in preview)
-            if have < keep:
-                preview.append(x[: keep - have].detach().cpu())
-
         model = sampling_model(method.evaluation_model(ema, nfe), cfg, device, compiled)
-        measured, seconds = generate(method, model, dataset, nfe, cfg.eval.num_samples,
-                                     cfg.eval.batch_size, cfg.eval.seed, device, conditional,
-                                     consume, qmc, shard)
+        preview: list[torch.Tensor] = []
+        per_seed: list[dict[str, float]] = []
+        measured, seconds = 0, 0.0
+        for k, seed in enumerate(seeds):
+            accumulators = suite.new()
+
+            def consume(x: torch.Tensor, accumulators: list[MetricAccumulator] = accumulators,
+                        preview: list[torch.Tensor] = preview, first: bool = k == 0) -> None:
+                for acc in accumulators:
+                    acc.update(x)
+                have = sum(p.shape[0] for p in preview)
+                if first and have < keep:
+                    preview.append(x[: keep - have].detach().cpu())
+
+            calls, spent = generate(method, model, dataset, nfe, cfg.eval.num_samples,
+                                    cfg.eval.batch_size, seed, device, conditional, consume, qmc,
+                                    shard)
+            if measured and calls != measured:
+                raise RuntimeError(f"network calls differ between seed sets: {calls} and "
+                                   f"{measured}")
+            measured, seconds = calls, seconds + spent
+            if shard.is_main:
+                values: dict[str, float] = {}
+                for acc in accumulators:
+                    values.update(acc.compute())
+                per_seed.append(values)
         if not shard.is_main:
             continue
-        metrics: dict[str, float] = {}
-        for acc in accumulators:
-            metrics.update(acc.compute())
-        result = EvalResult(nfe, measured, metrics, seconds / cfg.eval.num_samples,
-                            method.sample_sigmas(nfe), torch.cat(preview))
+        result = EvalResult(nfe, measured, mean_metrics(per_seed),
+                            seconds / (cfg.eval.num_samples * len(seeds)),
+                            method.sample_sigmas(nfe), torch.cat(preview), per_seed)
         results.append(result)
         if on_result is not None:
             on_result(result)

@@ -1,0 +1,155 @@
+"""Seeds and uncertainty: evaluation seed sets, training seeds in the suite, the protocol each
+number was made under, and tables that bold a value only beyond the uncertainty."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from bench.app import runner
+from bench.app.protocol import comparable, logged_protocol
+from bench.app.tracking import Tracker, default_tracking_uri
+from bench.core.config import resolve
+from reports.store import select_runs
+from reports.tables import Column, Row, _bold, build_table, protocol_letter, to_csv, to_markdown
+from tests.test_reports import template_db, tracker_for  # noqa: F401  (a fixture)
+
+
+def ddim_run(tracker: Tracker, *sets: str) -> runner.RunOutcome:
+    """A DDIM run on gmm8 with the exact denoiser (no training), in this process."""
+    cfg = resolve(bench_files=[], flags={"method": "ddim", "dataset": "gmm8",
+                                         "teacher": "analytic"},
+                  sets=["eval.nfe=[1, 2]", "eval.num_samples=400", *sets]).config
+    return runner.start(cfg, tracker, lambda _: None)
+
+
+def newest(tracker: Tracker, run_id: str, key: str) -> dict[int, float]:
+    return {p.step: p.value for p in tracker.metric_points(run_id, key)}
+
+
+def test_evaluation_seed_sets_log_mean_std_best_and_each_set(
+        tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    tracker = tracker_for(tmp_path, template_db)
+    one = ddim_run(tracker)
+    three = ddim_run(tracker, "eval.seeds=3")
+    for nfe in (1, 2):
+        sets = [newest(tracker, three.run_id, f"w2_seed{k}")[nfe] for k in range(3)]
+        assert len(set(sets)) == 3  # independent noise per set
+        assert newest(tracker, three.run_id, "w2")[nfe] == pytest.approx(statistics.fmean(sets),
+                                                                          rel=1e-12)
+        assert newest(tracker, three.run_id, "w2_std")[nfe] == pytest.approx(
+            statistics.stdev(sets), rel=1e-12)
+        assert newest(tracker, three.run_id, "w2_best")[nfe] == min(sets)
+        # the first set is the run's eval.seed: a one-seed number does not move
+        assert sets[0] == newest(tracker, one.run_id, "w2")[nfe]
+    assert "w2_std" not in tracker.get_run(one.run_id).metric_keys
+    tags = tracker.get_run(three.run_id).tags
+    assert (tags["eval_seeds"], tags["eval_statistic"]) == ("0,1000,2000", "mean")
+    protocol = json.loads(tags["protocol_nfe1"])
+    assert protocol["seeds"] == [0, 1000, 2000] and protocol["samples"] == 400
+    assert protocol["noise"] == "qmc" and protocol["features"] == "data space"
+    # a run logged before the protocol tag existed gets the same comparable part from its params
+    record = tracker.get_run(one.run_id)
+    legacy = logged_protocol({}, record.params, 1, points=True)
+    assert comparable(legacy) == comparable(json.loads(record.tags["protocol_nfe1"]))
+
+    table = build_table(select_runs(tracker, ["gmm8"], "latest"), "gmm8")
+    row = next(r for r in table.rows if r.method == "ddim" and r.nfe == 1)
+    assert row.run_id == three.run_id and row.count["w2"] == 3
+    assert row.text["w2"] == f"{row.values['w2']:.3f} ± {row.std['w2']:.2g}"
+    assert any("3 evaluation seed sets" in n for n in table.notes)
+    assert any(n.startswith("Protocol of our numbers: 400 samples, qmc noise") for n in table.notes)
+    csv_rows = to_csv(table).splitlines()
+    assert "w2_std" in csv_rows[0].split(",") and "w2_n" in csv_rows[0].split(",")
+
+
+def column(key: str = "w2") -> Column:
+    return Column(key, key, True)
+
+
+def rows(*cells: tuple[float, float | None]) -> list[Row]:
+    out = []
+    for i, (value, std) in enumerate(cells):
+        row = Row("g", f"m{i}", f"m{i}", 1, values={"w2": value},
+                  text={"w2": f"{value:.3f}" + (f" ± {std:.2g}" if std is not None else "")})
+        if std is not None:
+            row.std["w2"] = std
+        out.append(row)
+    return out
+
+
+def test_bold_only_beyond_the_uncertainty() -> None:
+    col = [column()]
+    assert _bold(rows((1.0, 0.1), (1.15, 0.1)), col) == set()  # intervals overlap
+    assert _bold(rows((1.0, 0.1), (1.3, 0.1)), col) == {(0, "w2")}
+    assert _bold(rows((1.0, None), (1.05, None)), col) == {(0, "w2")}  # no spread measured
+    assert _bold(rows((1.0, None), (1.05, 0.1)), col) == set()  # the other's interval reaches
+    assert _bold(rows((1.0, 0.01), (1.0, 0.01), (2.0, 0.01)), col) == {(0, "w2"), (1, "w2")}
+    higher = [Column("mode_recall", "mode_recall", False)]
+    cells = rows((0.9, 0.01), (0.5, 0.01))
+    for r in cells:
+        r.values = {"mode_recall": r.values["w2"]}
+        r.text = {"mode_recall": r.text["w2"]}
+        r.std = {"mode_recall": r.std["w2"]}
+    assert _bold(cells, higher) == {(0, "mode_recall")}
+    assert [protocol_letter(i) for i in (0, 1, 25, 26, 27)] == ["A", "B", "Z", "AA", "AB"]
+
+
+def test_two_protocols_are_never_in_one_column(tmp_path: Path,
+                                               template_db: Path) -> None:  # noqa: F811
+    tracker = tracker_for(tmp_path, template_db)
+
+    def logged(method: str, samples: int, w2: float) -> str:
+        run_id = tracker.start_run(experiment="gmm8", run_name=method, tags={
+            "method": method, "dataset": "gmm8", "teacher": "analytic"})
+        protocol = {"samples": samples, "seeds": [0], "statistic": "single", "noise": "qmc",
+                    "reference": f"{samples} exact draws (reference seed 1)",
+                    "features": "data space", "tool": "bench", "mode": "exact"}
+        tracker.set_tags(run_id, {"protocol_nfe1": json.dumps(protocol)})
+        tracker.log_metrics(run_id, {"w2": w2}, 1)
+        tracker.end_run(run_id)
+        return run_id
+
+    logged("cd", 10000, 0.06)
+    logged("ict", 50000, 0.05)
+    table = build_table(select_runs(tracker, ["gmm8"], "latest"), "gmm8")
+    assert [c.header for c in table.columns] == ["w2 [A] ↓", "w2 [B] ↓"]
+    by_method = {r.method: r for r in table.rows}
+    assert by_method["cd"].values == {"w2 [A]": 0.06}
+    assert by_method["ict"].values == {"w2 [B]": 0.05}
+    notes = " ".join(table.notes)
+    assert "[A]: numbers evaluated under 10000 samples" in notes
+    assert "[B]: numbers evaluated under 50000 samples" in notes
+    assert "| w2 [A] ↓ | w2 [B] ↓ |" in to_markdown(table)
+    # one number per column: each is the best of its own column
+    assert table.bold == {(table.rows.index(by_method["cd"]), "w2 [A]"),
+                          (table.rows.index(by_method["ict"]), "w2 [B]")}
+
+
+def test_suite_seeds_and_eval_seeds_from_the_command_line(bench, tmp_path: Path) -> None:
+    done = bench("suite", "--dataset", "gmm8", "--methods", "ddim", "--seeds", "2",
+                 "--set", "eval.num_samples=300", "--set", "eval.nfe=[1]")
+    assert done.returncode == 0, done.stderr
+    assert "ddim (seed 0): w2@1 " in done.stderr + done.stdout
+    assert "ddim (seed 1): w2@1 " in done.stderr + done.stdout
+    assert "report: " in done.stdout and "report.html" in done.stdout
+    tracker = Tracker(default_tracking_uri(tmp_path / "runs"), tmp_path / "runs")
+    runs = [r for r in tracker.finished_runs("gmm8") if r.tags.get("method") == "ddim"]
+    assert sorted(r.params["seed"] for r in runs) == ["0", "1"]
+    assert len({r.tags["seed_group"] for r in runs}) == 1
+    table = build_table(select_runs(tracker, ["gmm8"], "latest"), "gmm8")
+    row = next(r for r in table.rows if r.method == "ddim")
+    assert sorted(row.runs) == sorted(r.run_id for r in runs) and row.count["w2"] == 2
+    assert any("2 training seeds (runs)" in n for n in table.notes)
+
+    again = bench("eval", "--run", runs[0].run_id, "--nfe", "1", "--seeds", "3")
+    assert again.returncode == 0, again.stderr
+    assert " ± " in again.stdout and "over the evaluation seed sets" in again.stdout
+    protocol = json.loads(tracker.get_run(runs[0].run_id).tags["protocol_nfe1"])
+    assert protocol["seeds"] == [0, 1000, 2000]
+    bad = bench("eval", "--run", runs[0].run_id, "--seeds", "0")
+    assert bad.returncode == 2 and "--seeds" in bad.stderr
