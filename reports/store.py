@@ -126,7 +126,7 @@ def eval_results(tracker: Tracker, record: RunRecord, metrics: Iterable[str]) ->
         values = _newest_points(tracker, record, key)
         if not values:
             continue
-        stds = _newest_points(tracker, record, f"{key}_std")
+        stds = _newest_points(tracker, record, f"{key}_seeds_std")
         for step, value in values.items():
             if step not in protocols:
                 protocols[step] = logged_protocol(record.tags, record.params, step, points,

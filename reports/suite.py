@@ -264,7 +264,7 @@ def result_line(results: Sequence[Any], metric: str) -> str:
     for r in sorted(results, key=lambda r: r.nfe_measured):
         if metric not in r.metrics:
             continue
-        std = r.spread().get(f"{metric}_std")
+        std = r.spread().get(f"{metric}_seeds_std")
         value = f"{r.metrics[metric]:.4g}" + (f" ± {std:.2g}" if std is not None else "")
         parts.append(f"{metric if not parts else ''}@{r.nfe_measured} {value}")
     return " ".join(parts)

@@ -401,8 +401,8 @@ def to_csv(table: Table) -> str:
     extra = sorted({k for r in table.rows for k in r.extra})
     spread = [c.key for c in table.columns if any(c.key in r.std for r in table.rows)]
     header = ["dataset", "group", "method", "label", "nfe", *(c.key for c in table.columns),
-              *(f"{k}_std" for k in spread), *(f"{k}_n" for k in spread), *extra, "teacher",
-              "run_id"]
+              *(f"{k}_seeds_std" for k in spread), *(f"{k}_seeds_n" for k in spread), *extra,
+              "teacher", "run_id"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)

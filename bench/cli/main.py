@@ -133,8 +133,9 @@ def _print_metric_table(title: str, rows: list[tuple[int, dict[str, float], floa
     table.add_column("s/sample", justify="right")
     for i, (nfe, values, per_sample) in enumerate(rows):
         spread = spreads[i] if spreads else {}
-        cells = [("-" if m not in values else f"{values[m]:.4f} ± {spread[f'{m}_std']:.4f}"
-                  if f"{m}_std" in spread else f"{values[m]:.4f}") for m in metrics]
+        cells = [("-" if m not in values else
+                  f"{values[m]:.4f} ± {spread[f'{m}_seeds_std']:.4f}"
+                  if f"{m}_seeds_std" in spread else f"{values[m]:.4f}") for m in metrics]
         table.add_row(str(nfe), *cells, f"{per_sample:.2e}")
     console = _console()
     console.print(table)

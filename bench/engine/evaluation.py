@@ -34,6 +34,8 @@ from methods.base import Method
 
 PREVIEW_POINTS = 2000  # points kept for the scatter plot
 SEED_STRIDE = 1000  # evaluation seed set k samples with eval.seed + SEED_STRIDE k
+SEEDS_STD = "_seeds_std"  # suffix of a metric's standard deviation over the seed sets
+SEEDS_BEST = "_seeds_best"  # suffix of its best value over the seed sets
 PREVIEW_IMAGES = 64  # images kept for the sample grid
 
 LOWER_IS_BETTER = {"w2": True, "fd": True, "swd": True, "nll": True, "mode_recall": False,
@@ -132,18 +134,22 @@ class EvalResult:
     per_seed: list[dict[str, float]] = field(default_factory=list)
 
     def spread(self) -> dict[str, float]:
-        """With two or more seed sets: `<metric>_std` (sample standard deviation), `<metric>_best`
+        """With two or more seed sets, for each evaluation metric (LOWER_IS_BETTER's; not
+        is_std or kid_std, which are IS's and KID's own spreads within one set):
+        `<metric>_seeds_std` (sample standard deviation over the sets), `<metric>_seeds_best`
         (the best set's value: the minimum, or the maximum where higher is better, as papers
         report min-of-seeds) and `<metric>_seed<k>` per set; nothing with one set."""
         if len(self.per_seed) < 2:
             return {}
         out: dict[str, float] = {}
         for name in self.metrics:
+            if name not in LOWER_IS_BETTER:
+                continue
             values = [s[name] for s in self.per_seed if name in s]
             if len(values) < 2:
                 continue
-            out[f"{name}_std"] = statistics.stdev(values)
-            out[f"{name}_best"] = (min(values) if LOWER_IS_BETTER.get(name, True)
+            out[f"{name}{SEEDS_STD}"] = statistics.stdev(values)
+            out[f"{name}{SEEDS_BEST}"] = (min(values) if LOWER_IS_BETTER.get(name, True)
                                    else max(values))
             out.update({f"{name}_seed{k}": v for k, v in enumerate(values)})
         return out
