@@ -25,8 +25,8 @@ from reports.paper import paper_numbers, paper_sources
 from reports.store import RunInfo, Selection
 
 OTHER_GROUP = "Other"  # methods not registered here (a plug-in not installed) go last
-METRIC_ORDER = ("fid", "fcd", "w2", "fd", "swd", "nll", "mode_recall", "hq_fraction", "is",
-                "kid", "precision", "recall")
+METRIC_ORDER = ("fid", "fd_dinov2", "fcd", "w2", "fd", "swd", "nll", "mode_recall",
+                "hq_fraction", "is", "kid", "precision", "recall")
 PAPER_PREFIX = "paper:"
 MISSING = "–"
 
@@ -104,6 +104,8 @@ class Table:
 
 def metric_name(metric: str) -> str:
     """How a metric is written in headers and titles: FID, FCD, IS, KID, w2, ..."""
+    if metric == "fd_dinov2":
+        return "FD-DINOv2"
     return metric.upper() if metric in ("fid", "fcd", "is", "kid") else metric
 
 

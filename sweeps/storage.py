@@ -101,8 +101,10 @@ def open_storage(url: str, heartbeat: float = HEARTBEAT_SECONDS) -> Any:
                     break
                 except Exception as exc:
                     # hosts opening a new database at once race to create Optuna's tables:
-                    # the loser finds them made and opens them on the next attempt
-                    if attempt == SCHEMA_ATTEMPTS - 1 or not _schema_race(exc):
+                    # the loser finds them made and opens them on the next attempt; a server
+                    # in the middle of a restart answers on the next attempt too
+                    if attempt == SCHEMA_ATTEMPTS - 1 or not (_schema_race(exc)
+                                                              or _restarting(exc)):
                         raise
                     time.sleep(1.0 + attempt)
             storage.shown = shown
@@ -150,6 +152,19 @@ def _schema_race(exc: BaseException) -> bool:
 
     return any(isinstance(e, sa.IntegrityError) or "duplicate key" in str(e)
                or "already exists" in str(e) for e in causes(exc))
+
+
+RESTART_MESSAGES = (  # what PostgreSQL and its driver say while the server restarts
+    "the database system is starting up", "the database system is shutting down",
+    "terminating connection due to administrator command",
+    "server closed the connection unexpectedly", "consuming input failed")
+
+
+def _restarting(exc: BaseException) -> bool:
+    """Whether opening failed because the server is restarting (not because it is absent or
+    the URL is wrong, which fail at once)."""
+    return connection_lost(exc) and any(
+        m in str(e).lower() for e in causes(exc) for m in RESTART_MESSAGES)
 
 
 def connection_lost(exc: BaseException) -> bool:

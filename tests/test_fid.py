@@ -416,6 +416,38 @@ def test_published_statistics_are_used_and_kid_needs_features(tmp_path):
         prepare_image_metrics(dataset, cfg, tmp_path / "cache", counter)
 
 
+@pytest.mark.parametrize("layout", ["edm", "adm"])
+def test_published_reference_batches_of_edm_and_adm_load_with_their_sha256(tmp_path, layout):
+    """EDM's fid-refs (cifar10-32x32.npz: mu, sigma) and ADM's reference batches
+    (VIRTUAL_imagenet64_labeled.npz: the images as arr_0, mu, sigma and the spatial mu_s,
+    sigma_s) both serve as the reference; the file's sha256 goes into the protocol."""
+    from bench.app.protocol import evaluation_protocol
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((TINY_DIM, TINY_DIM))
+    mu, sigma = rng.standard_normal(TINY_DIM), a @ a.T / TINY_DIM
+    name = "cifar10-32x32.npz" if layout == "edm" else "VIRTUAL_imagenet64_labeled.npz"
+    published = tmp_path / name
+    if layout == "edm":
+        np.savez(published, mu=mu, sigma=sigma)
+    else:
+        np.savez(published, arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8), mu=mu,
+                 sigma=sigma, mu_s=rng.standard_normal(7), sigma_s=np.eye(7))
+    cfg = image_config(tmp_path, num_samples=30, image_metrics=["fid"])
+    cfg.eval.reference_stats = str(published)
+    dataset = ArrayImages("published-ref", random_pixels(4, 16, 6))
+    suite = prepare_image_metrics(dataset, cfg, tmp_path / "cache", tiny_extractor())
+    (acc,) = suite.new()
+    generated = random_pixels(30, 16, 7)
+    acc.update(to_float(generated))
+    features = tiny_extractor().extract(generated).features.double().numpy()
+    expected = frechet_distance(features.mean(0), np.cov(features, rowvar=False), mu, sigma)
+    assert acc.compute()["fid"] == pytest.approx(expected, rel=1e-9)
+    protocol = evaluation_protocol(dataset, cfg, suite)
+    assert protocol["reference"] == (f"published statistics {name} (sha256 "
+                                     f"{file_sha256(published)})")
+
+
 # --- the tools' real Inception code paths with random weights -----------------------------------
 
 

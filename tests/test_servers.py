@@ -257,8 +257,8 @@ def test_trials_written_from_several_threads_go_through_database_restarts() -> N
     done = threading.Event()
 
     def worker(k: int) -> None:
-        study = optuna.create_study(study_name=f"s{k}", storage=open_storage(url))
         try:
+            study = optuna.create_study(study_name=f"s{k}", storage=open_storage(url))
             while not done.is_set():
                 trial = study.ask()
                 trial.suggest_float("x", 0.0, 1.0)
@@ -273,6 +273,10 @@ def test_trials_written_from_several_threads_go_through_database_restarts() -> N
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
         for t in threads:
             t.start()
+        started = time.monotonic()  # every worker writing before the first restart
+        while not all(told) and not errors and time.monotonic() - started < 120:
+            time.sleep(0.1)
+        assert all(told), (told, errors)
         for _ in range(3):
             time.sleep(2.0)
             pg.restart()

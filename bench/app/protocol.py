@@ -36,7 +36,13 @@ def _make(samples: int, seeds: list[int], noise: str, reference: str, features: 
 def _image_parts(values: Mapping[str, str], samples: int) -> tuple[str, str, str, str]:
     """(reference, features, tool, mode) of an image evaluation, from the metric suite's notes
     (which are also the run's tags)."""
-    features = f"Inception-v3 (sha256 {values.get('inception_weights_sha256', '?')})"
+    parts = []
+    if "inception_weights_sha256" in values or "dinov2_weights_sha256" not in values:
+        parts.append(f"Inception-v3 (sha256 {values.get('inception_weights_sha256', '?')})")
+    if "dinov2_weights_sha256" in values:
+        parts.append(f"DINOv2 {values.get('dinov2_model', '?')} (sha256 "
+                     f"{values['dinov2_weights_sha256']})")
+    features = "; ".join(parts)
     if values.get("reference_split") == "published":
         reference = (f"published statistics {Path(values.get('reference_stats', '?')).name} "
                      f"(sha256 {values.get('reference_stats_sha256', '?')})")

@@ -65,7 +65,7 @@ from bench.engine.evaluation import (
     prepare_metrics,
     sampling_model,
 )
-from bench.engine.fid import locate_weights, metric_mode
+from bench.engine.fid import check_metric_weights
 from bench.engine.models import model_spec, net_summary, new_raw_net, sigma_data_of
 from bench.engine.signals import GUARD, signal_name
 from bench.engine.training import (
@@ -150,10 +150,7 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter, shard: Shard = S
         teacher_online=teacher_online,
     )
     if dataset.kind == "image" and dataset.primary_metric == "fid":
-        # missing Inception weights fail here, before any other work
-        locate_weights(cfg.eval.metric_tool,
-                       metric_mode(cfg.eval.metric_tool, cfg.eval.clean_fid_mode),
-                       cfg.eval.inception_weights)
+        check_metric_weights(cfg)  # missing Inception or DINOv2 weights fail here, first
     method = method_cls(ctx)
     for nfe in cfg.eval.nfe:
         method.check_nfe(nfe)

@@ -455,8 +455,8 @@ def refstats(
 
         raise UsageError(f"bench refstats computes image-metric reference statistics; "
                          f"{data.name} holds {data.kind}, whose metrics need none")
-    path = precompute_reference_stats(data, cfg, Path(cfg.tracking.runs_dir) / "cache")
-    _console().print(f"reference statistics: {path}")
+    for path in precompute_reference_stats(data, cfg, Path(cfg.tracking.runs_dir) / "cache"):
+        _console().print(f"reference statistics: {path}")
 
 
 @app.command()

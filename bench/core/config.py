@@ -53,7 +53,7 @@ PosInt = Annotated[int, Field(ge=1)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Rate = Annotated[float, Field(ge=0, lt=1)]  # a probability or an averaging rate in [0, 1)
-ImageMetric = Literal["fid", "is", "kid", "prc"]
+ImageMetric = Literal["fid", "is", "kid", "prc", "fd_dinov2"]
 
 
 def _default_image_metrics() -> list[ImageMetric]:
@@ -176,8 +176,11 @@ class EvalConfig(Section):
     clean_fid_mode: Literal["clean", "legacy_tensorflow", "legacy_pytorch"] = "clean"
     # image metrics: split the reference statistics come from
     reference_split: Literal["train", "test"] = "train"
-    # a subset of fid, is, kid, prc
+    # a subset of fid, is, kid, prc (Inception-v3) and fd_dinov2 (DINOv2)
     image_metrics: list[ImageMetric] = Field(default_factory=_default_image_metrics)
+    dinov2_weights: str = ""  # local DINOv2 weights for fd_dinov2 ("" = torch hub cache)
+    # DINOv2 size for fd_dinov2: the metric is defined on vit-l14
+    dinov2_model: Literal["vit-s14", "vit-b14", "vit-l14", "vit-g14"] = "vit-l14"
     save_png: bool = False  # also write every evaluated image as a PNG (image datasets)
     reference_stats: str = ""  # published .npz with mu and sigma (clean-fid, guided-diffusion)
     reference_num_samples: NonNegInt = 0  # reference images for the statistics; 0 = all

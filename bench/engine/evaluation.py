@@ -40,7 +40,8 @@ PREVIEW_IMAGES = 64  # images kept for the sample grid
 
 LOWER_IS_BETTER = {"w2": True, "fd": True, "swd": True, "nll": True, "mode_recall": False,
                    "hq_fraction": False, "fcd": True, "fid": True, "is": False, "kid": True,
-                   "precision": False, "recall": False}
+                   "precision": False, "recall": False,
+                   "fd_dinov2": True}
 
 
 def default_metrics(dataset: Dataset) -> list[str]:

@@ -1,5 +1,6 @@
 """Image metrics - FID, IS, KID, precision/recall - through torch-fidelity's or clean-fid's
-Inception-v3, against reference statistics computed once and cached.
+Inception-v3, and FD_DINOv2 through DINOv2 ViT-L/14 (bench.metrics.dinov2), against reference
+statistics computed once and cached.
 
 Which tool and mode (eval.metric_tool, eval.clean_fid_mode) decide the extractor and the
 preprocessing exactly as that tool does it; generated images stream from the sampler into the
@@ -23,6 +24,12 @@ from bench.core.config import RunConfig
 from bench.core.errors import BenchError, UsageError
 from bench.data.datasets import Dataset
 from bench.metrics.base import MetricAccumulator, MetricSuite, RunningMoments
+from bench.metrics.dinov2 import (
+    DinoV2Extractor,
+    build_dinov2,
+    locate_dinov2_weights,
+    timm_module,
+)
 from bench.metrics.extractors import (
     CLEAN_FID,
     TORCH_FIDELITY,
@@ -36,6 +43,7 @@ from bench.metrics.extractors import (
 from bench.metrics.image import (
     EXTRACT_BATCH,
     IMAGE_METRICS,
+    INCEPTION_METRICS,
     IS_SPLITS,
     KID_SUBSETS,
     PRC_NEIGHBORHOOD,
@@ -59,6 +67,7 @@ REFERENCE_SPLITS = ("train", "test")
 __all__ = [
     "ImageFeatureExtractor",
     "image_metrics",
+    "check_metric_weights",
     "locate_weights",
     "precompute_reference_stats",
     "prepare_fid",
@@ -196,7 +205,7 @@ def prepare_image_metrics(dataset: Dataset, cfg: RunConfig, cache_dir: Path,
     """Reference statistics (cached) and a factory of fresh accumulators, for any extractor."""
     if dataset.kind != "image" or len(dataset.shape) != 3 or dataset.shape[0] not in (1, 3):
         raise UsageError(f"image metrics need an RGB or grey image dataset, not {dataset.name}")
-    metrics = image_metrics(cfg)
+    metrics = [m for m in image_metrics(cfg) if m in INCEPTION_METRICS]
     published = str(getattr(cfg.eval, "reference_stats", "") or "")
     notes = {
         "metric_tool": extractor.tool,
@@ -255,17 +264,90 @@ def configured_extractor(cfg: RunConfig) -> tuple[ImageFeatureExtractor, Path]:
     return build_extractor(tool, mode, weights, with_logits, _device(cfg.device)), weights
 
 
+def check_metric_weights(cfg: RunConfig) -> None:
+    """Every weights file (and library) the chosen image metrics need is there; else one line
+    naming the file and how to get it. Cheap: nothing is built."""
+    chosen = image_metrics(cfg)
+    if any(m in INCEPTION_METRICS for m in chosen):
+        locate_weights(cfg.eval.metric_tool,
+                       metric_mode(cfg.eval.metric_tool, cfg.eval.clean_fid_mode),
+                       cfg.eval.inception_weights)
+    if "fd_dinov2" in chosen:
+        locate_dinov2_weights(cfg.eval.dinov2_model, cfg.eval.dinov2_weights)
+        timm_module()
+
+
+def configured_dinov2(cfg: RunConfig) -> tuple[DinoV2Extractor, Path]:
+    """The DINOv2 extractor eval.dinov2_model asks for and its weights file (located first, so
+    a machine without them fails here in one line)."""
+    weights = locate_dinov2_weights(cfg.eval.dinov2_model, cfg.eval.dinov2_weights)
+    return build_dinov2(cfg.eval.dinov2_model, weights, _device(cfg.device)), weights
+
+
+def prepare_dinov2_metric(dataset: Dataset, cfg: RunConfig, cache_dir: Path,
+                          extractor: ImageFeatureExtractor) -> MetricSuite:
+    """FD_DINOv2 alone: reference statistics of the DINOv2 features (cached like Inception's,
+    keyed by the DINOv2 weights) and a factory of fresh accumulators."""
+    if dataset.kind != "image" or len(dataset.shape) != 3 or dataset.shape[0] not in (1, 3):
+        raise UsageError(f"fd_dinov2 needs an RGB or grey image dataset, not {dataset.name}")
+    reference, path = _cached_reference(dataset, cfg, cache_dir, extractor, ["fid"])
+    notes = {"dinov2_model": extractor.mode, "dinov2_weights_sha256": extractor.identity,
+             "dinov2_reference_stats": str(path),
+             "dinov2_reference_num_samples": str(reference.count)}
+
+    def new() -> list[MetricAccumulator]:
+        return [ImageMetrics(extractor, reference, ["fid"], cfg.eval.num_samples,
+                             fd_name="fd_dinov2")]
+
+    return MetricSuite(["fd_dinov2", "fd_dinov2_images_per_second"], new, notes)
+
+
 def prepare_fid(dataset: Dataset, cfg: RunConfig, cache_dir: Path) -> MetricSuite:
-    """The image-metric suite of a run: weights checked, extractor built, references cached."""
-    extractor, weights = configured_extractor(cfg)
-    suite = prepare_image_metrics(dataset, cfg, cache_dir, extractor)
-    suite.notes["inception_weights"] = str(weights)
-    return suite
+    """The image-metric suite of a run: weights checked (all of them before any other work),
+    extractors built, references cached."""
+    chosen = image_metrics(cfg)
+    inception = [m for m in chosen if m in INCEPTION_METRICS]
+    located = configured_extractor(cfg) if inception else None
+    dino = configured_dinov2(cfg) if "fd_dinov2" in chosen else None
+    suites: list[MetricSuite] = []
+    if located is not None:
+        extractor, weights = located
+        suites.append(prepare_image_metrics(dataset, cfg, cache_dir, extractor))
+        suites[-1].notes["inception_weights"] = str(weights)
+    if dino is not None:
+        extractor, weights = dino
+        suites.append(prepare_dinov2_metric(dataset, cfg, cache_dir, extractor))
+        suites[-1].notes["dinov2_weights"] = str(weights)
+        if located is None:  # the protocol's tool and reference are DINOv2's
+            suites[-1].notes.update({
+                "metric_tool": extractor.tool, "metric_mode": extractor.mode,
+                "metric_num_samples": str(cfg.eval.num_samples),
+                "reference_split": cfg.eval.reference_split,
+                "reference_num_samples": suites[-1].notes["dinov2_reference_num_samples"],
+                "image_metrics": "fd_dinov2"})
+    if len(suites) == 1:
+        return suites[0]
+    first, second = suites
+
+    def new() -> list[MetricAccumulator]:
+        return [*first.new(), *second.new()]
+
+    notes = {**first.notes, **second.notes, "image_metrics": ",".join(chosen)}
+    return MetricSuite([*first.names, *second.names], new, notes)
 
 
-def precompute_reference_stats(dataset: Dataset, cfg: RunConfig, cache_dir: Path) -> Path:
-    """Compute (or find) the cached reference statistics for `bench refstats`; return the file."""
-    extractor, _ = configured_extractor(cfg)
-    metrics = [m for m in image_metrics(cfg) if m != "is"] or ["fid"]
-    _, path = _cached_reference(dataset, cfg, cache_dir, extractor, metrics)
-    return path
+def precompute_reference_stats(dataset: Dataset, cfg: RunConfig, cache_dir: Path,
+                                ) -> list[Path]:
+    """Compute (or find) the cached reference statistics for `bench refstats`: Inception's
+    (unless fd_dinov2 is the only image metric) and DINOv2's (when fd_dinov2 is one); return
+    the files."""
+    chosen = image_metrics(cfg)
+    paths = []
+    if any(m in INCEPTION_METRICS for m in chosen):
+        extractor, _ = configured_extractor(cfg)
+        metrics = [m for m in chosen if m in INCEPTION_METRICS and m != "is"] or ["fid"]
+        paths.append(_cached_reference(dataset, cfg, cache_dir, extractor, metrics)[1])
+    if "fd_dinov2" in chosen:
+        dino, _ = configured_dinov2(cfg)
+        paths.append(_cached_reference(dataset, cfg, cache_dir, dino, ["fid"])[1])
+    return paths

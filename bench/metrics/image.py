@@ -15,7 +15,8 @@ from torch import Tensor
 from bench.metrics.base import RunningMoments, frechet_distance
 from bench.metrics.extractors import ImageFeatureExtractor, images_to_uint8
 
-IMAGE_METRICS = ("fid", "is", "kid", "prc")  # the switchable image metrics (eval.image_metrics)
+IMAGE_METRICS = ("fid", "is", "kid", "prc", "fd_dinov2")  # eval.image_metrics
+INCEPTION_METRICS = ("fid", "is", "kid", "prc")  # those on Inception-v3 features
 IS_SPLITS = 10  # torch-fidelity's isc_splits
 KID_SUBSETS = 100  # torch-fidelity's kid_subsets
 KID_SUBSET_SIZE = 1000  # torch-fidelity's kid_subset_size, capped by the sample counts
@@ -32,7 +33,7 @@ def metric_log_names(metrics: Sequence[str]) -> list[str]:
     for metric in IMAGE_METRICS:
         if metric in metrics:
             names += {"fid": ["fid"], "is": ["is", "is_std"], "kid": ["kid", "kid_std"],
-                      "prc": ["precision", "recall"]}[metric]
+                      "prc": ["precision", "recall"], "fd_dinov2": ["fd_dinov2"]}[metric]
     return [*names, "feature_images_per_second"]
 
 
@@ -209,9 +210,12 @@ class ImageMetrics:
         metrics: Sequence[str],  # subset of IMAGE_METRICS
         num_samples: int,  # images the evaluation will stream (IS fixes its splits on it)
         write_png: Callable[[Tensor, int], None] | None = None,
+        fd_name: str = "fid",  # the Frechet distance's name (fd_dinov2 on DINOv2 features)
     ) -> None:
         """Fresh accumulators; the reference work was done before."""
-        self.names: tuple[str, ...] = tuple(metric_log_names(metrics))
+        self.fd_name = fd_name
+        self.names: tuple[str, ...] = (tuple(metric_log_names(metrics)) if fd_name == "fid"
+                                       else (fd_name, f"{fd_name}_images_per_second"))
         self.extractor = extractor
         self.reference = reference
         self.metrics = tuple(metrics)
@@ -255,7 +259,7 @@ class ImageMetrics:
         ref = self.reference
         if "fid" in self.metrics and ref is not None:
             mu, sigma = self.moments.stats()
-            out["fid"] = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+            out[self.fd_name] = frechet_distance(mu, sigma, ref.mu, ref.sigma)
         if self.inception_score is not None:
             out["is"], out["is_std"] = self.inception_score.compute()
         generated = torch.cat(self.features) if self.features else None
@@ -269,8 +273,9 @@ class ImageMetrics:
             out["precision"], out["recall"] = precision_recall(
                 generated.to(device), torch.from_numpy(ref.features).to(device),
                 torch.from_numpy(ref.radii).to(device))
-        missing = [n for n in self.names if n not in out and n != "feature_images_per_second"]
+        speed = self.names[-1]  # feature_images_per_second, or fd_dinov2_images_per_second
+        missing = [n for n in self.names if n not in out and n != speed]
         if missing:
             raise RuntimeError(f"image metrics {missing} lack their reference data")
-        out["feature_images_per_second"] = self.count / max(self.seconds, 1e-12)
+        out[speed] = self.count / max(self.seconds, 1e-12)
         return out
