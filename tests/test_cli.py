@@ -66,16 +66,15 @@ def test_edm_then_ddim_auto_then_sample_and_eval(bench, tmp_path: Path) -> None:
     assert client.get_run(run_id_of(result.stdout)).data.params["train.lr"] == \
         run.data.params["train.lr"]
 
-    # bench sample: same seed -> identical file; batch size never changes a sample
-    a, b, c = (tmp_path / f"{name}.npz" for name in "abc")
-    for out, batch in ((a, "64"), (b, "64"), (c, "7")):
+    # bench sample: same seed -> identical file, whatever the batch size
+    a, c = (tmp_path / f"{name}.npz" for name in "ac")
+    for out, batch in ((a, "64"), (c, "7")):
         result = bench("sample", "--run", edm_id, "--nfe", "3", "--n", "100", "--out", str(out),
                        "--batch-size", batch)
         assert result.returncode == 0, result.stderr
-    xa, xb, xc = (np.load(p)["x"] for p in (a, b, c))
+    xa = np.load(a)["x"]
     assert xa.shape == (100, 2) and xa.dtype == np.float32
-    assert a.read_bytes() == b.read_bytes()
-    np.testing.assert_array_equal(xa, xc)
+    assert a.read_bytes() == c.read_bytes()
 
     # bench eval adds an NFE to the same run
     result = bench("eval", "--run", edm_id, "--nfe", "5")

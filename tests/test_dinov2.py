@@ -113,7 +113,31 @@ def test_official_pos_embed_keeps_the_class_token_and_a_matching_grid() -> None:
         official_pos_embed(torch.randn(1, 1 + 10, 4), 16)
 
 
-def test_missing_dinov2_weights_fail_the_run_before_training(tmp_path: Path) -> None:
+def test_missing_dinov2_weights_fail_a_run_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check a run makes before it builds or trains anything (the command line's one-line
+    error and exit code for a missing weights file: test_fid's Inception case, the same path)."""
+    from bench.engine.fid import check_metric_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cfg = image_config(tmp_path, image_metrics=["fd_dinov2"])
+    with pytest.raises(BenchError) as info:
+        check_metric_weights(cfg)
+    message = str(info.value)
+    assert "\n" not in message and "dinov2_vitl14_pretrain.pth" in message
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in message
+    assert "eval.dinov2_weights" in message
+    cfg.eval.dinov2_weights = str(tmp_path / "elsewhere.pth")
+    with pytest.raises(BenchError, match="elsewhere.pth' does not exist"):
+        check_metric_weights(cfg)
+    # FD-DINOv2 alone needs no Inception weights
+    cfg.eval.dinov2_weights = str(tmp_path / DINOV2_MODELS["vit-l14"].file)
+    Path(cfg.eval.dinov2_weights).write_bytes(b"")
+    check_metric_weights(cfg)
+
+
+@pytest.mark.slow  # the same command-line path as test_fid's missing Inception weights
+def test_missing_dinov2_weights_stop_bench_run_in_one_line(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
     for i, pixels in enumerate(random_pixels(4, 8, 13)):
@@ -125,7 +149,6 @@ def test_missing_dinov2_weights_fail_the_run_before_training(tmp_path: Path) -> 
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "dinov2_vitl14_pretrain.pth" in lines[0] and "eval.dinov2_weights" in lines[0]
-    assert str(torch_home / "hub" / "checkpoints") in lines[0]
     db = tmp_path / "runs" / "mlflow.db"
     if db.is_file():  # stopped before any run was created
         with sqlite3.connect(db) as conn:

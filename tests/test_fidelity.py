@@ -382,6 +382,7 @@ def test_copy_of_teacher_keeps_the_teacher_itself_intact() -> None:
 
 # --- the CLI: CD on CIFAR-10 from a teacher trained with dropout 0.13 --------------------------
 
+@pytest.mark.slow  # the dropout rules themselves are tested above, without the CLI
 def test_cd_on_cifar10_from_a_dropout_teacher_trains_without_dropout(tmp_path: Path) -> None:
     """`bench run --method cd --dataset cifar10` on a tiny CIFAR-10 pickle folder, from an EDM
     teacher trained with dropout 0.13 (the cifar10 preset's): the student's run has dropout 0,

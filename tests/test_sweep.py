@@ -192,6 +192,7 @@ def test_two_workers_on_a_journal_file_with_nested_mlflow_runs(bench, tmp_path: 
     assert len(nested_runs(client, parent_id)) == 3
 
 
+@pytest.mark.slow  # workers, resuming and the journal run by default in the tests around it
 def test_two_workers_on_sqlite_multi_objective_then_resume(
         bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
