@@ -82,9 +82,10 @@ def check_dataset_name(name: str) -> None:
 
 def _is_bench_run(record: RunRecord, dataset: str, methods: set[str]) -> bool:
     """A run of a method on the dataset; not a sweep's own run (it logs each trial's objective
-    values against the trial number, not results against the NFE)."""
+    values against the trial number, not results against the NFE), nor a run trained with
+    evaluation off that no `bench eval` has evaluated since (tag `evaluation` = off)."""
     return (record.tags.get("dataset") == dataset and record.tags.get("method") in methods
-            and record.tags.get("sweep") != "true")
+            and record.tags.get("sweep") != "true" and record.tags.get("evaluation") != "off")
 
 
 def candidate_runs(tracker: Tracker, datasets: Iterable[str] | None) -> dict[str, list[RunRecord]]:

@@ -4,6 +4,7 @@ architecture), the reference cache is reused and keyed, and missing weights fail
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import sys
@@ -15,6 +16,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -35,7 +37,7 @@ from bench.metrics.extractors import (
     torch_fidelity_inception_class,
 )
 from bench.metrics.image import ImageMetrics
-from tests.conftest import run_bench
+from tests.conftest import run_bench, run_id_of
 
 TINY = "bench-test-tiny"  # torch-fidelity registry name of the small deterministic extractor
 TINY_DIM = 24
@@ -595,3 +597,50 @@ def test_accumulator_moves_the_extractor_to_the_sample_device(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q", "-s"]))
+
+
+def test_train_with_evaluation_off_then_evaluate_where_the_weights_are(tmp_path):
+    """A machine without the Inception weights trains with --no-eval (no weights needed, the
+    run tagged evaluation = off and left out of reports); `bench eval` later, where the weights
+    are, scores it into the same run with the protocol and the tags of the evaluation."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, pixels in enumerate(random_pixels(6, 8, 21)):
+        Image.fromarray(pixels.numpy().transpose(1, 2, 0)).save(images / f"{i}.png")
+    torch_home = tmp_path / "torch_home"
+    env = {"TORCH_HOME": str(torch_home)}
+    tiny = ["--set", "net.model_channels=8", "--set", "net.channel_mult=[1]", "--set",
+            "net.num_res_blocks=1", "--set", "net.attn_resolutions=[]", "--set",
+            "train.batch_size=4", "--set", "eval.num_samples=6", "--set", "eval.batch_size=6"]
+    trained = run_bench(["run", "--method", "edm", "--dataset", f"folder:{images}", "--steps",
+                         "2", "--no-eval", *tiny], tmp_path, timeout=300, env=env)
+    assert trained.returncode == 0, trained.stderr
+    assert "evaluation off (eval.nfe = [])" in trained.stdout
+    run_id = run_id_of(trained.stdout)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    record = client.get_run(run_id)
+    assert record.info.status == "FINISHED" and record.data.tags["evaluation"] == "off"
+    assert "fid" not in record.data.metrics
+    from bench.app.runner import evaluate_run
+    from bench.app.tracking import Tracker, default_tracking_uri
+    from reports.store import select_runs
+
+    tracker = Tracker(default_tracking_uri(tmp_path / "runs"), tmp_path / "runs")
+    with pytest.raises(BenchError, match="no finished runs"):  # its only run has no numbers
+        select_runs(tracker)
+    with pytest.raises(UsageError, match="evaluation off"):  # nothing to evaluate: no NFEs
+        evaluate_run(tracker, run_id, None, lambda _: None)
+    # without the weights, one line
+    missing = run_bench(["eval", "--run", run_id, "--nfe", "1"], tmp_path, env=env)
+    assert missing.returncode == 1 and "weights-inception" in missing.stderr, missing.stderr
+    # the weights where torch-fidelity keeps them (random ones of its layout: none here)
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(torch_fidelity_shell_state(0), checkpoints / TORCH_FIDELITY_WEIGHTS.file)
+    done = run_bench(["eval", "--run", run_id, "--nfe", "1"], tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    record = client.get_run(run_id)
+    assert record.data.tags["evaluation"] == "bench eval"
+    assert math.isfinite(record.data.metrics["fid"])
+    assert record.data.tags["metric_tool"] == "torch-fidelity"
+    assert json.loads(record.data.tags["protocol_nfe1"])["samples"] == 6

@@ -111,8 +111,10 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter, shard: Shard = Shard(),
-            ) -> Prepared:
-    """Build dataset, teacher, method and metrics; every user error surfaces here."""
+            metrics: bool = True) -> Prepared:
+    """Build dataset, teacher, method and metrics; every user error surfaces here. No metrics
+    (no weights needed, no reference statistics) with evaluation off (eval.nfe = []) or
+    `metrics` False (sampling)."""
     if not cfg.method:
         raise UsageError("no method: pass --method (see `bench methods`)")
     if not cfg.dataset:
@@ -149,14 +151,18 @@ def prepare(cfg: RunConfig, tracker: Tracker, report: Reporter, shard: Shard = S
         shard=shard,
         teacher_online=teacher_online,
     )
-    if dataset.kind == "image" and dataset.primary_metric == "fid":
+    scored = metrics and bool(cfg.eval.nfe)
+    if scored and dataset.kind == "image" and dataset.primary_metric == "fid":
         check_metric_weights(cfg)  # missing Inception or DINOv2 weights fail here, first
     method = method_cls(ctx)
     for nfe in cfg.eval.nfe:
         method.check_nfe(nfe)
     if teacher_model is not None:
         report(f"teacher: {teacher_source}")
-    suite = prepare_metrics(dataset, cfg, tracker.runs_dir / "cache")
+    if scored:
+        suite = prepare_metrics(dataset, cfg, tracker.runs_dir / "cache")
+    else:
+        suite = MetricSuite([], list, {"evaluation": EVALUATION_OFF} if metrics else {})
     return Prepared(cfg, dataset, device, method, suite, teacher_kind, spec, shard)
 
 
@@ -323,6 +329,9 @@ def run_tags(p: Prepared) -> dict[str, str]:
         **seed_tags(cfg),
         **p.suite.notes,
     }
+
+
+EVALUATION_OFF = "off"  # the tag `evaluation` of a run trained with eval.nfe = []
 
 
 def seed_tags(cfg: RunConfig) -> dict[str, str]:
@@ -642,7 +651,7 @@ def run_config(tracker: Tracker, run_id: str) -> RunConfig:
 
 
 def load_run(tracker: Tracker, run_id: str, report: Reporter, nfe: list[int] | None = None,
-             device: str | None = None, seeds: int | None = None,
+             device: str | None = None, seeds: int | None = None, metrics: bool = True,
              ) -> tuple[Prepared, LoopState]:
     """Rebuild a tracked run's method with its last checkpoint loaded (evaluated at `nfe`
     with `seeds` seed sets where given, instead of the run's own)."""
@@ -658,7 +667,7 @@ def load_run(tracker: Tracker, run_id: str, report: Reporter, nfe: list[int] | N
         evaluation["seeds"] = seeds
     if evaluation:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=evaluation)})
-    p = prepare(cfg, tracker, report)
+    p = prepare(cfg, tracker, report, metrics=metrics)
     state = new_loop_state(p.method, cfg.train, cfg.seed, p.device)
     if p.method.trains:
         saved = load_checkpoint(run_checkpoint(tracker, run_id), map_location=p.device)
@@ -745,9 +754,15 @@ def evaluate_run(tracker: Tracker, run_id: str, nfe: list[int] | None, report: R
     same run; each NFE records the protocol it was evaluated under."""
     t0 = time.perf_counter()
     with RunLock(tracker, run_id, report):
+        if not nfe and not run_config(tracker, run_id).eval.nfe:
+            raise UsageError(f"run {run_id} was trained with evaluation off (eval.nfe = []): "
+                             f"give the NFEs, e.g. `bench eval --run {run_id} --nfe 1,2`")
         p, state = load_run(tracker, run_id, report, nfe, seeds=seeds)
         protocol = evaluation_protocol(p.dataset, p.config, p.suite)
-        tracker.set_tags(run_id, seed_tags(p.config))
+        tags = {**seed_tags(p.config), **p.suite.notes}
+        if tracker.get_run(run_id).tags.get("evaluation") == EVALUATION_OFF:
+            tags["evaluation"] = "bench eval"  # off during training, evaluated since
+        tracker.set_tags(run_id, tags)
         results = evaluate(p.method, state.ema, p.dataset, p.config, p.config.eval.nfe,
                            p.suite, p.device,
                            on_result=lambda r: log_result(tracker, run_id, r, protocol))
@@ -763,7 +778,7 @@ def sample_run(tracker: Tracker, run_id: str, nfe: int, count: int, seed: int,
     compile_net (or the run's sample.compile) samples through torch.compile."""
     import numpy as np
 
-    p, state = load_run(tracker, run_id, report, [nfe])
+    p, state = load_run(tracker, run_id, report, [nfe], metrics=False)
     cfg = p.config
     if compile_net:
         cfg = cfg.model_copy(

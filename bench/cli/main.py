@@ -143,6 +143,11 @@ def _print_metric_table(title: str, rows: list[tuple[int, dict[str, float], floa
 
 
 def _print_outcome(outcome: Any) -> None:
+    if not outcome.results:
+        _console().print(f"evaluation off (eval.nfe = []): `bench eval --run {outcome.run_id} "
+                         f"--nfe 1,2` evaluates it later, where the metric weights are")
+        _console().print(f"run id: {outcome.run_id}  ({outcome.seconds:.1f} s)")
+        return
     rows = [(r.nfe_measured, r.metrics, r.seconds_per_sample) for r in outcome.results]
     _print_metric_table(f"{outcome.method} on {outcome.dataset}", rows, outcome.run_id,
                         outcome.seconds, [r.spread() for r in outcome.results])
@@ -170,6 +175,9 @@ def run(
     nproc: Annotated[int | None, typer.Option(
         help="Train with this many processes on this machine (DistributedDataParallel "
              "under torchrun).", min=1)] = None,
+    no_eval: Annotated[bool, typer.Option(
+        "--no-eval", help="Evaluation off (eval.nfe = []): train here, `bench eval` later "
+                          "where the metric weights are.")] = False,
 ) -> None:
     """Train (if the method trains) and evaluate one method on one dataset."""
     from bench.app.tracking import RUN_ID_PATTERN
@@ -178,8 +186,13 @@ def run(
     if nproc is not None:
         _relaunch(nproc)
     shard = _shard()
+    if no_eval and nfe is not None:
+        from bench.core.errors import UsageError
+
+        raise UsageError("--no-eval and --nfe contradict each other: give one")
     flags = {"method": method, "dataset": dataset, "teacher": teacher,
-             "eval.nfe": parse_nfe(nfe), "train.steps": steps, "seed": seed, "device": device}
+             "eval.nfe": [] if no_eval else parse_nfe(nfe), "train.steps": steps, "seed": seed,
+             "device": device}
     if resume:
         from bench.core.errors import BenchError, UsageError
 

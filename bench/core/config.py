@@ -157,8 +157,9 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    nfe: Annotated[list[PosInt], Field(min_length=1)] = Field(
-        default_factory=lambda: [1, 2, 4])  # NFEs to evaluate
+    # NFEs to evaluate; [] = evaluation off (train now, `bench eval --run ID --nfe ...` later,
+    # where the metric weights are)
+    nfe: list[PosInt] = Field(default_factory=lambda: [1, 2, 4])
     num_samples: Annotated[int, Field(ge=2)] = 2000  # generated samples per NFE
     batch_size: PosInt = 1000  # samples per generation batch
     metrics: list[str] = Field(default_factory=list)  # [] = the dataset's default metrics
