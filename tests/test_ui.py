@@ -141,7 +141,13 @@ def check_stopped(proc: subprocess.Popen[str], pgid: int, signum: signal.Signals
     pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow),  # the same path, ~50 s
 ])
 def test_a_signal_stops_the_whole_mlflow_ui(signum: signal.Signals, workdir) -> None:
+    from mlflow.tracking import MlflowClient
+
     cwd = workdir("ui")
+    # an experiment made by an older bench or by hand: no kind, so MLflow 3 would open it on
+    # its GenAI (traces) view
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'runs' / 'mlflow.db'}")
+    old = client.create_experiment("gmm8")
     port = free_port()
     args = [sys.executable, "-m", "bench", "ui", "--port", str(port)]
     with serving(args, cwd, port, cwd / "ui.log") as (proc, pgid):
@@ -149,6 +155,9 @@ def test_a_signal_stops_the_whole_mlflow_ui(signum: signal.Signals, workdir) -> 
         check_stopped(proc, pgid, signum, port, cwd / "ui.log")
     log = (cwd / "ui.log").read_text()
     assert f"MLflow UI on http://127.0.0.1:{port}" in log
+    assert f"runs of gmm8: http://127.0.0.1:{port}/#/experiments/{old}/runs" in log
+    kind = client.get_experiment(old).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # opens on its runs
     assert not (cwd / "mlruns").exists()
 
 

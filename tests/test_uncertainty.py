@@ -47,6 +47,12 @@ def test_evaluation_seed_sets_log_mean_std_best_and_each_set(
         # the first set is the run's eval.seed: a one-seed number does not move
         assert sets[0] == newest(tracker, one.run_id, "w2")[nfe]
     assert "w2_seeds_std" not in tracker.get_run(one.run_id).metric_keys
+    # a column per NFE in the runs table (at the run's last iteration: 0, DDIM does not train)
+    assert newest(tracker, three.run_id, "w2_nfe2") == {0: newest(tracker, three.run_id,
+                                                                   "w2")[2]}
+    # bench's experiments open on their runs in the MLflow UI, not on its GenAI view
+    experiment = tracker.client.get_experiment_by_name("gmm8")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     tags = tracker.get_run(three.run_id).tags
     assert (tags["eval_seeds"], tags["eval_statistic"]) == ("0,1000,2000", "mean")
     protocol = json.loads(tags["protocol_nfe1"])

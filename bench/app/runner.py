@@ -423,7 +423,7 @@ def execute(
             protocol = evaluation_protocol(p.dataset, cfg, p.suite)
             results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
                                p.device, on_result=lambda r: log_result(tracker, run_id, r,
-                                                                        protocol),
+                                                                        protocol, state.step),
                                shard=p.shard)
             files.best.consider(state, results)
             log_eval_artifacts(tracker, run_id, p, results)
@@ -519,13 +519,19 @@ def execute_worker(p: Prepared, run_id: str, state: LoopState) -> RunOutcome:
 
 
 def log_result(tracker: Tracker, run_id: str, r: EvalResult,
-               protocol: dict[str, Any] | None = None) -> None:
+               protocol: dict[str, Any] | None = None, iteration: int | None = None) -> None:
     """Evaluation metrics against the measured NFE as the step (each metric's mean over the
-    seed sets, and with several sets their spread), the sampler's levels and the protocol."""
+    seed sets, and with several sets their spread), the sampler's levels and the protocol.
+    With `iteration`, also `<metric>_nfe<N>` at that iteration, as intermediate evaluations
+    log them: the runs table then has a column per NFE (its last value: this one) instead of
+    a single `w2` that is whichever NFE came last."""
     metrics = {**r.metrics, **r.spread()}
     metrics["seconds_per_sample"] = r.seconds_per_sample
     metrics["nfe_measured"] = r.nfe_measured
     tracker.log_metrics(run_id, metrics, r.nfe_measured)
+    if iteration is not None:
+        tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
+                            iteration)
     tags = {f"sigmas_nfe{r.nfe_measured}": json.dumps([round(s, 6) for s in r.sigmas])}
     if protocol is not None:
         tags[f"{PROTOCOL_TAG}{r.nfe_measured}"] = json.dumps(protocol, sort_keys=True)
@@ -765,7 +771,8 @@ def evaluate_run(tracker: Tracker, run_id: str, nfe: list[int] | None, report: R
         tracker.set_tags(run_id, tags)
         results = evaluate(p.method, state.ema, p.dataset, p.config, p.config.eval.nfe,
                            p.suite, p.device,
-                           on_result=lambda r: log_result(tracker, run_id, r, protocol))
+                           on_result=lambda r: log_result(tracker, run_id, r, protocol,
+                                                          state.step))
         log_eval_artifacts(tracker, run_id, p, results)
     return RunOutcome(run_id, p.config.method, p.dataset.name, results,
                       p.dataset.primary_metric, time.perf_counter() - t0)

@@ -71,6 +71,12 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, no runs): bench's
+# experiments are model training, whose runs, charts and parameters the UI then shows first
+KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def default_tracking_uri(runs_dir: Path) -> str:
     """sqlite:///<runs_dir>/mlflow.db (absolute, so the working directory does not matter)."""
     return f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
@@ -159,15 +165,19 @@ class Tracker:
     def experiment_id(self, name: str) -> str:
         """Id of the experiment `name`, created with artifacts under runs/mlartifacts for a
         local store, or where a tracking server puts them (its artifact proxy,
-        mlflow-artifacts:/, when it serves artifacts)."""
+        mlflow-artifacts:/, when it serves artifacts), and marked as model training
+        (EXPERIMENT_KIND) so that the MLflow UI opens it on its runs."""
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if KIND_TAG not in exp.tags:
+                self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         location = None if self.remote else (self.runs_dir / "mlartifacts").resolve().as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # created concurrently by another process
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
@@ -300,10 +310,14 @@ class Tracker:
 
     def experiment_names(self) -> list[str]:
         """Names of the store's active experiments, sorted."""
+        return sorted(self.experiments())
+
+    def experiments(self) -> dict[str, str]:
+        """Name -> id of the store's active experiments."""
         from mlflow.entities import ViewType
 
-        return sorted(e.name for e in self.client.search_experiments(
-            view_type=ViewType.ACTIVE_ONLY, max_results=50000))
+        return {e.name: e.experiment_id for e in self.client.search_experiments(
+            view_type=ViewType.ACTIVE_ONLY, max_results=50000)}
 
     def finished_runs(self, experiment: str) -> list[RunRecord]:
         """The FINISHED runs of one experiment (nested runs included), newest first."""

@@ -64,7 +64,8 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def serve(cmd: list[str], host: str, port: int, report: Callable[[str], None],
-          start_seconds: float = START_SECONDS) -> signal.Signals | None:
+          start_seconds: float = START_SECONDS, runs_pages: dict[str, str] | None = None,
+          ) -> signal.Signals | None:
     """Run the server command in its own session until a signal arrives (SIGINT, SIGTERM, or
     SIGHUP unless ignored) or the server ends. Returns the signal, or None when the server
     ended cleanly by itself; raises BenchError when it failed or never answered. Whatever
@@ -76,7 +77,8 @@ def serve(cmd: list[str], host: str, port: int, report: Callable[[str], None],
         assert proc.stdout is not None
         output = _Output(proc.stdout)
         try:
-            return _watch(proc, output, stops, host, port, report, start_seconds)
+            return _watch(proc, output, stops, host, port, report, start_seconds,
+                          runs_pages or {})
         finally:
             output.relay = False  # the line bench prints after this is the last one
             stop_group(proc)
@@ -85,7 +87,7 @@ def serve(cmd: list[str], host: str, port: int, report: Callable[[str], None],
 
 def _watch(proc: subprocess.Popen[bytes], output: _Output, stops: _Stops, host: str,
            port: int, report: Callable[[str], None], start_seconds: float,
-           ) -> signal.Signals | None:
+           runs_pages: dict[str, str]) -> signal.Signals | None:
     url = f"http://{netloc(host, port)}"
     deadline = time.monotonic() + start_seconds
     while not _answers(_client_host(host), port):
@@ -99,6 +101,8 @@ def _watch(proc: subprocess.Popen[bytes], output: _Output, stops: _Stops, host: 
                              f"{start_seconds:.0f} s; stopped it")
         time.sleep(POLL_SECONDS)
     output.relay = True
+    for name, experiment_id in sorted(runs_pages.items()):
+        report(f"runs of {name}: {url}/#/experiments/{experiment_id}/runs")
     report(f"MLflow UI on {url}  (Ctrl-C to stop)")
     while stops.signal is None and proc.poll() is None:
         time.sleep(POLL_SECONDS)

@@ -538,8 +538,12 @@ def ui(
 
     check_port_free(host, port)
     tracker = _tracker(tracking_uri)
+    pages = {}
+    for name in tracker.experiment_names():  # each opens on its runs (older stores too)
+        if name != "Default":
+            pages[name] = tracker.experiment_id(name)
     cmd = ui_command(tracker.uri, tracker.runs_dir / "mlartifacts", host, port)
-    stopped_by = serve(cmd, host, port, _report)
+    stopped_by = serve(cmd, host, port, _report, runs_pages=pages)
     if stopped_by is not None:  # 128 + the signal, as a shell reports a process it ended
         print(f"bench: interrupted ({stopped_by.name}); MLflow UI stopped", file=sys.stderr)
         raise SystemExit(128 + stopped_by)
