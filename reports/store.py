@@ -21,18 +21,22 @@ from bench.app.tracking import RunRecord, Tracker, mask_credentials
 from bench.core.errors import BenchError, UsageError
 from bench.data.datasets import FOLDER_PREFIX, POINTS_PREFIX, dataset_names, describe_dataset
 from bench.engine.evaluation import LOWER_IS_BETTER
+from bench.metrics.base import BOOT_HIGH, BOOT_LOW
 from methods import method_names
 
 Select = Literal["best", "latest"]
 SELECTS: tuple[Select, ...] = ("best", "latest")
 EVAL_METRICS = tuple(LOWER_IS_BETTER)  # evaluation metrics a report can show
 EXTRA_METRICS = ("seconds_per_sample",)  # read for the CSV, never bold
-# one row per (run, nfe, metric): the value is the mean over the evaluation's seed sets (the
-# value itself with one set), std their sample standard deviation (null with one set), seeds
-# their count, protocol what the number is comparable under (bench.app.protocol.comparable)
+# one row per (run, nfe, metric): seed is the run's training seed; the value is the mean over
+# the evaluation's seed sets (the value itself with one set), std their sample standard
+# deviation (null with one set), seeds their count, low/high a 95% bootstrap interval over the
+# generated points (2-D data with eval.bootstrap and one seed set; else null), protocol what
+# the number is comparable under (bench.app.protocol.comparable)
 RESULT_SCHEMA = {"dataset": pl.String, "method": pl.String, "run_id": pl.String,
-                 "nfe": pl.Int64, "metric": pl.String, "value": pl.Float64, "std": pl.Float64,
-                 "seeds": pl.Int64, "protocol": pl.String}
+                 "seed": pl.Int64, "nfe": pl.Int64, "metric": pl.String, "value": pl.Float64,
+                 "std": pl.Float64, "seeds": pl.Int64, "low": pl.Float64, "high": pl.Float64,
+                 "protocol": pl.String}
 
 
 @dataclass(frozen=True)
@@ -123,11 +127,15 @@ def eval_results(tracker: Tracker, record: RunRecord, metrics: Iterable[str]) ->
     dataset = record.tags["dataset"]
     points = describe_dataset(dataset).kind == "points"
     protocols: dict[int, dict[str, object]] = {}
+    seed_text = record.params.get("seed", "")
+    seed = int(seed_text) if seed_text.isdigit() else None
     for key in metrics:
         values = _newest_points(tracker, record, key)
         if not values:
             continue
         stds = _newest_points(tracker, record, f"{key}_seeds_std")
+        lows = _newest_points(tracker, record, f"{key}{BOOT_LOW}")
+        highs = _newest_points(tracker, record, f"{key}{BOOT_HIGH}")
         for step, value in values.items():
             if step not in protocols:
                 protocols[step] = logged_protocol(record.tags, record.params, step, points,
@@ -135,8 +143,11 @@ def eval_results(tracker: Tracker, record: RunRecord, metrics: Iterable[str]) ->
             protocol = protocols[step]
             seeds = seed_count(protocol)
             rows.append({"dataset": dataset, "method": record.tags["method"],
-                         "run_id": record.run_id, "nfe": step, "metric": key, "value": value,
+                         "run_id": record.run_id, "seed": seed, "nfe": step, "metric": key,
+                         "value": value,
                          "std": stds.get(step) if seeds > 1 else None, "seeds": seeds,
+                         "low": lows.get(step) if seeds == 1 else None,
+                         "high": highs.get(step) if seeds == 1 else None,
                          "protocol": comparable(protocol)})
     return pl.DataFrame(rows, schema=RESULT_SCHEMA)
 

@@ -72,6 +72,7 @@ class Row:
     run_id: str = ""  # full id; "" = paper only
     extra: dict[str, float] = field(default_factory=dict)  # CSV-only numbers
     std: dict[str, float] = field(default_factory=dict)  # column key -> standard deviation
+    interval: dict[str, tuple[float, float]] = field(default_factory=dict)  # bootstrap 95%
     count: dict[str, int] = field(default_factory=dict)  # column key -> seeds it is over
     runs: list[str] = field(default_factory=list)  # every run id the row's numbers come from
 
@@ -202,7 +203,7 @@ def _bold(rows: list[Row], columns: list[Column]) -> set[tuple[int, str]]:
     (a value with no spread counts as an interval of width 0)."""
     marks: set[tuple[int, str]] = set()
     for column in columns:
-        shown = {i: float(r.text[column.key].split(" ± ")[0]) for i, r in enumerate(rows)
+        shown = {i: float(r.text[column.key].split()[0]) for i, r in enumerate(rows)
                  if column.key in r.text}
         if not shown:
             continue
@@ -211,10 +212,7 @@ def _bold(rows: list[Row], columns: list[Column]) -> set[tuple[int, str]]:
         winners = [i for i, v in shown.items() if sign * v == best]
         others = [i for i in shown if i not in winners]
 
-        # each row's interval, as (better end, worse end) in the lower-is-better sense
-        ends = {i: (sign * rows[i].values[column.key] - rows[i].std.get(column.key, 0.0),
-                    sign * rows[i].values[column.key] + rows[i].std.get(column.key, 0.0))
-                for i in shown}
+        ends = {i: _ends(rows[i], column.key, sign) for i in shown}
         if all(ends[w][1] < ends[o][0] for w in winners for o in others):
             marks |= {(i, column.key) for i in winners}
     return marks
@@ -225,8 +223,25 @@ def format_std(std: float) -> str:
     return f"{std:.2g}"
 
 
-def _cell_text(value: float, std: float | None) -> str:
-    return format_value(value) if std is None else f"{format_value(value)} ± {format_std(std)}"
+def _ends(row: Row, key: str, sign: float) -> tuple[float, float]:
+    """A row's interval, as (better end, worse end) in the lower-is-better sense: mean ± std,
+    else the bootstrap interval, else the value itself."""
+    value = sign * row.values[key]
+    if key in row.std:
+        return value - row.std[key], value + row.std[key]
+    if key in row.interval:
+        low, high = sorted(sign * v for v in row.interval[key])
+        return low, high
+    return value, value
+
+
+def _cell_text(value: float, std: float | None,
+               interval: tuple[float, float] | None = None) -> str:
+    if std is not None:
+        return f"{format_value(value)} ± {format_std(std)}"
+    if interval is not None:
+        return f"{format_value(value)} [{format_value(interval[0])}, {format_value(interval[1])}]"
+    return format_value(value)
 
 
 def build_table(selection: Selection, dataset: str) -> Table:
@@ -254,8 +269,9 @@ def build_table(selection: Selection, dataset: str) -> Table:
         return rows[key]
 
     grouped = results.group_by("method", "nfe", "metric", "protocol", maintain_order=True).agg(
-        pl.col("run_id"), pl.col("value"), pl.col("std"), pl.col("seeds"))
-    for method, nfe, metric, protocol, run_ids, values, stds, seeds in grouped.sort(
+        pl.col("run_id"), pl.col("value"), pl.col("std"), pl.col("seeds"), pl.col("low"),
+        pl.col("high"))
+    for method, nfe, metric, protocol, run_ids, values, stds, seeds, lows, highs in grouped.sort(
             "method", "nfe", "metric", "protocol").iter_rows():
         info = selection.runs[(dataset, method)]
         row = row_for(method, nfe, info)
@@ -263,16 +279,21 @@ def build_table(selection: Selection, dataset: str) -> Table:
             info.teacher
         row.runs = sorted(set(row.runs) | set(run_ids))
         key = f"{metric} [{letter[protocol]}]" if protocol in letter else metric
+        interval = None
         if len(values) > 1:  # runs of several training seeds
             value, std, count = statistics.fmean(values), statistics.stdev(values), len(values)
         else:
             value, std, count = values[0], stds[0], seeds[0]
+            if lows[0] is not None and highs[0] is not None:
+                interval = (lows[0], highs[0])
         if metric in shown_metrics:
             row.values[key] = value
-            row.text[key] = _cell_text(value, std)
+            row.text[key] = _cell_text(value, std, interval)
             row.count[key] = count
             if std is not None:
                 row.std[key] = std
+            if interval is not None:
+                row.interval[key] = interval
         else:
             row.extra[metric] = value
     for number in paper:
@@ -296,11 +317,15 @@ def _uncertainty_notes(rows: list[Row]) -> list[str]:
     several_runs = any(len(r.runs) > 1 for r in rows)
     counts = sorted({n for r in rows for k, n in r.count.items() if k in r.std})
     notes = []
+    if any(r.interval for r in rows):
+        notes.append("x [lo, hi]: one seed set's value and its 95% bootstrap interval over the "
+                     "generated points (eval.bootstrap); bold compares these intervals where no "
+                     "std is measured.")
     if counts:
         over = "training seeds (runs)" if several_runs else "evaluation seed sets"
         sizes = "/".join(str(n) for n in counts)
         notes.append(f"x ± s: the mean and sample standard deviation over {sizes} {over}.")
-    else:
+    elif not any(r.interval for r in rows):
         notes.append("One seed set per number: its uncertainty is not measured here (raise "
                      "eval.seeds, or `bench eval --seeds 3`, to see it).")
     return notes

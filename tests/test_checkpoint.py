@@ -95,11 +95,11 @@ def test_a_run_keeps_its_last_checkpoints_and_its_best(bench, tmp_path: Path) ->
     assert sorted(p.name for p in folder.iterdir()) == [
         "best.pt", "iter-00000040.pt", "iter-00000050.pt", "iter-00000060.pt", "last.pt"]
     # best.pt: the evaluation (iterations 20, 40, then the final one) with the lowest w2
-    values = {m.step: m.value for m in client.get_metric_history(run_id, "w2_nfe1")}
+    values = {m.step: m.value for m in client.get_metric_history(run_id, "by_iteration/w2_nfe1")}
     values[60] = run.data.metrics["w2"]
     best_step = min(values, key=values.__getitem__)
     tags = run.data.tags
-    assert tags["best_metric"] == "w2_nfe1" and int(tags["best_step"]) == best_step
+    assert tags["best_metric"] == "by_iteration/w2_nfe1" and int(tags["best_step"]) == best_step
     assert float(tags["best_value"]) == pytest.approx(values[best_step])
     best = load_checkpoint(folder / "best.pt")
     assert best["loop"]["step"] == best_step

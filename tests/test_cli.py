@@ -46,7 +46,7 @@ def test_edm_then_ddim_auto_then_sample_and_eval(bench, tmp_path: Path) -> None:
     assert run.data.params["train.steps"] == "60"
     for key in ("w2", "fd", "nll", "seconds_per_sample", "nfe_measured"):
         assert sorted(m.step for m in client.get_metric_history(edm_id, key)) == [1, 3], key
-    assert [m.step for m in client.get_metric_history(edm_id, "loss")][-1] == 60
+    assert [m.step for m in client.get_metric_history(edm_id, "train/loss")][-1] == 60
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     for name in ("config.toml", "results.csv", "w2_vs_nfe.png", "checkpoints/last.pt",
                  "samples/nfe001.png", "samples/nfe003.png"):

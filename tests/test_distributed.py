@@ -85,7 +85,8 @@ def test_two_gloo_processes_end_with_the_weights_of_one(workdir: Callable[[str],
     assert double.stdout.count("run id: ") == 1
     assert run_id_of(double.stdout) == runs[0].info.run_id
     single = runs_in(one)[0].data.metrics
-    assert runs[0].data.metrics["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    assert runs[0].data.metrics["train/loss"] == pytest.approx(single["train/loss"],
+                                                               rel=1e-5)
     # evaluation: batches 0 and 2 on rank 0, 1 on rank 1, gathered: the scores of one process
     for metric in ("w2", "fd", "swd", "nll", "mode_recall"):
         assert runs[0].data.metrics[metric] == pytest.approx(single[metric], rel=1e-4), metric

@@ -123,9 +123,9 @@ def assert_same_as_reference(reference: tuple[Path, str], cwd: Path, run_id: str
     folder, ref_id = reference
     assert_same_checkpoint(checkpoint_of(folder), checkpoint_of(cwd))
     client, ref = client_for(cwd), client_for(folder)
-    for key in ("loss", "lr", "w2", "fd"):
+    for key in ("train/loss", "train/lr", "w2", "fd"):
         assert history(client, run_id, key) == history(ref, ref_id, key), key
-    assert max(history(client, run_id, "loss")) == STEPS
+    assert max(history(client, run_id, "train/loss")) == STEPS
 
 
 def test_kill9_then_resume_is_bit_exact(workdir, reference) -> None:
@@ -266,7 +266,8 @@ def test_two_concurrent_runs_on_one_fresh_sqlite_store_keep_every_metric(tmp_pat
     for run_id in ids:
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
-        for key in ("loss", "lr", "iters_per_second", "n_scales", "target_mu"):
+        for name in ("loss", "lr", "iters_per_second", "n_scales", "target_mu"):
+            key = f"train/{name}"
             steps = [m.step for m in client.get_metric_history(run_id, key)]
             assert sorted(steps) == list(range(1, 301)), key
         for key in ("w2", "fd", "nfe_measured", "seconds_per_sample"):

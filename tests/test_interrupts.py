@@ -168,7 +168,7 @@ def test_a_signal_at_any_moment_of_a_run_ends_it_killed_with_the_exit_code(
     record = client.get_run(run_id)
     assert record.info.status == "FINISHED"
     assert "error" not in record.data.tags  # the last ending's reason went with it
-    for key in ("loss", "w2", "seconds_per_sample"):
+    for key in ("train/loss", "w2", "seconds_per_sample"):
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert len(steps) == len(set(steps)), (key, sorted(steps))
     assert sorted(m.step for m in client.get_metric_history(run_id, "w2")) == [1, 2, 4, 8]
@@ -262,7 +262,7 @@ def test_a_run_is_driven_by_one_process_at_a_time(workdir) -> None:
     client = client_for(cwd)
     record = client.get_run(run_id)
     assert record.info.status == "KILLED" and "holder" not in record.data.tags
-    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     assert len(steps) == len(set(steps)), sorted(steps)  # the repeated iterations: logged once
     assert list((cwd / "runs" / "locks").glob("*.lock")) == []
     # free again: an evaluation now goes through

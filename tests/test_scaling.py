@@ -60,8 +60,8 @@ def test_the_store_grows_by_copies_of_a_real_run(tmp_path: Path,
     for copy in (r for r in runs if "copy_of" in r.data.tags):
         assert copy.data.params == source.data.params
         assert copy.data.metrics == source.data.metrics and copy.info.status == "FINISHED"
-        assert (len(client.get_metric_history(copy.info.run_id, "loss"))
-                == len(client.get_metric_history(source.info.run_id, "loss")))
+        assert (len(client.get_metric_history(copy.info.run_id, "train/loss"))
+                == len(client.get_metric_history(source.info.run_id, "train/loss")))
     assert (tmp_path / "report-3" / "report.html").is_file() or list(
         (tmp_path / "report-3").iterdir())
 

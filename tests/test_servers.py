@@ -319,7 +319,7 @@ def wait_for_metrics(client: object, method: str) -> None:
         runs = client.search_runs(  # type: ignore[attr-defined]
             [exp.experiment_id], f"tags.method = '{method}' and attributes.start_time >= "
                                  f"{since}") if exp else []
-        return any(r.info.status == "RUNNING" and "loss" in r.data.metrics for r in runs)
+        return any(r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in runs)
 
     wait_until(logged, 240, "the run's first metrics")
 
@@ -351,9 +351,9 @@ def test_a_run_keeps_its_metrics_through_a_tracking_server_outage(
     run_id = out.split("run id: ")[-1].split()[0]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    history = client.get_metric_history(run_id, "loss")
+    history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(log_every, steps + 1, log_every))
-    assert "w2_nfe1" in run.data.metrics or "w2" in run.data.metrics, run.data.metrics
+    assert "by_iteration/w2_nfe1" in run.data.metrics or "w2" in run.data.metrics, run.data.metrics
     assert not list((folder / "runs" / "outbox").glob("*.jsonl"))
     artifacts = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
     assert artifacts == ["checkpoints/last.pt"], artifacts
@@ -447,7 +447,7 @@ def test_writes_of_a_run_whose_server_never_came_back_are_delivered_by_bench_syn
     assert not list((folder / "runs" / "outbox").glob("*.jsonl"))
     finished = client.get_run(run_id)
     assert finished.info.status == "FINISHED"
-    history = client.get_metric_history(run_id, "loss")
+    history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(log_every, steps + 1, log_every))
     assert any(k.startswith("w2") for k in finished.data.metrics), finished.data.metrics
     assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == \

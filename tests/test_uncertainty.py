@@ -48,8 +48,8 @@ def test_evaluation_seed_sets_log_mean_std_best_and_each_set(
         assert sets[0] == newest(tracker, one.run_id, "w2")[nfe]
     assert "w2_seeds_std" not in tracker.get_run(one.run_id).metric_keys
     # a column per NFE in the runs table (at the run's last iteration: 0, DDIM does not train)
-    assert newest(tracker, three.run_id, "w2_nfe2") == {0: newest(tracker, three.run_id,
-                                                                   "w2")[2]}
+    per_nfe = newest(tracker, three.run_id, "by_iteration/w2_nfe2")
+    assert per_nfe == {0: newest(tracker, three.run_id, "w2")[2]}
     # bench's experiments open on their runs in the MLflow UI, not on its GenAI view
     experiment = tracker.client.get_experiment_by_name("gmm8")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -159,3 +159,67 @@ def test_suite_seeds_and_eval_seeds_from_the_command_line(bench, tmp_path: Path)
     assert protocol["seeds"] == [0, 1000, 2000]
     bad = bench("eval", "--run", runs[0].run_id, "--seeds", "0")
     assert bad.returncode == 2 and "--seeds" in bad.stderr
+
+
+def test_compare_two_runs_and_the_results_of_a_notebook(
+        tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    import pandas as pd
+    import polars as pl
+    from scipy.stats import ttest_ind
+
+    from reports import results
+    from reports.compare import compare_runs
+
+    monkeypatch.chdir(tmp_path)
+    tracker = tracker_for(tmp_path, template_db)
+    a = ddim_run(tracker, "eval.seeds=3")
+    b = ddim_run(tracker, "eval.seeds=4", "eval.seed=7")
+    single = ddim_run(tracker)
+    diffs = {(d.metric, d.nfe): d for d in compare_runs(tracker, a.run_id, b.run_id)}
+    d = diffs["w2", 1]
+    assert d.comparable and (d.a_seeds, d.b_seeds) == (3, 4)
+    per_set = [[newest(tracker, run.run_id, f"w2_seed{k}")[1] for k in range(n)]
+               for run, n in ((a, 3), (b, 4))]
+    expected = ttest_ind(*per_set, equal_var=False).confidence_interval(0.95)
+    assert (d.low, d.high) == pytest.approx((expected.low, expected.high), rel=1e-9)
+    assert d.verdict == ("within the uncertainty" if d.low <= 0 <= d.high else
+                         "A better" if d.diff < 0 else "B better")
+    unmeasured = compare_runs(tracker, a.run_id, single.run_id)[0]
+    assert unmeasured.low is None and unmeasured.verdict == "no interval (spread not measured)"
+
+    frame = results.load(runs_dir=tmp_path / "runs")  # the rows the report uses: the newest run
+    assert isinstance(frame, pd.DataFrame) and tuple(frame.columns) == results.COLUMNS
+    assert set(frame["run_id"]) == {single.run_id} and set(frame["seed"]) == {0}
+    assert set(frame["nfe"]) == {1, 2} and "w2" in set(frame["metric"])
+    best = results.load(runs_dir=tmp_path / "runs", datasets=["gmm8"], select="best",
+                        polars=True)
+    assert isinstance(best, pl.DataFrame) and best["seeds"].max() >= 1
+
+
+def test_a_bootstrap_interval_where_seeds_are_not_repeated(
+        tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    tracker = tracker_for(tmp_path, template_db)
+    run = ddim_run(tracker, "eval.bootstrap=8", "eval.nfe=[1]")
+    low = newest(tracker, run.run_id, "w2_boot_low")[1]
+    high = newest(tracker, run.run_id, "w2_boot_high")[1]
+    value = newest(tracker, run.run_id, "w2")[1]
+    assert low < high and low <= value * 1.5 and high >= value * 0.5
+    table = build_table(select_runs(tracker, ["gmm8"], "latest"), "gmm8")
+    row = next(r for r in table.rows if r.method == "ddim")
+    assert row.interval["w2"] == (low, high)
+    assert row.text["w2"] == f"{value:.3f} [{low:.3f}, {high:.3f}]"
+    assert any("bootstrap interval" in n for n in table.notes)
+    # the interval decides the bold mark where no std is measured
+    rows_ = rows((1.0, None), (1.2, None))
+    rows_[0].interval["w2"] = (0.9, 1.25)
+    assert _bold(rows_, [column()]) == set()
+    rows_[0].interval["w2"] = (0.9, 1.1)
+    assert _bold(rows_, [column()]) == {(0, "w2")}
+    with pytest.raises(Exception, match="eval.bootstrap resamples 2-D points"):
+        from bench.data.datasets import get_dataset
+        from bench.engine.evaluation import prepare_metrics
+
+        cfg = resolve(bench_files=[], flags={"method": "edm", "dataset": "digits"},
+                      sets=["eval.bootstrap=4"]).config
+        prepare_metrics(get_dataset("digits"), cfg, tmp_path / "cache")

@@ -29,7 +29,14 @@ from bench.app.protocol import TAG_PREFIX as PROTOCOL_TAG
 from bench.app.protocol import evaluation_protocol
 from bench.app.runlock import RunLock
 from bench.app.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
-from bench.app.tracking import Tracker, git_commit, package_versions, param_text
+from bench.app.tracking import (
+    Tracker,
+    by_iteration,
+    git_commit,
+    package_versions,
+    param_text,
+    training_metrics,
+)
 from bench.core.atomic import atomic_write
 from bench.core.config import (
     RunConfig,
@@ -57,6 +64,7 @@ from bench.engine.distributed import (
 )
 from bench.engine.evaluation import (
     LOWER_IS_BETTER,
+    SEEDS_STD,
     EvalResult,
     evaluate,
     evaluation_seeds,
@@ -231,7 +239,8 @@ class BestCheckpoint:
         save_checkpoint(checkpoint_state(self.p, state), self.path)
         self.value = value
         self.tracker.set_tags(self.run_id, {"best_step": str(state.step),
-                                            "best_metric": f"{self.metric}_nfe{first.nfe}",
+                                            "best_metric": next(iter(by_iteration(
+                                                {self.metric: value}, first.nfe))),
                                             "best_value": repr(value)})
         if self.remote:
             self.tracker.log_artifact(self.run_id, self.path, "checkpoints")
@@ -389,16 +398,27 @@ def execute(
     files: RunCheckpoints | None = None
     lock: RunLock | None = None
 
+    stages: dict[str, float] = {}
+
     def log(metrics: dict[str, float], step: int) -> None:  # queued: off the training path
-        tracker.log_metrics(run_id, metrics, step, wait=False)
+        tracker.log_metrics(run_id, training_metrics(metrics), step, wait=False)
+        for key, value in metrics.items():  # a staged method (PD) says when a stage begins
+            if key.endswith("_stage") and stages.get(key) != value:
+                if stages:
+                    prefix = key.removesuffix("stage")
+                    detail = ", ".join(f"{k.removeprefix(prefix).replace('_', ' ')} {v:g}"
+                                       for k, v in metrics.items()
+                                       if k.startswith(prefix) and k != key)
+                    report(f"{cfg.method}: stage {value:g} by iteration {step}"
+                           + (f" ({detail})" if detail else ""))
+                stages[key] = value
 
     def intermediate_eval(s: LoopState) -> None:
         with torch.random.fork_rng(devices=[]):  # training's global RNG stream stays untouched
             results = evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
                                p.device, shard=p.shard)
         for r in results:
-            tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
-                                s.step)
+            tracker.log_metrics(run_id, by_iteration(r.metrics, r.nfe), s.step)
         assert files is not None
         files.best.consider(s, results)
         if observer is not None and observer.evaluated is not None:
@@ -421,10 +441,15 @@ def execute(
                 with GUARD.deferred():
                     files.write(state)
             protocol = evaluation_protocol(p.dataset, cfg, p.suite)
+            announce_evaluation(cfg, report)
+            final_step = state.step
+
+            def evaluated(r: EvalResult) -> None:
+                log_result(tracker, run_id, r, protocol, final_step)
+                report(result_text(r, p.dataset.primary_metric))
+
             results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
-                               p.device, on_result=lambda r: log_result(tracker, run_id, r,
-                                                                        protocol, state.step),
-                               shard=p.shard)
+                               p.device, on_result=evaluated, shard=p.shard)
             files.best.consider(state, results)
             log_eval_artifacts(tracker, run_id, p, results)
     except StopRun as exc:
@@ -518,20 +543,38 @@ def execute_worker(p: Prepared, run_id: str, state: LoopState) -> RunOutcome:
                       time.perf_counter() - t0)
 
 
+def announce_evaluation(cfg: RunConfig, report: Reporter) -> None:
+    """One line as an evaluation starts: its NFEs, samples and seed sets."""
+    if cfg.eval.nfe:
+        sets = f" x {cfg.eval.seeds} seed sets" if cfg.eval.seeds > 1 else ""
+        report(f"evaluating at NFE {', '.join(map(str, cfg.eval.nfe))}: "
+               f"{cfg.eval.num_samples} samples{sets} each")
+
+
+def result_text(r: EvalResult, primary: str) -> str:
+    """'NFE 2: w2 0.0401 (± 0.0012 over 3 seed sets), 1.2e-05 s/sample'."""
+    text = f"NFE {r.nfe_measured}"
+    if primary in r.metrics:
+        text += f": {primary} {r.metrics[primary]:.4g}"
+        std = r.spread().get(f"{primary}{SEEDS_STD}")
+        if std is not None:
+            text += f" (± {std:.2g} over {len(r.per_seed)} seed sets)"
+    return text + f", {r.seconds_per_sample:.2g} s/sample"
+
+
 def log_result(tracker: Tracker, run_id: str, r: EvalResult,
                protocol: dict[str, Any] | None = None, iteration: int | None = None) -> None:
     """Evaluation metrics against the measured NFE as the step (each metric's mean over the
     seed sets, and with several sets their spread), the sampler's levels and the protocol.
-    With `iteration`, also `<metric>_nfe<N>` at that iteration, as intermediate evaluations
-    log them: the runs table then has a column per NFE (its last value: this one) instead of
-    a single `w2` that is whichever NFE came last."""
+    With `iteration`, also `by_iteration/<metric>_nfe<N>` at that iteration, as intermediate
+    evaluations log them: the runs table then has a column per NFE (its last value: this one)
+    instead of a single `w2` that is whichever NFE came last."""
     metrics = {**r.metrics, **r.spread()}
     metrics["seconds_per_sample"] = r.seconds_per_sample
     metrics["nfe_measured"] = r.nfe_measured
     tracker.log_metrics(run_id, metrics, r.nfe_measured)
     if iteration is not None:
-        tracker.log_metrics(run_id, {f"{k}_nfe{r.nfe}": v for k, v in r.metrics.items()},
-                            iteration)
+        tracker.log_metrics(run_id, by_iteration(r.metrics, r.nfe), iteration)
     tags = {f"sigmas_nfe{r.nfe_measured}": json.dumps([round(s, 6) for s in r.sigmas])}
     if protocol is not None:
         tags[f"{PROTOCOL_TAG}{r.nfe_measured}"] = json.dumps(protocol, sort_keys=True)
@@ -769,10 +812,14 @@ def evaluate_run(tracker: Tracker, run_id: str, nfe: list[int] | None, report: R
         if tracker.get_run(run_id).tags.get("evaluation") == EVALUATION_OFF:
             tags["evaluation"] = "bench eval"  # off during training, evaluated since
         tracker.set_tags(run_id, tags)
+        announce_evaluation(p.config, report)
+
+        def evaluated(r: EvalResult) -> None:
+            log_result(tracker, run_id, r, protocol, state.step)
+            report(result_text(r, p.dataset.primary_metric))
+
         results = evaluate(p.method, state.ema, p.dataset, p.config, p.config.eval.nfe,
-                           p.suite, p.device,
-                           on_result=lambda r: log_result(tracker, run_id, r, protocol,
-                                                          state.step))
+                           p.suite, p.device, on_result=evaluated)
         log_eval_artifacts(tracker, run_id, p, results)
     return RunOutcome(run_id, p.config.method, p.dataset.name, results,
                       p.dataset.primary_metric, time.perf_counter() - t0)

@@ -71,6 +71,24 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# Metric-name prefixes: the MLflow UI draws one chart section per prefix, so the training
+# curves (step = iteration) and the evaluations during training (step = iteration) never share
+# a section with the evaluation metrics against the NFE (step = NFE), which keep plain names
+TRAIN_PREFIX = "train/"  # train/loss, train/lr, train/iters_per_second, ...
+BY_ITERATION_PREFIX = "by_iteration/"  # by_iteration/w2_nfe1: a metric at one NFE vs iteration
+
+
+def training_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The training loop's values under their logged names (train/<name>)."""
+    return {TRAIN_PREFIX + k: v for k, v in metrics.items()}
+
+
+def by_iteration(metrics: Mapping[str, float], nfe: int) -> dict[str, float]:
+    """An evaluation's metrics at one NFE under their names against the iteration
+    (by_iteration/<metric>_nfe<N>)."""
+    return {f"{BY_ITERATION_PREFIX}{k}_nfe{nfe}": v for k, v in metrics.items()}
+
+
 # MLflow 3 opens an experiment without this tag in its GenAI view (traces, no runs): bench's
 # experiments are model training, whose runs, charts and parameters the UI then shows first
 KIND_TAG = "mlflow.experimentKind"

@@ -139,6 +139,8 @@ def _print_metric_table(title: str, rows: list[tuple[int, dict[str, float], floa
         table.add_row(str(nfe), *cells, f"{per_sample:.2e}")
     console = _console()
     console.print(table)
+    if spreads and any(spreads):
+        console.print("mean ± standard deviation over the evaluation seed sets")
     console.print(f"run id: {run_id}  ({seconds:.1f} s)")
 
 
@@ -151,8 +153,6 @@ def _print_outcome(outcome: Any) -> None:
     rows = [(r.nfe_measured, r.metrics, r.seconds_per_sample) for r in outcome.results]
     _print_metric_table(f"{outcome.method} on {outcome.dataset}", rows, outcome.run_id,
                         outcome.seconds, [r.spread() for r in outcome.results])
-    if any(r.spread() for r in outcome.results):
-        _console().print("mean ± standard deviation over the evaluation seed sets")
 
 
 @app.command()
@@ -726,10 +726,17 @@ def report(
         "--format", help="Comma-separated outputs: md, tex, html, csv.")] = "md,tex,html,csv",
     out: Annotated[Path | None, typer.Option(
         help="Output folder (default runs/reports).")] = None,
+    compare: Annotated[tuple[str, str] | None, typer.Option(
+        help="Compare two runs instead (RUN_A RUN_B): their difference at each NFE with its 95% "
+             "interval over the evaluation seed sets.", metavar="RUN_A RUN_B")] = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Paper-style tables, plots and an HTML page from the tracking store alone."""
     from bench.core.outputs import check_output_folder
+
+    if compare is not None:
+        _print_comparison(_tracker(tracking_uri), *compare)
+        return
 
     if out is not None:  # before the store is read
         check_output_folder(out, "--out")
@@ -751,6 +758,29 @@ def report(
     if (output.out_dir / "report.html").is_file():
         console.print(f"report: {output.out_dir / 'report.html'}")
     console.print(f"run id: {output.run_id}")
+
+
+def _print_comparison(tracker: Any, run_a: str, run_b: str) -> None:
+    from rich.table import Table
+
+    from reports.compare import LEVEL, compare_runs
+
+    rows = compare_runs(tracker, run_a, run_b)
+    table = Table(title=f"A = {run_a[:8]}, B = {run_b[:8]}")
+    for name in ("metric", "NFE", "A", "B", "A - B", f"{LEVEL:.0%} interval", "verdict"):
+        table.add_column(name, justify="left" if name in ("metric", "verdict") else "right")
+
+    def shown(value: float, std: float | None, n: int) -> str:
+        return f"{value:.4g}" if std is None else f"{value:.4g} ± {std:.2g} (n={n})"
+
+    for d in rows:
+        interval = "-" if d.low is None else f"[{d.low:.3g}, {d.high:.3g}]"
+        table.add_row(d.metric, str(d.nfe), shown(d.a, d.a_std, d.a_seeds),
+                      shown(d.b, d.b_std, d.b_seeds), f"{d.diff:.3g}", interval, d.verdict)
+    console = _console()
+    console.print(table)
+    console.print("x ± s (n=): mean and standard deviation over n evaluation seed sets; "
+                  "interval: Welch's, for the difference of the means")
 
 
 @app.command()

@@ -167,6 +167,9 @@ class EvalConfig(Section):
     # evaluation seed sets: set k draws its noise from seed + 1000 k; each metric is logged per
     # set and as the mean (the tables' number), standard deviation and best (min) over sets
     seeds: PosInt = 1
+    # 2-D data: resamples of the generated points for each metric's 95% bootstrap interval,
+    # logged as <metric>_boot_low / _boot_high (0 = none; each resample costs one evaluation)
+    bootstrap: NonNegInt = 0
     # "random", "qmc" (scrambled Sobol, 2-D data only), "auto" = qmc on 2-D
     noise: Literal["auto", "random", "qmc"] = "auto"
     reference_seed: NonNegInt = 1  # seed of the reference draw of the data

@@ -78,6 +78,9 @@ def points_reference(dataset: PointsDataset, cfg: RunConfig, n: int) -> torch.Te
 def prepare_metrics(dataset: Dataset, cfg: RunConfig, cache_dir: Path) -> MetricSuite:
     """Validate the requested metrics and precompute reference statistics."""
     uses_qmc(dataset, cfg)  # an impossible eval.noise fails here, before any training
+    if cfg.eval.bootstrap and dataset.kind != "points":
+        raise UsageError(f"eval.bootstrap resamples 2-D points; {dataset.name} holds "
+                         f"{dataset.kind} (use eval.seeds for an interval)")
     names = list(cfg.eval.metrics) or default_metrics(dataset)
     valid = default_metrics(dataset)
     if dataset.kind == "points":
@@ -99,6 +102,7 @@ def prepare_metrics(dataset: Dataset, cfg: RunConfig, cache_dir: Path) -> Metric
                 gmm.modes if gmm is not None else None,
                 gmm.std if gmm is not None else None,
                 names,
+                bootstrap=cfg.eval.bootstrap,
             )]
 
         return MetricSuite(names, new_points)

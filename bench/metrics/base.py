@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import ot
 import scipy.linalg
 import torch
 import torch.nn.functional as F
@@ -114,6 +113,8 @@ def fd(x: ArrayLike, y: ArrayLike) -> float:
 
 def w2(x: ArrayLike, y: ArrayLike) -> float:
     """Exact W2 between two equal-weight empirical sets (network simplex on an N x M cost)."""
+    import ot  # POT imports scikit-learn and most of scipy (~2 s): only where W2 is computed
+
     xs, ys = _as_float64(x, "x"), _as_float64(y, "y")
     if xs.shape[1] != ys.shape[1]:
         raise ValueError(f"dimension mismatch: x has D={xs.shape[1]}, y has D={ys.shape[1]}")
@@ -226,6 +227,10 @@ class MetricSuite:
     notes: dict[str, str] = field(default_factory=dict)  # e.g. classifier accuracy
 
 
+BOOTSTRAP_SEED = 0  # the resampling's seed: the same points give the same interval
+BOOT_LOW, BOOT_HIGH = "_boot_low", "_boot_high"  # a metric's 95% bootstrap interval
+
+
 class PointMetrics:
     """Low-dimensional metrics on all collected samples against a reference sample set."""
 
@@ -239,6 +244,7 @@ class PointMetrics:
         *,
         num_projections: int = 256,
         seed: int = 0,
+        bootstrap: int = 0,
     ) -> None:
         unknown = sorted(set(metrics) - set(POINT_METRICS))
         if unknown:
@@ -256,6 +262,7 @@ class PointMetrics:
         self.std = std
         self.num_projections = num_projections  # random directions for "swd"
         self.seed = seed                        # seed of the "swd" directions
+        self.bootstrap = bootstrap              # resamples for a bootstrap interval (0: none)
         self._batches: list[Tensor] = []
 
     def update(self, x: Tensor) -> None:
@@ -268,6 +275,21 @@ class PointMetrics:
             raise ValueError("PointMetrics.compute called before any update")
         x = torch.cat(self._batches)
         ref = self.reference.detach().cpu().reshape(self.reference.shape[0], -1)
+        out = self._metrics(x, ref)
+        if self.bootstrap:
+            # the generated points resampled with replacement (the reference held fixed); a
+            # percentile interval per metric. Under quasi-random noise the resampling ignores
+            # the stratification, so the interval is wider than the spread over seed sets.
+            rng = np.random.default_rng(BOOTSTRAP_SEED)
+            draws = [self._metrics(x[torch.from_numpy(rng.integers(0, len(x), len(x)))], ref)
+                     for _ in range(self.bootstrap)]
+            for name in self.names:
+                values = np.array([d[name] for d in draws])
+                out[f"{name}{BOOT_LOW}"] = float(np.percentile(values, 2.5))
+                out[f"{name}{BOOT_HIGH}"] = float(np.percentile(values, 97.5))
+        return out
+
+    def _metrics(self, x: Tensor, ref: Tensor) -> dict[str, float]:
         out: dict[str, float] = {}
         for name in self.names:
             if name == "w2":

@@ -75,6 +75,7 @@ from bench.app.tracking import (
     Tracker,
     default_tracking_uri,
     git_commit,
+    training_metrics,
 )
 from bench.core.config import RunConfig, resolve
 from bench.core.memory import release_free_memory, reset_peak_rss, status_kib
@@ -457,7 +458,7 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
 
     def log(metrics: dict[str, float], step: int) -> None:  # as bench run logs
         t0 = time.perf_counter()
-        tracker.log_metrics(run_id, metrics, step, wait=False)
+        tracker.log_metrics(run_id, training_metrics(metrics), step, wait=False)
         log_seconds.append(time.perf_counter() - t0)
 
     x0, _ = stream.batch(0)
@@ -482,7 +483,8 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
     iteration_seconds = bare_block(1)
     block = _block(iteration_seconds, block_seconds)
     del log_seconds[:1]
-    store = _store_seconds_per_value(tracker, run_id, sample_metrics, 1.0 / iteration_seconds,
+    store = _store_seconds_per_value(tracker, run_id, training_metrics(sample_metrics),
+                                     1.0 / iteration_seconds,
                                      cfg.train.log_every)
     log_share = (statistics.mean(log_seconds) + len(sample_metrics) * store) / cfg.train.log_every
     bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block + log_share,
