@@ -30,6 +30,7 @@ from bench.app.protocol import evaluation_protocol
 from bench.app.runlock import RunLock
 from bench.app.teachers import CHECKPOINT_ARTIFACT, resolve_teacher, run_checkpoint
 from bench.app.tracking import (
+    BY_ITERATION_PREFIX,
     Tracker,
     by_iteration,
     git_commit,
@@ -239,8 +240,8 @@ class BestCheckpoint:
         save_checkpoint(checkpoint_state(self.p, state), self.path)
         self.value = value
         self.tracker.set_tags(self.run_id, {"best_step": str(state.step),
-                                            "best_metric": next(iter(by_iteration(
-                                                {self.metric: value}, first.nfe))),
+                                            "best_metric": (f"{BY_ITERATION_PREFIX}"
+                                                            f"{self.metric}_nfe{first.nfe}"),
                                             "best_value": repr(value)})
         if self.remote:
             self.tracker.log_artifact(self.run_id, self.path, "checkpoints")
