@@ -265,7 +265,7 @@ def test_cli_run_eval_and_nfe_error(bench, tmp_path: Path) -> None:
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "pd"
     assert sorted(m.step for m in client.get_metric_history(rid, "w2")) == [1, 2, 4]
     assert sorted(m.step for m in client.get_metric_history(rid, "nfe_measured")) == [1, 2, 4]
-    stages = {m.step: m.value for m in client.get_metric_history(rid, "pd_student_steps")}
+    stages = {m.step: m.value for m in client.get_metric_history(rid, "train/pd_student_steps")}
     assert stages[10] == 2 and stages[30] == 1 and max(stages) == 20 + 40
     # the checkpoint restores every snapshot: bench eval reproduces the 2-step number
     w2 = {m.step: m.value for m in client.get_metric_history(rid, "w2")}
