@@ -36,6 +36,9 @@ def official_checkpoint(key: str, path: Path, seed: int) -> dict[str, torch.Tens
     torch.manual_seed(seed)
     network = build_dinov2_network(key, None)
     state = {k: v.clone() for k, v in network.state_dict().items()}
+    for key in state:  # timm starts LayerScale at 1e-5: the class token would barely see
+        if key.endswith(".gamma"):  # the image; trained weights are far from that
+            state[key] = torch.full_like(state[key], 0.5)
     dim = state["cls_token"].shape[-1]
     state["pos_embed"] = 0.02 * torch.randn(1, 1 + OFFICIAL_GRID**2, dim)
     state["mask_token"] = torch.zeros(1, dim)
