@@ -199,8 +199,8 @@ def protocol_letter(index: int) -> str:
 
 def _bold(rows: list[Row], columns: list[Column]) -> set[tuple[int, str]]:
     """The best displayed value of each column (every tie is bold), and only where it is better
-    than every other row beyond the uncertainty: its mean ± std interval apart from theirs
-    (a value with no spread counts as an interval of width 0)."""
+    than every other row beyond the uncertainty: its interval (_ends: mean ± std, else the
+    bootstrap interval, else the value alone) apart from theirs."""
     marks: set[tuple[int, str]] = set()
     for column in columns:
         shown = {i: float(r.text[column.key].split()[0]) for i, r in enumerate(rows)
