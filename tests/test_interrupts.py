@@ -339,24 +339,30 @@ def test_memory_that_runs_out_is_one_line_naming_it(workdir) -> None:
 IMPORT_INTERRUPTED = """
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
-from bench.engine.signals import GUARD, Interrupted
+from bench.engine.signals import GUARD, Interrupted, critical
 GUARD.install()
 started = time.monotonic()
 try:
     import slow_module  # sends itself the signal in the middle of its body
     imported = time.monotonic()
+    if sys.argv[2] == "block":  # a critical block ending first raises it (and stops the timer)
+        with critical():
+            pass
     while time.monotonic() - imported < 5:
         time.sleep(0.01)
     print("not interrupted")
 except Interrupted as exc:
     whole = getattr(sys.modules.get("slow_module"), "COMPLETE", False)
-    print(exc.signal_name, "complete" if whole else "half", round(time.monotonic() - started, 2))
+    timer = signal.getitimer(signal.ITIMER_REAL)[0]  # left armed, it would fire at exit,
+    print(exc.signal_name, "complete" if whole else "half",  # after Python restored SIGALRM's
+          round(time.monotonic() - started, 2), timer)  # default action: killed by SIGALRM
 """
 
 
+@pytest.mark.parametrize("raised_by", ["timer", "block"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_during_an_import_waits_for_the_module_to_finish(tmp_path: Path,
-                                                                  signum: signal.Signals) -> None:
+def test_a_signal_during_an_import_waits_for_the_module_to_finish(
+        tmp_path: Path, signum: signal.Signals, raised_by: str) -> None:
     """An interrupt raised in the middle of a module's first import leaves it half-initialised
     in sys.modules (numpy's lazy attributes then recurse without end): the guard holds the
     signal until the import is over, then raises it."""
@@ -365,9 +371,9 @@ def test_a_signal_during_an_import_waits_for_the_module_to_finish(tmp_path: Path
         f"os.kill(os.getpid(), {int(signum)})\n"
         "time.sleep(0.5)\n"
         "COMPLETE = True\n")
-    done = subprocess.run([sys.executable, "-c", IMPORT_INTERRUPTED, str(tmp_path)],
+    done = subprocess.run([sys.executable, "-c", IMPORT_INTERRUPTED, str(tmp_path), raised_by],
                           capture_output=True, text=True, timeout=60, env=bench_env())
     assert done.returncode == 0, done.stderr
-    name, state, seconds = done.stdout.split()
-    assert (name, state) == (signum.name, "complete")
+    name, state, seconds, timer = done.stdout.split()
+    assert (name, state, float(timer)) == (signum.name, "complete", 0.0)
     assert 0.5 <= float(seconds) < 2.0  # raised within the retry period after the import

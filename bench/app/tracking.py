@@ -8,6 +8,7 @@ config flattened; training curves against the iteration; evaluation metrics agai
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -139,6 +140,29 @@ class MetricPoint:
     timestamp: int  # milliseconds since the epoch
 
 
+class _Uncut:
+    """An MlflowClient whose calls on a database store are never cut by SIGINT or SIGTERM:
+    each runs as a critical() block, so a signal that arrives inside one (in the middle of a
+    SQLAlchemy transaction, which would leave the sqlite file locked for the code that then
+    marks the run KILLED) is raised as soon as the call returns. Artifact transfers, which
+    can take long and hold no transaction, stay interruptible."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr) or "artifact" in name:
+            return attr
+
+        @functools.wraps(attr)
+        def whole(*args: Any, **kwargs: Any) -> Any:
+            with critical():
+                return attr(*args, **kwargs)
+
+        return whole
+
+
 class Tracker:
     """A thin typed wrapper over MlflowClient bound to one store."""
 
@@ -148,7 +172,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         for name in ("mlflow", "alembic"):  # keep schema-migration chatter off the terminal
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logger = logging.getLogger(name)  # (raised only: the CLI may have set it higher)
+            logger.setLevel(max(logger.level, logging.WARNING))
         # MLflow prints a server's run links itself, with the URL as given (a password too)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         # nor its artifact-download progress bars (tqdm), which a resume or `bench eval` showed
@@ -172,7 +197,9 @@ class Tracker:
         self._logged: dict[str, set[tuple[str, int]]] = {}  # reopened run -> points it holds
         try:
             with _store_creation_lock(uri):
-                self.client = MlflowClient(tracking_uri=uri)
+                client = MlflowClient(tracking_uri=uri)
+                # a database store: no transaction is ever cut by a signal (see _Uncut)
+                self.client = client if self.remote else _Uncut(client)
                 self.client.search_experiments(max_results=1)
         except Exception as exc:
             raise BenchError(f"cannot reach the tracking store {mask_credentials(uri)}: "

@@ -904,6 +904,8 @@ def quiet_dependencies(debug: bool) -> None:
     for name in ("mlflow", "alembic", "sqlalchemy", "optuna", "torch", "urllib3", "matplotlib",
                  "PIL", "py.warnings"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # MLflow logs a store error with its traceback before raising it; bench says it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 if __name__ == "__main__":

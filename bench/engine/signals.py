@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RETRY_SECONDS = 0.05  # how often a signal that arrived during an import checks again
 _IMPORT_MACHINERY = ("<frozen importlib._bootstrap", "importlib/_bootstrap")
+_RETRY_ARMED = False  # whether the retry timer of a signal held during an import runs
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report
 
 
@@ -63,6 +64,7 @@ class SignalGuard:
 
     def _raise(self, name: str) -> NoReturn:
         self.delivered = name
+        _disarm_retry()  # a retry timer left running would end the process by SIGALRM
         raise Interrupted(name)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -121,6 +123,7 @@ class SignalGuard:
         finally:
             self._depth -= 1
             self.pending = None
+            _disarm_retry()
 
     def hold(self) -> None:
         """Hold signals back until release() (a deferred block spanning two functions: the
@@ -150,12 +153,22 @@ def _importing(frame: FrameType | None) -> bool:
     return False
 
 
+def _disarm_retry() -> None:
+    """Stop the retry timer _arm_retry armed, if it still runs."""
+    global _RETRY_ARMED
+    if _RETRY_ARMED:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _RETRY_ARMED = False
+
+
 def _arm_retry(handler: Any) -> bool:
     """Call `handler` once after RETRY_SECONDS on SIGALRM; False where timers are missing."""
     if not hasattr(signal, "setitimer"):
         return False
+    global _RETRY_ARMED
     signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+    _RETRY_ARMED = True
     return True
 
 
