@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from bench.core.errors import BenchError
 from bench.metrics.dinov2 import (
@@ -23,7 +22,7 @@ from bench.metrics.dinov2 import (
 )
 from bench.metrics.image import ImageMetrics
 from tests.conftest import run_bench
-from tests.test_fid import ArrayImages, image_config, random_pixels, to_float
+from tests.test_fid import ArrayImages, image_config, image_folder, random_pixels, to_float
 
 pytest.importorskip("timm", reason="fd_dinov2 needs timm (in the test extras)")
 
@@ -141,10 +140,7 @@ def test_missing_dinov2_weights_fail_a_run_before_training(
 
 @pytest.mark.slow  # the same command-line path as test_fid's missing Inception weights
 def test_missing_dinov2_weights_stop_bench_run_in_one_line(tmp_path: Path) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, pixels in enumerate(random_pixels(4, 8, 13)):
-        Image.fromarray(pixels.numpy().transpose(1, 2, 0)).save(images / f"{i}.png")
+    images = image_folder(tmp_path / "images", 4, 13)
     torch_home = tmp_path / "torch_home"
     result = run_bench(["run", "--method", "edm", "--dataset", f"folder:{images}", "--steps", "1",
                         "--set", "eval.image_metrics=[\"fd_dinov2\"]"], tmp_path, timeout=300,

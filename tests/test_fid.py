@@ -152,6 +152,14 @@ def random_pixels(n: int, side: int, seed: int, low: float = 0.0, high: float = 
     return (low + (high - low) * smooth).round().clamp(0, 255).to(torch.uint8)
 
 
+def image_folder(folder: Path, n: int, seed: int) -> Path:
+    """A folder of n random 8x8 RGB PNG images (a folder: dataset)."""
+    folder.mkdir()
+    for i, pixels in enumerate(random_pixels(n, 8, seed)):
+        Image.fromarray(pixels.numpy().transpose(1, 2, 0)).save(folder / f"{i}.png")
+    return folder
+
+
 def he_random_state(shell: nn.Module, seed: int) -> dict[str, Tensor]:
     """Random weights N(0, 2 / fan_in) and identity batch norms for a module's state dict."""
     g = torch.Generator().manual_seed(seed)
@@ -563,10 +571,7 @@ def test_missing_clean_fid_weights_name_the_file(tmp_path, monkeypatch, mode, fi
 
 
 def test_missing_weights_fail_the_run_before_training(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, pixels in enumerate(random_pixels(4, 8, 13)):
-        Image.fromarray(pixels.numpy().transpose(1, 2, 0)).save(images / f"{i}.png")
+    images = image_folder(tmp_path / "images", 4, 13)
     torch_home = tmp_path / "torch_home"
     env = {"TORCH_HOME": str(torch_home)}
     result = run_bench(["run", "--method", "edm", "--dataset", f"folder:{images}",
@@ -603,10 +608,7 @@ def test_train_with_evaluation_off_then_evaluate_where_the_weights_are(tmp_path)
     """A machine without the Inception weights trains with --no-eval (no weights needed, the
     run tagged evaluation = off and left out of reports); `bench eval` later, where the weights
     are, scores it into the same run with the protocol and the tags of the evaluation."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, pixels in enumerate(random_pixels(6, 8, 21)):
-        Image.fromarray(pixels.numpy().transpose(1, 2, 0)).save(images / f"{i}.png")
+    images = image_folder(tmp_path / "images", 6, 21)
     torch_home = tmp_path / "torch_home"
     env = {"TORCH_HOME": str(torch_home)}
     tiny = ["--set", "net.model_channels=8", "--set", "net.channel_mult=[1]", "--set",

@@ -33,7 +33,7 @@ def _make(samples: int, seeds: list[int], noise: str, reference: str, features: 
             "reference": reference, "features": features, "tool": tool, "mode": mode}
 
 
-def _image_parts(values: Mapping[str, str], samples: int) -> tuple[str, str, str, str]:
+def _image_parts(values: Mapping[str, str]) -> tuple[str, str, str, str]:
     """(reference, features, tool, mode) of an image evaluation, from the metric suite's notes
     (which are also the run's tags)."""
     parts = []
@@ -72,7 +72,7 @@ def evaluation_protocol(dataset: Dataset, cfg: RunConfig, suite: MetricSuite) ->
         return _make(n, seeds, noise, _points_reference(n, cfg.eval.reference_seed),
                      "data space", "bench", "exact")
     if "reference_split" in suite.notes:
-        return _make(n, seeds, noise, *_image_parts(suite.notes, n))
+        return _make(n, seeds, noise, *_image_parts(suite.notes))
     return _make(n, seeds, noise, _digits_reference(n), DIGITS_FEATURES, "bench",
                  "classifier-features")
 
@@ -101,7 +101,7 @@ def logged_protocol(tags: Mapping[str, str], params: Mapping[str, str], nfe: int
     if digits:
         return _make(n, seeds, noise, _digits_reference(n), DIGITS_FEATURES, "bench",
                      "classifier-features")
-    return _make(n, seeds, noise, *_image_parts(tags, n))
+    return _make(n, seeds, noise, *_image_parts(tags))
 
 
 def comparable(protocol: Mapping[str, Any]) -> str:
