@@ -301,7 +301,8 @@ def build_table(selection: Selection, dataset: str) -> Table:
         row.values[f"{PAPER_PREFIX}fid"] = number.value
         row.text[f"{PAPER_PREFIX}fid"] = number.fid
     ordered = sorted(rows.values(), key=lambda r: (*group_of(r.method)[::2], r.method, r.nfe))
-    notes = _notes(dataset, primary, selection.select, bool(paper))
+    notes = _notes(dataset, primary, selection.select, bool(paper),
+                   any(len(r.runs) > 1 for r in ordered))
     notes += _uncertainty_notes(ordered)
     if len(protocols) == 1:
         notes.append(f"Protocol of our numbers: {protocols[0]}.")
@@ -331,13 +332,17 @@ def _uncertainty_notes(rows: list[Row]) -> list[str]:
     return notes
 
 
-def _notes(dataset: str, primary: str, select: str, with_paper: bool) -> list[str]:
+def _notes(dataset: str, primary: str, select: str, with_paper: bool,
+           seed_groups: bool = False) -> list[str]:
     rule = {"latest": "the newest finished run that is not a sweep trial, if there is one",
             "best": f"the finished run with the best {primary} at the smallest NFE all "
                     "candidates were evaluated at"}.get(select, select)
+    # `bench suite --seeds`: a method's rows are over the runs of its group of training seeds
+    unit = ("One run, or one group of runs trained under several seeds (`bench suite "
+            "--seeds`), per method" if seed_groups else "One run per method")
     notes = [
-        f"One run per method ({rule}; a re-evaluated NFE counts with its newest value); "
-        "its rows are the NFEs it was evaluated at, NFE as measured (network calls per sample).",
+        f"{unit} ({rule}; a re-evaluated NFE counts with its newest value); its rows are the "
+        "NFEs it was evaluated at, NFE as measured (network calls per sample).",
         "Bold: the best displayed value of each column (↓ lower is better, ↑ higher is better), "
         "only where its mean ± std interval lies apart from every other row's; no mark where "
         "the difference is within the uncertainty.",
@@ -470,16 +475,40 @@ def to_html(table: Table) -> str:
     return "\n".join(out) + "\n"
 
 
-def to_rich(table: Table) -> Any:
-    """A rich Table for the terminal (run ids are in the files and the suite's summary)."""
+def to_rich(table: Table, console: Any = None) -> Any:
+    """A rich Table for the terminal (run ids are in the files and the suite's summary). On a
+    `console` too narrow for it, a `mean ± std` cell puts the ± on a second line rather than
+    letting the terminal break the number anywhere."""
+    from rich.measure import Measurement
+
+    one_line = _rich(table, stacked=False)
+    if console is None:
+        return one_line
+    unbounded = console.options.update(width=10**6)  # console.measure stops at the width
+    if Measurement.get(console, unbounded, one_line).maximum <= console.width:
+        return one_line
+    return _rich(table, stacked=True)
+
+
+def _stack(text: str) -> str:
+    """A cell on two lines: the mean over '±std', or a value over its '[lo, hi]' interval."""
+    return text.replace(" ± ", "\n±").replace(" [", "\n[")
+
+
+def _rich(table: Table, stacked: bool) -> Any:
     from rich.markup import escape
     from rich.table import Table as RichTable
 
-    out = RichTable(title=table_title(table))
-    out.add_column("Method", no_wrap=True)
+    # stacked (a narrow terminal): no outer border, which gives the numbers 4 more columns
+    out = RichTable(title=table_title(table), show_edge=not stacked, pad_edge=not stacked)
+    out.add_column("Method", no_wrap=not stacked)
     out.add_column("NFE", justify="right")
     for c in table.columns:
-        out.add_column(c.header, justify="right")
+        # stacked, a number is never broken: the column is as wide as its widest line
+        widest = max((len(line) for i in range(len(table.rows))
+                      for line in _stack(table.cell(i, c.key)).splitlines()),
+                     default=1) if stacked else None
+        out.add_column(c.header, justify="right", min_width=widest)
     out.add_column("Teacher")
     for g, (group, members) in enumerate(table.groups()):
         if g:
@@ -489,6 +518,8 @@ def to_rich(table: Table) -> Any:
             cells = []
             for c in table.columns:
                 text = escape(table.cell(i, c.key))
+                if stacked:
+                    text = _stack(text)
                 cells.append(f"[bold]{text}[/bold]" if (i, c.key) in table.bold else text)
             out.add_row(escape(row.label), str(row.nfe), *cells, escape(row.teacher))
     return out

@@ -105,6 +105,31 @@ def test_bold_only_beyond_the_uncertainty() -> None:
     assert [protocol_letter(i) for i in (0, 1, 25, 26, 27)] == ["A", "B", "Z", "AA", "AB"]
 
 
+def test_a_narrow_terminal_puts_the_std_on_a_second_line() -> None:
+    from rich.console import Console
+
+    from reports.tables import Table, to_rich
+
+    keys = ["w2", "fd", "swd", "nll", "mode_recall"]
+    cells = rows((0.057, 0.00079), (0.155, 0.017), (0.103, 0.003))
+    for r in cells:
+        r.values = {k: r.values["w2"] for k in keys}
+        r.text = {k: r.text["w2"] for k in keys}
+        r.std = {k: r.std["w2"] for k in keys}
+    table = Table("gmm8", "w2", "latest", [column(k) for k in keys], cells, set(), [])
+    for width, stacked in ((200, False), (80, True)):
+        console = Console(width=width, record=True, color_system=None)
+        console.print(to_rich(table, console))
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= width
+        # one line: "0.057 ± 0.00079" whole; stacked: the mean over "±0.00079", never a
+        # number cut
+        assert ("0.057 ± 0.00079" in text) != stacked
+        if stacked:
+            assert all(text.count(part) == len(keys)
+                       for part in ("0.057", "±0.00079", "0.155", "±0.017"))
+
+
 def test_two_protocols_are_never_in_one_column(tmp_path: Path,
                                                template_db: Path) -> None:  # noqa: F811
     tracker = tracker_for(tmp_path, template_db)
@@ -151,6 +176,7 @@ def test_suite_seeds_and_eval_seeds_from_the_command_line(bench, tmp_path: Path)
     row = next(r for r in table.rows if r.method == "ddim")
     assert sorted(row.runs) == sorted(r.run_id for r in runs) and row.count["w2"] == 2
     assert any("2 training seeds (runs)" in n for n in table.notes)
+    assert table.notes[0].startswith("One run, or one group of runs trained under several")
 
     again = bench("eval", "--run", runs[0].run_id, "--nfe", "1", "--seeds", "3")
     assert again.returncode == 0, again.stderr
@@ -223,3 +249,65 @@ def test_a_bootstrap_interval_where_seeds_are_not_repeated(
         cfg = resolve(bench_files=[], flags={"method": "edm", "dataset": "digits"},
                       sets=["eval.bootstrap=4"]).config
         prepare_metrics(get_dataset("digits"), cfg, tmp_path / "cache")
+
+
+def test_nll_is_also_logged_above_its_lower_bound_for_a_log_axis(
+        tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """nll can be negative, which MLflow's log-scale axis cannot draw: nll_gap = nll + log
+    max p is never negative and keeps the curve's shape (EDM-Heun at NFE 3 has nll ~ 5e5)."""
+    import math
+
+    import torch
+
+    from bench.data.datasets import gmm8, gmm25
+
+    for data in (gmm8(), gmm25()):
+        top = data.max_log_prob()
+        # well-separated equal components: the maximum sits at a mean, w / (2 pi std^2)
+        assert top == pytest.approx(-math.log(len(data.means) * 2 * math.pi * data.std**2),
+                                    abs=1e-9)
+        points = data.sample(20000, torch.Generator().manual_seed(0)).double()
+        near = data.means + 1e-3 * torch.randn(data.means.shape, dtype=torch.float64)
+        assert float(data.log_prob(torch.cat([points, near])).max()) <= top
+    monkeypatch.chdir(tmp_path)
+    tracker = tracker_for(tmp_path, template_db)
+    run = ddim_run(tracker)
+    nll, gap = newest(tracker, run.run_id, "nll"), newest(tracker, run.run_id, "nll_gap")
+    assert set(gap) == {1, 2} and min(gap.values()) > 0
+    for nfe, value in nll.items():
+        assert gap[nfe] == pytest.approx(value + gmm8().max_log_prob(), rel=1e-12)
+    table = build_table(select_runs(tracker, ["gmm8"], "latest"), "gmm8")
+    assert "nll" in {c.key for c in table.columns}
+    assert all("nll_gap" not in c.key for c in table.columns)  # a chart helper, not a column
+
+
+def test_a_long_evaluation_reports_its_progress(tmp_path: Path) -> None:
+    """A line per report interval while one NFE's samples are made (none at the end: the
+    result line says it), with counts over every seed set."""
+    import torch
+
+    from bench.data.datasets import get_dataset
+    from bench.diffusion.denoiser import AnalyticDenoiser
+    from bench.engine.evaluation import SampleProgress, evaluate, prepare_metrics
+    from methods import MethodContext, get_method
+
+    dataset = get_dataset("gmm8")
+    cfg = resolve(bench_files=[], flags={"method": "ddim", "dataset": "gmm8"},
+                  sets=["eval.metrics=['w2']", "eval.num_samples=300", "eval.batch_size=100",
+                        "eval.seeds=2"]).config
+    ctx = MethodContext(config=cfg, dataset=dataset, device=torch.device("cpu"),
+                        sigma_data=dataset.sigma_data,
+                        teacher=AnalyticDenoiser(dataset.denoise), teacher_source="analytic",
+                        new_net=lambda: torch.nn.Identity())
+    lines: list[str] = []
+    evaluate(get_method("ddim")(ctx), None, dataset, cfg, [2],
+             prepare_metrics(dataset, cfg, tmp_path), torch.device("cpu"),
+             report=lines.append, report_every=0.0)
+    # 2 seed sets x 3 batches of 100: a line after each batch but the last
+    assert [line.split(" samples")[0] for line in lines] == [
+        f"NFE 2: {done} / 600" for done in range(100, 600, 100)]
+    assert all(line.endswith(" s left") and "%), about " in line for line in lines)
+    quiet: list[str] = []
+    progress = SampleProgress(quiet.append, 1, 50_000, every=3600.0)
+    progress.add(25_000)
+    assert quiet == []  # nothing before the interval has passed

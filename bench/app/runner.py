@@ -86,7 +86,7 @@ from bench.engine.training import (
     new_loop_state,
     train_loop,
 )
-from bench.metrics.base import MetricSuite
+from bench.metrics.base import GAP, MetricSuite
 from methods import Method, MethodContext, get_method
 
 Reporter = Callable[[str], None]
@@ -417,7 +417,7 @@ def execute(
     def intermediate_eval(s: LoopState) -> None:
         with torch.random.fork_rng(devices=[]):  # training's global RNG stream stays untouched
             results = evaluate(p.method, s.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
-                               p.device, shard=p.shard)
+                               p.device, shard=p.shard, report=report)
         for r in results:
             tracker.log_metrics(run_id, by_iteration(r.metrics, r.nfe), s.step)
         assert files is not None
@@ -446,11 +446,11 @@ def execute(
             final_step = state.step
 
             def evaluated(r: EvalResult) -> None:
-                log_result(tracker, run_id, r, protocol, final_step)
+                log_result(tracker, run_id, r, protocol, final_step, p.suite.floors)
                 report(result_text(r, p.dataset.primary_metric))
 
             results = evaluate(p.method, state.ema, p.dataset, cfg, cfg.eval.nfe, p.suite,
-                               p.device, on_result=evaluated, shard=p.shard)
+                               p.device, on_result=evaluated, shard=p.shard, report=report)
             files.best.consider(state, results)
             log_eval_artifacts(tracker, run_id, p, results)
     except StopRun as exc:
@@ -564,13 +564,19 @@ def result_text(r: EvalResult, primary: str) -> str:
 
 
 def log_result(tracker: Tracker, run_id: str, r: EvalResult,
-               protocol: dict[str, Any] | None = None, iteration: int | None = None) -> None:
+               protocol: dict[str, Any] | None = None, iteration: int | None = None,
+               floors: Mapping[str, float] | None = None) -> None:
     """Evaluation metrics against the measured NFE as the step (each metric's mean over the
     seed sets, and with several sets their spread), the sampler's levels and the protocol.
     With `iteration`, also `by_iteration/<metric>_nfe<N>` at that iteration, as intermediate
     evaluations log them: the runs table then has a column per NFE (its last value: this one)
-    instead of a single `w2` that is whichever NFE came last."""
+    instead of a single `w2` that is whichever NFE came last. A metric with a lower bound in
+    `floors` (the suite's) is also logged as `<metric>_gap` (value - bound, never negative),
+    which a log-scale chart axis can draw where the metric itself can be negative (nll)."""
     metrics = {**r.metrics, **r.spread()}
+    for name, floor in (floors or {}).items():
+        if name in r.metrics:
+            metrics[f"{name}{GAP}"] = max(r.metrics[name] - floor, 0.0)
     metrics["seconds_per_sample"] = r.seconds_per_sample
     metrics["nfe_measured"] = r.nfe_measured
     tracker.log_metrics(run_id, metrics, r.nfe_measured)
@@ -816,11 +822,11 @@ def evaluate_run(tracker: Tracker, run_id: str, nfe: list[int] | None, report: R
         announce_evaluation(p.config, report)
 
         def evaluated(r: EvalResult) -> None:
-            log_result(tracker, run_id, r, protocol, state.step)
+            log_result(tracker, run_id, r, protocol, state.step, p.suite.floors)
             report(result_text(r, p.dataset.primary_metric))
 
         results = evaluate(p.method, state.ema, p.dataset, p.config, p.config.eval.nfe,
-                           p.suite, p.device, on_result=evaluated)
+                           p.suite, p.device, on_result=evaluated, report=report)
         log_eval_artifacts(tracker, run_id, p, results)
     return RunOutcome(run_id, p.config.method, p.dataset.name, results,
                       p.dataset.primary_metric, time.perf_counter() - t0)

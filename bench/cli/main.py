@@ -753,7 +753,7 @@ def report(
                           out or tracker.runs_dir / "reports")
     console = _console()
     for table in output.tables:
-        console.print(to_rich(table))
+        console.print(to_rich(table, console))
     console.print(f"wrote {len(output.files)} files to {output.out_dir}")
     if (output.out_dir / "report.html").is_file():
         console.print(f"report: {output.out_dir / 'report.html'}")
@@ -810,7 +810,7 @@ def suite(
     console = _console()
     if outcome.report is not None:
         for table in outcome.report.tables:
-            console.print(to_rich(table))
+            console.print(to_rich(table, console))
         page = outcome.report.out_dir / "report.html"
         console.print(f"report: {page if page.is_file() else outcome.report.out_dir}  "
                       f"(run id: {outcome.report.run_id})")

@@ -37,6 +37,7 @@ SEED_STRIDE = 1000  # evaluation seed set k samples with eval.seed + SEED_STRIDE
 SEEDS_STD = "_seeds_std"  # suffix of a metric's standard deviation over the seed sets
 SEEDS_BEST = "_seeds_best"  # suffix of its best value over the seed sets
 PREVIEW_IMAGES = 64  # images kept for the sample grid
+PROGRESS_SECONDS = 30.0  # a long evaluation says how far it is this often
 
 LOWER_IS_BETTER = {"w2": True, "fd": True, "swd": True, "nll": True, "mode_recall": False,
                    "hq_fraction": False, "fcd": True, "fid": True, "is": False, "kid": True,
@@ -105,7 +106,8 @@ def prepare_metrics(dataset: Dataset, cfg: RunConfig, cache_dir: Path) -> Metric
                 bootstrap=cfg.eval.bootstrap,
             )]
 
-        return MetricSuite(names, new_points)
+        floors = {"nll": -gmm.max_log_prob()} if gmm is not None and "nll" in names else {}
+        return MetricSuite(names, new_points, floors=floors)
     if isinstance(dataset, Digits):
         classifier, accuracy = load_or_train_digits_classifier(
             cache_dir, dataset.train(), dataset.train_labels(), dataset.test(),
@@ -270,6 +272,38 @@ def sampling_model(model: nn.Module, cfg: RunConfig, device: torch.device,
     return cache[id(model)]
 
 
+class SampleProgress:
+    """Lines on the samples one NFE's evaluation has made ("NFE 2: 12,800 / 150,000 samples
+    (8%), about 9 min left"), at most one per `every` seconds and none for an evaluation
+    shorter than that: a 50k-sample FID says how far it is, a 2-D one stays quiet."""
+
+    def __init__(self, report: Callable[[str], None] | None, nfe: int, total: int,
+                 every: float = PROGRESS_SECONDS) -> None:
+        self.report, self.nfe, self.total, self.every = report, nfe, total, every
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def add(self, count: int) -> None:
+        """Count `count` more samples; report when `every` seconds passed since the last line."""
+        self.done += count
+        now = time.perf_counter()
+        if self.report is None or self.done >= self.total or now - self.last < self.every:
+            return
+        self.last = now
+        left = (self.total - self.done) * (now - self.start) / self.done
+        self.report(f"NFE {self.nfe}: {self.done:,} / {self.total:,} samples "
+                    f"({100 * self.done // self.total}%), about {_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    """'40 s', '12 min', '2.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def evaluate(
     method: Method,
     ema: nn.Module | None,
@@ -280,10 +314,13 @@ def evaluate(
     device: torch.device,
     on_result: Callable[[EvalResult], None] | None = None,
     shard: Shard = Shard(),
+    report: Callable[[str], None] | None = None,
+    report_every: float = PROGRESS_SECONDS,
 ) -> list[EvalResult]:
     """Evaluate the method's model (built from the EMA) at every NFE; on_result per NFE.
     Under several processes every rank generates its share and rank 0 alone scores (the
-    others return no results)."""
+    others return no results). `report` gets a progress line every `report_every` seconds
+    of a long NFE (SampleProgress)."""
     results = []
     conditional = cfg.net.class_conditional and dataset.num_classes > 0
     keep = PREVIEW_POINTS if dataset.kind == "points" else PREVIEW_IMAGES
@@ -295,13 +332,17 @@ def evaluate(
         preview: list[torch.Tensor] = []
         per_seed: list[dict[str, float]] = []
         measured, seconds = 0, 0.0
+        made = SampleProgress(report if shard.is_main else None, nfe,
+                              cfg.eval.num_samples * len(seeds), report_every)
         for k, seed in enumerate(seeds):
             accumulators = suite.new()
 
             def consume(x: torch.Tensor, accumulators: list[MetricAccumulator] = accumulators,
-                        preview: list[torch.Tensor] = preview, first: bool = k == 0) -> None:
+                        preview: list[torch.Tensor] = preview, first: bool = k == 0,
+                        made: SampleProgress = made) -> None:
                 for acc in accumulators:
                     acc.update(x)
+                made.add(x.shape[0])
                 have = sum(p.shape[0] for p in preview)
                 if first and have < keep:
                     preview.append(x[: keep - have].detach().cpu())

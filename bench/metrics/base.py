@@ -225,8 +225,12 @@ class MetricSuite:
     names: list[str]
     new: Callable[[], list[MetricAccumulator]]
     notes: dict[str, str] = field(default_factory=dict)  # e.g. classifier accuracy
+    # a lower bound per metric that can be negative (nll >= -log max p): logged as
+    # <metric>_gap (GAP) = value - bound >= 0 as well, which a log-scale chart axis can draw
+    floors: dict[str, float] = field(default_factory=dict)
 
 
+GAP = "_gap"  # suffix of a metric less its lower bound (MetricSuite.floors)
 BOOTSTRAP_SEED = 0  # the resampling's seed: the same points give the same interval
 BOOT_LOW, BOOT_HIGH = "_boot_low", "_boot_high"  # a metric's 95% bootstrap interval
 
