@@ -245,6 +245,17 @@ def test_hflip_is_on_for_the_image_presets_only(
     assert done.stderr.strip() == "bench: error: data.hflip flips images; gmm8 holds points"
 
 
+def test_meanflow_cifar10_preset_is_the_official_script() -> None:
+    """Gsunshine/py-meanflow scripts/cifar10_v0.sh: 8 x 128, lr 6e-4 after 200 epochs of
+    warm-up, 16,000 epochs, logit-normal (-2, 2) for t and r, 75% r != t, p 0.75."""
+    cfg = preset("meanflow", "cifar10")
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.beta2) == (1024, 6e-4, 0.999)
+    assert (cfg.train.steps, cfg.train.warmup_steps) == (784000, 9800)
+    assert (cfg.net.kind, cfg.net.dropout) == ("ddpmpp", 0.2)
+    c = cfg.meanflow
+    assert (c.p_mean, c.p_std, c.ratio_neq, c.norm_p) == (-2.0, 2.0, 0.75, 0.75)
+
+
 # --- iCT preset ------------------------------------------------------------------------------
 
 def test_ict_cifar10_preset_is_the_papers() -> None:
