@@ -258,11 +258,9 @@ class GaussianMixture(PointsDataset):
         std, x = sum_k r_k(x) m_k holds exactly where the gradient vanishes, and the iteration
         never lowers the density). So -max_log_prob() bounds the nll of any sample set below."""
         x = self.means.clone()
+        variance = torch.tensor(self.std**2, dtype=x.dtype)
         for _ in range(iterations):
-            responsibility = torch.softmax(self._component_logits(x, torch.tensor(self.std**2,
-                                                                                  dtype=x.dtype)),
-                                           dim=1)
-            x = responsibility @ self.means
+            x = torch.softmax(self._component_logits(x, variance), dim=1) @ self.means
         return float(torch.maximum(self.log_prob(x), self.log_prob(self.means)).max())
 
     def denoise(self, x: Tensor, sigma: Tensor | float) -> Tensor:
