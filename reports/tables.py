@@ -301,9 +301,9 @@ def build_table(selection: Selection, dataset: str) -> Table:
         row.values[f"{PAPER_PREFIX}fid"] = number.value
         row.text[f"{PAPER_PREFIX}fid"] = number.fid
     ordered = sorted(rows.values(), key=lambda r: (*group_of(r.method)[::2], r.method, r.nfe))
-    notes = _notes(dataset, primary, selection.select, bool(paper),
-                   any(len(r.runs) > 1 for r in ordered))
-    notes += _uncertainty_notes(ordered)
+    seed_groups = any(len(r.runs) > 1 for r in ordered)  # rows over several training runs
+    notes = _notes(dataset, primary, selection.select, bool(paper), seed_groups)
+    notes += _uncertainty_notes(ordered, seed_groups)
     if len(protocols) == 1:
         notes.append(f"Protocol of our numbers: {protocols[0]}.")
     for protocol, mark in letter.items():
@@ -313,9 +313,8 @@ def build_table(selection: Selection, dataset: str) -> Table:
                  notes)
 
 
-def _uncertainty_notes(rows: list[Row]) -> list[str]:
+def _uncertainty_notes(rows: list[Row], several_runs: bool) -> list[str]:
     """What ± means in this table, and how the bold marks treat it."""
-    several_runs = any(len(r.runs) > 1 for r in rows)
     counts = sorted({n for r in rows for k, n in r.count.items() if k in r.std})
     notes = []
     if any(r.interval for r in rows):
@@ -333,7 +332,7 @@ def _uncertainty_notes(rows: list[Row]) -> list[str]:
 
 
 def _notes(dataset: str, primary: str, select: str, with_paper: bool,
-           seed_groups: bool = False) -> list[str]:
+           seed_groups: bool) -> list[str]:
     rule = {"latest": "the newest finished run that is not a sweep trial, if there is one",
             "best": f"the finished run with the best {primary} at the smallest NFE all "
                     "candidates were evaluated at"}.get(select, select)
