@@ -412,7 +412,8 @@ def ddp_check(device: torch.device) -> Check:
 def _ddp_rank(rank: int, world: int, backend: str, folder: str) -> dict[str, float]:
     """One rank of ddp_check (a child process): its gradient sums, averaged and its own."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+
+    from bench.engine.distributed import leave_process_group
 
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
@@ -425,14 +426,22 @@ def _ddp_rank(rank: int, world: int, backend: str, folder: str) -> dict[str, flo
                                   torch.nn.Linear(64, 8)).to(device)
         x = torch.randn(16, 32, generator=torch.Generator().manual_seed(rank + 1)).to(device)
         own = torch.autograd.grad(net(x).square().mean(), list(net.parameters()))
-        ddp = DistributedDataParallel(net, device_ids=[rank] if device.type == "cuda" else None)
-        ddp(x).square().mean().backward()
+        _ddp_backward(net, x, [rank] if device.type == "cuda" else None)
         grad_sum = sum(float(p.grad.double().sum()) for p in net.parameters()
                        if p.grad is not None)
         own_sum = sum(float(g.double().sum()) for g in own)
     finally:
-        dist.destroy_process_group()
+        leave_process_group()  # frees the wrapper _ddp_backward made, then the group
     return {"grad_sum": grad_sum, "own_grad_sum": own_sum}
+
+
+def _ddp_backward(net: torch.nn.Module, x: torch.Tensor, device_ids: list[int] | None) -> None:
+    """One backward pass of net wrapped in DistributedDataParallel (the wrapper is left
+    unreferenced on return)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(net, device_ids=device_ids)  # alive until backward ends
+    ddp(x).square().mean().backward()
 
 
 # --- weights ------------------------------------------------------------------------------------
