@@ -116,7 +116,14 @@ class Method(ABC):
         self.ctx = ctx
         self.config = ctx.config
         self.shard = ctx.shard  # random draws for a batch: this rank's rows of the global draw
-        self.parallel: nn.Module | None = None  # the student inside DDP, when several processes
+        # parallel_module() inside DistributedDataParallel, when several processes train
+        self.parallel: nn.Module | None = None
+
+    def parallel_module(self) -> nn.Module | None:
+        """The module DistributedDataParallel wraps when several processes train: the student,
+        whose forward is train_forward. A method whose loss calls the student's raw network
+        (MeanFlow, sCT, sCD) returns that network and calls `self.parallel` in its place."""
+        return self.student
 
     @property
     def train_forward(self) -> nn.Module:
@@ -125,6 +132,10 @@ class Method(ABC):
         module = self.parallel if self.parallel is not None else self.student
         if module is None:
             raise RuntimeError(f"{self.name} does not train")
+        if self.parallel is not None and getattr(module, "module", None) is not self.student:
+            raise RuntimeError(f"{self.name}'s DistributedDataParallel wraps "
+                               f"{type(self.parallel_module()).__name__}, not the student: "
+                               f"call self.parallel")
         return module
 
     # --- training -----------------------------------------------------------------------------

@@ -124,14 +124,15 @@ class MeanFlow(Method):
 
     def average_velocity(self, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
                          labels: torch.Tensor | None) -> torch.Tensor:
-        """u(z, r, t) with gradient, through DDP when several processes train: the flow map's
-        output z_r = z - (t - r) u read back as u."""
-        if self.parallel is None:
-            return self._student.net(z, torch.stack([t, t - r], dim=1), labels)
-        gap = append_dims(t - r, z.ndim)
-        mapped = self.parallel(z, torch.stack([t, r], dim=1), labels)
-        return torch.where(gap > 0, (z - mapped) / gap.clamp_min(1e-12),
-                           self._student.net(z, torch.stack([t, t - r], dim=1), labels))
+        """u(z, r, t) with gradient: the raw network at (t, t - r), through DDP when several
+        processes train (it wraps the raw network, see parallel_module)."""
+        net = self.parallel if self.parallel is not None else self._student.net
+        return net(z, torch.stack([t, t - r], dim=1), labels)
+
+    def parallel_module(self) -> nn.Module:
+        """The raw network: the loss reads u itself, which the flow map z - (t - r) u hides
+        where r = t."""
+        return self._student.net
 
     # --- sampling -------------------------------------------------------------------------------
 

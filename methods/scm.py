@@ -192,10 +192,14 @@ class SCT(ConsistencyModel):
 
     def train_forward_net(self, x_in: torch.Tensor, t: torch.Tensor,
                           labels: torch.Tensor | None) -> torch.Tensor:
-        """F(x_t / sigma_d, t) with gradient, through DDP when several processes train."""
-        if self.parallel is not None:
-            return raw_net_through(self.parallel, x_in, t, labels)
-        return self._student.net(x_in, t, labels)
+        """F(x_t / sigma_d, t) with gradient, through DDP when several processes train (it wraps
+        the raw network, see parallel_module)."""
+        net = self.parallel if self.parallel is not None else self._student.net
+        return net(x_in, t, labels)
+
+    def parallel_module(self) -> nn.Module:
+        """The raw network F: the loss takes F itself, not f = cos(t) x_t - sin(t) sigma_d F."""
+        return self._student.net
 
     # --- sampling -------------------------------------------------------------------------------
 
@@ -238,20 +242,6 @@ class SCT(ConsistencyModel):
                                       list[str]]:
         """The teacher's no-grad forwards (none for sCT)."""
         return [], []
-
-
-def raw_net_through(parallel: nn.Module, x_in: torch.Tensor, t: torch.Tensor,
-                    labels: torch.Tensor | None) -> torch.Tensor:
-    """F(x_in, t) of the TrigFlow Denoiser inside a DDP wrapper, through the wrapper so that
-    its gradient hooks see the call: at sigma = sigma_d tan t and x = sigma_d x_in / cos t the
-    Denoiser's c_in x and c_noise are (x_in, t), and F comes back from f = cos^2(t) x -
-    sigma_d sin(t) F."""
-    module: Any = getattr(parallel, "module", parallel)
-    sd = float(module.sigma_data)
-    cos, sin = append_dims(t.cos(), x_in.ndim), append_dims(t.sin(), x_in.ndim)
-    x = x_in * sd / cos
-    f = parallel(x, sd * t.tan(), labels)
-    return (cos.square() * x - f) / (sd * sin)
 
 
 class SCD(SCT):

@@ -257,6 +257,35 @@ def test_ect_starts_from_the_teachers_weights_and_refuses_an_analytic_teacher() 
         build("ect", [], AnalyticDenoiser(get_dataset("gmm8").denoise))  # type: ignore[attr-defined]
 
 
+def test_ddp_wraps_the_module_each_loss_calls() -> None:
+    """Under several processes DDP wraps parallel_module(): the student where the loss calls
+    it, the raw network for sCT, sCD and MeanFlow, whose losses read the network's output (F,
+    u) itself. The loss then goes through the wrapper (a DataParallel here: on the CPU it
+    calls its module), and asking for the student's forward past a raw-network wrapper, which
+    would train without averaged gradients, is refused."""
+    for name in ("ect", "ict", "sct", "scd", "meanflow"):
+        method = build(name)
+        raw = name in ("sct", "scd", "meanflow")
+        assert method.parallel_module() is (method.student.net if raw else method.student)
+    torch.manual_seed(0)
+    x = torch.randn(8, 2)
+    t, r = torch.rand(8) * 0.5 + 0.5, torch.rand(8) * 0.5
+    r[:3] = t[:3]  # r = t: the flow map's output does not show u there
+    meanflow = build("meanflow")
+    alone = meanflow.average_velocity(x, t, r, None)
+    meanflow.parallel = nn.DataParallel(meanflow.parallel_module())
+    assert torch.equal(meanflow.average_velocity(x, t, r, None), alone)
+    with pytest.raises(RuntimeError, match="call self.parallel"):
+        meanflow.train_forward  # noqa: B018
+    sct = build("sct")
+    alone = sct.train_forward_net(x, t, None)
+    sct.parallel = nn.DataParallel(sct.parallel_module())
+    assert torch.equal(sct.train_forward_net(x, t, None), alone)
+    ect = build("ect")
+    ect.parallel = nn.DataParallel(ect.parallel_module())
+    assert ect.train_forward is ect.parallel
+
+
 def test_meanflow_target_matches_a_finite_difference_of_u_along_the_path() -> None:
     method = build("meanflow")
     net = method.student.net.double()

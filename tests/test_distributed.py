@@ -96,7 +96,7 @@ def test_two_gloo_processes_end_with_the_weights_of_one(workdir: Callable[[str],
 @pytest.mark.parametrize("name", ["sct", "meanflow"])
 def test_continuous_time_methods_under_two_processes_end_with_the_weights_of_one(
         workdir: Callable[[str], Path], name: str) -> None:
-    # sCT and MeanFlow reach the raw network through the DDP-wrapped student
+    # sCT and MeanFlow call their raw network: DDP wraps it in place of the student
     args = [RUN[0], "--method", name, *RUN[3:]]
     one, two = workdir("one"), workdir("two")
     assert run_in(one, [], args).returncode == 0

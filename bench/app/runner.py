@@ -188,7 +188,7 @@ def accelerate(p: Prepared) -> None:
     if train.compile:
         student.compile()
     if p.shard.distributed:
-        p.method.parallel = wrap(student, p.device)
+        p.method.parallel = wrap(p.method.parallel_module() or student, p.device)
 
 
 def batch_stream(p: Prepared) -> BatchStream:

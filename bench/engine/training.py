@@ -320,10 +320,11 @@ def _iterate(
     optimizer = state.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # a method's own parameters (Method.parameters() beyond the student): DDP averages only
-    # the student's gradients, so with several processes the loop averages these itself
-    in_student = {id(p) for p in student.parameters()}
+    # the gradients of what it wraps (the student, or its raw network), so with several
+    # processes the loop averages the others itself
+    in_parallel = {id(p) for p in (method.parallel_module() or student).parameters()}
     reduce = hooks.reduce
-    own = [p for p in params if id(p) not in in_student] if reduce is not None else []
+    own = [p for p in params if id(p) not in in_parallel] if reduce is not None else []
     if state.ema is not None and state.ema_average is None:
         state.ema_average = ParamAverage(state.ema, student)
     ema = state.ema_average
