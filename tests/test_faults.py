@@ -217,7 +217,7 @@ def test_nonfinite_loss_stops_with_the_iteration_or_is_skipped(workdir) -> None:
     result = run_bench(args, cwd)
     last_good = k // 4 * 4
     assert_ends_in_error(result, 1, f"non-finite loss (nan) at iteration {k}",
-                          "last good checkpoint:", f"iteration {last_good})",
+                          "last good checkpoint:", f"iteration {last_good}; resume with",
                           'train.nonfinite = "skip"')
     client = client_for(cwd)
     (failed,) = client.search_runs([client.get_experiment_by_name(f"points:{data}")
@@ -236,7 +236,7 @@ def test_nonfinite_loss_stops_with_the_iteration_or_is_skipped(workdir) -> None:
     skipped_id = run_id_of(result.stdout)
     assert client.get_run(skipped_id).info.status == "FINISHED"
     expected = sum(row in stream.indices(step).tolist() for step in range(40))
-    assert history(client, skipped_id, "skipped_iterations") == {40: float(expected)}
+    assert history(client, skipped_id, "train/skipped_iterations") == {40: float(expected)}
 
     # the failed run's checkpoint replaced by one of another architecture, then a truncated
     # one: --resume fails in one line each
