@@ -108,7 +108,9 @@ class ConsistencyModel(Method):
         if self.separate_target:
             self.target = copy.deepcopy(self._student).requires_grad_(False)
             self._target_average = ParamAverage(self.target, self._student)
-        self._sample_sigmas: dict[int, torch.Tensor] = {}  # per NFE, made once
+        # per NFE, made once: the levels as float32 (the precision sampling has always used),
+        # held as Python floats so that no call reads them back from a tensor
+        self._sample_sigmas: dict[int, list[float]] = {}
 
     def initial_student(self) -> Denoiser:
         """A fresh network under the method's parameterisation (CT); CD overrides this to start
@@ -172,9 +174,9 @@ class ConsistencyModel(Method):
                ) -> torch.Tensor:
         """Multistep consistency sampling (Song et al. 2023, Algorithm 1)."""
         if nfe not in self._sample_sigmas:
-            self._sample_sigmas[nfe] = torch.tensor(self.sample_sigmas(nfe))
+            self._sample_sigmas[nfe] = torch.tensor(self.sample_sigmas(nfe)).tolist()
         sigmas = self._sample_sigmas[nfe]
-        return sample_consistency(model, noise * float(sigmas[0]), sigmas, rng, self.sigma_min,
+        return sample_consistency(model, noise * sigmas[0], sigmas, rng, self.sigma_min,
                                   self.ctx.dataset.clamp)
 
 

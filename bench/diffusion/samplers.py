@@ -6,7 +6,7 @@ function f(x, sigma)); the schedule is an argument, so any sampler runs on any s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -69,7 +69,7 @@ def euler_step(model: Model, x: torch.Tensor, sigma: torch.Tensor, sigma_next: t
 def sample_consistency(
     model: Model,
     x: torch.Tensor,
-    sigmas: torch.Tensor,
+    sigmas: torch.Tensor | Sequence[float],
     rng: StackedGenerator,
     sigma_min: float,
     clamp: tuple[float, float] | None = None,

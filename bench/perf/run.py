@@ -25,11 +25,12 @@ Every figure is a ratio bench / bare (lower is better; 1 = no overhead):
   networks were built, so their weights count and their construction does not; on the CPU with
   glibc's mmap threshold fixed at 64 KiB so that freed tensors leave the resident set.
 
-The two sides alternate round by round and the ratio of medians is reported, so a busy machine
-slows both alike. A round times a block of iterations lasting about BLOCK_SECONDS; the logging
-of the training loop happens at train.log_every, so its time on the training path is replaced by
-its share per iteration (the mean time of a log call / train.log_every), to which the store's
-write of the logged values is added at its rate (off the training thread, on the same cores).
+The sides run in turn, once per round in a seeded random order, and the ratio of medians is
+reported, so a busy machine slows both alike and no side always follows the same one. A round
+times a block of iterations lasting about BLOCK_SECONDS; the logging of the training loop
+happens at train.log_every, so its time on the training path is replaced by its share per
+iteration (the mean time of a log call / train.log_every), to which the store's write of the
+logged values is added at its rate (off the training thread, on the same cores).
 
 The 2-D MLP's training and sampling figures are judged against their floor instead of a fixed
 target (passing when bench / floor <= FLOOR_TARGET): on so small a network the per-sample noise
@@ -55,6 +56,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -100,6 +102,10 @@ SAMPLE_TARGET = 1.02
 EVAL_TARGET = 1.05
 MEMORY_TARGET = 1.10
 FLOOR_TARGET = 1.03  # bench / floor, for the rows a case judges by their floor
+# rounds of a row judged by its floor, per round asked for: its verdict rests on a gap of a few
+# percent, and with rounds of 2-5 % spread on a shared machine 20 rounds put bench / floor
+# within about +-1.5 % of itself; 60 within about +-0.8 %
+FLOOR_ROUNDS_FACTOR = 3
 ROUNDS = 20  # timed rounds per side and figure (the medians are over at least this many)
 MIN_SECONDS = 1.0  # per figure, both sides together: small cases get more rounds
 BLOCK_SECONDS = 0.05  # a round repeats the work until it lasts about this long
@@ -252,13 +258,20 @@ def _paired_medians(bench_fn: Callable[[], float], bare_fn: Callable[[], float],
 
 def _alternated_medians(fns: Sequence[Callable[[], float]], rounds: int, min_seconds: float,
                         ) -> tuple[list[float], int]:
-    """Call the sides in turn at least `rounds` times and for at least min_seconds; the median
-    seconds per unit of each and the number of rounds."""
+    """Call every side once per round, at least `rounds` rounds and for at least min_seconds;
+    the median seconds per unit of each and the number of rounds. Each round takes the sides
+    in a fresh random order (seeded: the same orders every run), so that no side always runs
+    after the same one: a side pays for what its predecessor left behind (caches, the thread
+    pool, the allocator), and in a fixed order of three that cost fell on one side, moving
+    bench / floor by up to 0.03."""
     times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    shuffle = random.Random(0).shuffle
     start = time.perf_counter()
     while len(times[0]) < rounds or time.perf_counter() - start < min_seconds:
-        for fn, kept in zip(fns, times, strict=True):
-            kept.append(fn())
+        shuffle(order)
+        for k in order:
+            times[k].append(fns[k]())
     return [statistics.median(t) for t in times], len(times[0])
 
 
@@ -408,8 +421,8 @@ def _with_floor(row: Row, floor: bool | None,
     """The row with its floor when _wants_floor: make_floor builds the floor's timed block and
     says what it runs; the floor and the bare side alternate afresh, floor_ratio is the ratio
     of their medians. A row judged by its floor alternates bench (bench_fn: seconds per unit),
-    floor and bare sides in one loop, and vs_floor = bench / floor is the ratio of those
-    medians."""
+    floor and bare sides in one loop, FLOOR_ROUNDS_FACTOR times `rounds` rounds, and vs_floor =
+    bench / floor is the ratio of those medians."""
     row = {**row, "judge": "floor" if by_floor else "target"}
     if not _wants_floor(row, floor, by_floor):
         return {**row, "pass": judged(row)}
@@ -417,12 +430,13 @@ def _with_floor(row: Row, floor: bool | None,
     floor_fn(block)  # warm-up
     sides = [lambda: floor_fn(block) / block, lambda: bare_fn(block) / block]
     if by_floor and bench_fn is not None:
-        (floor_s, bare_s, bench_s), _ = _alternated_medians([*sides, bench_fn], rounds,
-                                                            min_seconds)
+        (floor_s, bare_s, bench_s), done = _alternated_medians(
+            [*sides, bench_fn], rounds * FLOOR_ROUNDS_FACTOR, min_seconds)
     else:
-        (floor_s, bare_s), _ = _alternated_medians(sides, rounds, min_seconds)
+        (floor_s, bare_s), done = _alternated_medians(sides, rounds, min_seconds)
         bench_s = row["ratio"] * bare_s  # bench's seconds at this pairing's bare speed
-    row = {**row, "floor_ratio": floor_s / bare_s, "floor_seconds": floor_s, "floor": what}
+    row = {**row, "floor_ratio": floor_s / bare_s, "floor_seconds": floor_s, "floor": what,
+           "floor_rounds": done}
     if by_floor:
         row.update(vs_floor=bench_s / floor_s, floor_target=FLOOR_TARGET)
     return {**row, "pass": judged(row)}
