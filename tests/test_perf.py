@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -363,3 +364,30 @@ def test_the_epoch_order_is_randperms_held_in_int32() -> None:
         assert got.dtype == torch.int32
         assert torch.equal(got.long(), wanted)
         assert torch.equal(stream.batch(step)[0], data[wanted])
+
+
+def test_sides_take_turns_in_varied_order_once_per_round() -> None:
+    """Every side runs once per round, and no side always runs right after the same one (a
+    fixed order let one side pay for its predecessor's leftovers)."""
+    from bench.perf.run import _alternated_medians
+
+    calls: list[int] = []
+
+    def side(k: int) -> Callable[[], float]:
+        def run() -> float:
+            calls.append(k)
+            return float(k + 1)
+        return run
+
+    medians, rounds = _alternated_medians([side(0), side(1), side(2)], 30, 0.0)
+    assert rounds == 30 and medians == [1.0, 2.0, 3.0]
+    assert len(calls) == 90
+    for r in range(rounds):
+        assert sorted(calls[3 * r:3 * r + 3]) == [0, 1, 2]
+    for k in range(3):
+        before = {calls[i - 1] for i in range(1, len(calls)) if calls[i] == k}
+        assert len(before) > 1, (k, before)
+    first = list(calls)
+    calls.clear()
+    _alternated_medians([side(0), side(1), side(2)], 30, 0.0)
+    assert calls == first  # seeded: the same orders every run
