@@ -225,10 +225,11 @@ def generate(
         model.eval()
     for start in range(first, num_samples, batch_size):
         indices = range(start, min(start + batch_size, num_samples))
-        rng = (SobolGenerator(seed, indices, device) if qmc
-               else StackedGenerator(seed, indices, device))
-        rng.reserve(dataset.shape, method.noise_draws(nfe))
-        noise = rng.randn(dataset.shape)
+        with torch.inference_mode():  # the draws' tensor ops skip autograd, as sampling's do
+            rng = (SobolGenerator(seed, indices, device) if qmc
+                   else StackedGenerator(seed, indices, device))
+            rng.reserve(dataset.shape, method.noise_draws(nfe))
+            noise = rng.randn(dataset.shape)
         labels = (sample_labels(seed, indices, dataset.num_classes).to(device)
                   if conditional else None)
 
