@@ -12,8 +12,10 @@ def main() -> None:
     """Run the worker loop; one-line errors on stderr, exit 1 (130 / 143 when interrupted by
     SIGINT / SIGTERM)."""
     from bench.core.errors import BenchError
+    from bench.core.memory import configure_malloc
     from bench.engine.signals import GUARD
 
+    configure_malloc()  # as the bench command does, before torch starts its threads
     GUARD.install()  # SIGTERM from the sweep (or a scheduler) fails the trial, KILLs its run
     plan = WorkerPlan(**json.loads(sys.stdin.read()))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.core.memory import one_malloc_arena
+from bench.core.memory import fixed_malloc_thresholds, one_malloc_arena
 from bench.perf import scaling
 from tests.conftest import bench_env
 
@@ -23,6 +23,55 @@ def test_one_malloc_arena_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch)
     assert one_malloc_arena() is False
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     assert one_malloc_arena() is True
+
+
+def test_fixed_malloc_thresholds_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt is Linux's")
+    for name, value in (("MALLOC_TRIM_THRESHOLD_", "131072"),
+                        ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")):
+        monkeypatch.setenv(name, value)
+        assert fixed_malloc_thresholds() is False
+        monkeypatch.delenv(name)
+    assert fixed_malloc_thresholds() is True
+
+
+SAMPLING_FAULTS = """
+import resource, sys, torch
+from bench.core.memory import fixed_malloc_thresholds
+from bench.engine.evaluation import generate
+from bench.perf.run import _case, _sampling_method
+if sys.argv[1] == "fixed":
+    assert fixed_malloc_thresholds()
+case = _case("unet16-c32")
+method, cfg = _sampling_method(case, torch.device("cpu"))
+model = method.evaluation_model(None, 1)
+def once():
+    generate(method, model, case.dataset, 1, 32, 32, 0, torch.device("cpu"), False,
+             lambda x: None)
+once(); once()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    once()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+def test_fixed_thresholds_keep_sampling_pages_mapped_between_calls() -> None:
+    """One-step sampling of a 16x16 UNet at batch 32, three calls after two of warm-up: under
+    glibc's sliding thresholds each call faults its activations in again, under fixed ones
+    they stay mapped."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt is Linux's")
+    env = {k: v for k, v in bench_env().items() if not k.startswith("MALLOC_")}
+    faults = {}
+    for mode in ("sliding", "fixed"):
+        out = subprocess.run([sys.executable, "-c", SAMPLING_FAULTS, mode], capture_output=True,
+                             text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr
+        faults[mode] = int(out.stdout.strip().splitlines()[-1])
+    assert faults["sliding"] > 1000  # megabytes of activations per call
+    assert faults["fixed"] < faults["sliding"] / 10, faults
 
 
 def test_folder_bytes_counts_hard_links_once(tmp_path: Path) -> None:

@@ -829,9 +829,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("BENCH_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     try:
-        from bench.core.memory import one_malloc_arena
+        from bench.core.memory import configure_malloc
 
-        one_malloc_arena()  # before torch starts its threads
+        configure_malloc()  # before torch starts its threads
         quiet_dependencies(debug)
         command = typer.main.get_command(app)
         # make_context + invoke instead of command.main(): its main turns Ctrl-C into an

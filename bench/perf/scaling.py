@@ -304,7 +304,7 @@ def print_scaling(rows: list[Row], console: Any) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["eval-child"]:
-    from bench.core.memory import one_malloc_arena
+    from bench.core.memory import configure_malloc
 
-    one_malloc_arena()  # as the bench command does
+    configure_malloc()  # as the bench command does
     print(json.dumps(eval_child(int(sys.argv[2]))))
