@@ -11,9 +11,10 @@ malloc_trim) keep it flat.
 Under glibc's sliding thresholds a network call without autograd (sampling, evaluation) hands
 its freed activations back to the system at the end of the call and faults them in again on
 the next: one-step sampling of a 16x16 UNet at batch 32 took ~3,800 page faults per call and
-10-14 % more time on the CPU. Fixed thresholds (fixed_malloc_thresholds: blocks under 32 MiB from the heap, up to 64 MiB
-of free memory kept at its top; the user's MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_
-wins) keep those pages mapped between calls; release_free_memory still hands them back.
+10-14 % more time on the CPU. Fixed thresholds (fixed_malloc_thresholds: blocks under 32 MiB
+from the heap, up to 64 MiB of free memory kept at its top; the user's MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_ or their GLIBC_TUNABLES win) keep those pages mapped between calls;
+release_free_memory still hands them back between evaluation batches.
 """
 
 from __future__ import annotations
