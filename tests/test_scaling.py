@@ -39,16 +39,17 @@ def test_fixed_malloc_thresholds_unless_the_user_chose(monkeypatch: pytest.Monke
 SAMPLING_FAULTS = """
 import resource, sys, torch
 from bench.core.memory import fixed_malloc_thresholds
-from bench.engine.evaluation import generate
 from bench.perf.run import _case, _sampling_method
 if sys.argv[1] == "fixed":
     assert fixed_malloc_thresholds()
 case = _case("unet16-c32")
 method, cfg = _sampling_method(case, torch.device("cpu"))
-model = method.evaluation_model(None, 1)
+model = method.evaluation_model(None, 1).eval()
+x = torch.randn(32, *case.dataset.shape) * 80.0
+sigma = torch.full((32,), 80.0)
 def once():
-    generate(method, model, case.dataset, 1, 32, 32, 0, torch.device("cpu"), False,
-             lambda x: None)
+    with torch.inference_mode():
+        model(x, sigma)
 once(); once()
 start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
@@ -58,9 +59,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 
 
 def test_fixed_thresholds_keep_sampling_pages_mapped_between_calls() -> None:
-    """One-step sampling of a 16x16 UNet at batch 32, three calls after two of warm-up: under
-    glibc's sliding thresholds each call faults its activations in again, under fixed ones
-    they stay mapped."""
+    """Calls of a 16x16 UNet at batch 32 without autograd, as sampling makes them, three after
+    two of warm-up: under glibc's sliding thresholds each call faults its activations in again,
+    under fixed ones they stay mapped."""
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's mallopt is Linux's")
     env = {k: v for k, v in bench_env().items() if not k.startswith("MALLOC_")}
