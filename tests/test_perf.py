@@ -165,8 +165,9 @@ def test_a_non_finite_loss_stops_the_loop_before_any_checkpoint(tmp_path: Path,
 
 def test_one_hash_for_ints_numpy_and_tensors_and_one_noise_path_for_both() -> None:
     """mix32 is the lowbias32 hash (a reference written from its definition) on Python ints,
-    numpy and torch int64 arrays alike; on the CPU the noise is hashed in numpy, on any other
-    device in tensor ops: the same code and the same values, in float32 and float64."""
+    numpy uint32 and int64 arrays and torch int64 tensors alike; on the CPU the noise is hashed
+    in numpy's uint32, on any other device in int64 tensor ops: the same code and the same
+    values, in float32 and float64."""
     import numpy as np
 
     from bench.diffusion.rng import StackedGenerator, _index_array, _Streams, mix32
@@ -182,15 +183,37 @@ def test_one_hash_for_ints_numpy_and_tensors_and_one_noise_path_for_both() -> No
     expected = [lowbias32(x) for x in edge]
     assert [mix32(x) for x in edge] == expected
     assert mix32(np.array(edge, dtype=np.int64)).tolist() == expected
+    assert mix32(np.array(edge, dtype=np.uint32)).tolist() == expected
     assert mix32(torch.tensor(edge, dtype=torch.int64)).tolist() == expected
     for seed, indices in ((0, range(0, 50)), (2**40 + 3, [7, 2**32 - 1, 0, 5])):
         numpy_path = StackedGenerator(seed, indices)
         assert isinstance(numpy_path._streams.key1, np.ndarray)
+        assert numpy_path._streams.key1.dtype == np.uint32
         tensor_path = StackedGenerator(seed, indices)  # keyed and hashed in tensor ops
         tensor_path._streams = _Streams(seed, torch.from_numpy(_index_array(indices)))
         for shape, dtype in (((3, 8, 8), torch.float32), ((2,), torch.float64),
                              ((3, 8, 8), torch.float64)):
             assert torch.equal(numpy_path.randn(shape, dtype), tensor_path.randn(shape, dtype))
+
+
+def test_the_noise_of_a_seed_never_moves() -> None:
+    """The first two draws of seed 0's streams 0, 5 and 2^32 - 1, as they have been since the
+    counter-based streams were introduced (to float64 rounding of log and cos): a change that
+    moves them moves every sampled file and metric."""
+    from bench.diffusion.rng import StackedGenerator
+
+    streams = StackedGenerator(0, [0, 5, 2**32 - 1])
+    first = torch.tensor([
+        [-0.48863177087228765, 0.608023942160273, -0.31186769368427397, -2.0832846930838183],
+        [2.658154646262548, -0.220626756119851, -0.6082719346817684, 0.8651649563030163],
+        [-0.9698533660279072, 1.7365363042106006, 1.7615045586138578, 0.15416774893047197]],
+        dtype=torch.float64)
+    second = torch.tensor([[1.4754214476648213, 2.293489632106823],
+                           [-0.2964085775766592, 0.5452197006946561],
+                           [1.7266331913170867, -1.828817574667896]], dtype=torch.float64)
+    for shape, expected in (((4,), first), ((2,), second)):
+        torch.testing.assert_close(streams.randn(shape, torch.float64), expected, rtol=1e-13,
+                                   atol=1e-13)
 
 
 @pytest.mark.parametrize(("optimizer", "weight_decay", "expected"), [

@@ -4,8 +4,9 @@ Noise comes from a counter-based generator: every value is a hash of (seed, samp
 number, element index), computed with vectorised integer ops. So a batch of any size costs a few
 array ops (no per-sample generator objects), and the values are the same on every device. The
 hash is written once, in operators that Python ints, numpy arrays and torch tensors share: the
-integer work runs in numpy on the CPU (a fraction of a torch op's fixed cost per operation) and
-as tensor ops on any other device; Box-Muller runs in torch's kernels on both.
+integer work runs in numpy's uint32 on the CPU (a fraction of a torch op's fixed cost per
+operation, and products wrap mod 2^32 by themselves) and as int64 tensor ops masked to 32 bits
+on any other device; Box-Muller runs in torch's kernels on both.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ MASK32 = 0xFFFFFFFF
 _SCALE = 1.0 / 4294967296.0  # 2^-32: uint32 -> (0, 1)
 RESERVE_MAX_VALUES = 1 << 16  # reserve() only where fixed costs dominate (float64 values)
 
-# 32-bit values: a Python int, or an int64 numpy array or torch tensor (hashed in place)
+# 32-bit values: a Python int, a uint32 or int64 numpy array, or an int64 torch tensor (arrays
+# hashed in place)
 Bits = TypeVar("Bits", int, np.ndarray, torch.Tensor)
 Ints = TypeVar("Ints", np.ndarray, torch.Tensor)
 
@@ -36,8 +38,12 @@ def sample_seed(seed: int, *index: int) -> int:
 
 
 def _mul32(x: Bits, c: int) -> Bits:
-    """(x * c) mod 2^32 for x in [0, 2^32) and c in [0, 2^32), arrays in place: c is taken as
-    c - 2^32 (the same residue) when c >= 2^31, so no int64 product overflows."""
+    """(x * c) mod 2^32 for x in [0, 2^32) and c in [0, 2^32), arrays in place: a uint32 array
+    wraps by itself; otherwise c is taken as c - 2^32 (the same residue) when c >= 2^31, so no
+    int64 product overflows, and the product is masked."""
+    if isinstance(x, np.ndarray) and x.dtype == np.uint32:
+        x *= np.uint32(c)
+        return x
     x *= c if c < 1 << 31 else c - (1 << 32)
     x &= MASK32
     return x
@@ -69,7 +75,8 @@ def _fold(value: int) -> int:
 
 
 def _index_array(indices: Sequence[int]) -> np.ndarray:
-    """Sample indices as int64, checked to lie in [0, 2^32); a range costs no Python loop."""
+    """Sample indices as int64, checked to lie in [0, 2^32) (so that they fit uint32); a range
+    costs no Python loop."""
     if isinstance(indices, range):
         idx = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64)
         ends = (indices[0], indices[-1]) if len(indices) else (0, 0)
@@ -83,15 +90,22 @@ def _index_array(indices: Sequence[int]) -> np.ndarray:
 
 
 def _arange(n: int, like: Ints) -> Ints:
-    """0, 1, ..., n - 1 as int64, in like's library (and on its device)."""
+    """0, 1, ..., n - 1 in like's library, integer type (and device)."""
     if isinstance(like, torch.Tensor):
-        return torch.arange(n, dtype=torch.int64, device=like.device)
-    return np.arange(n, dtype=np.int64)
+        return torch.arange(n, dtype=like.dtype, device=like.device)
+    return np.arange(n, dtype=like.dtype)
+
+
+def _float64(bits: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """32-bit values as a float64 tensor (exact), on the device they are on."""
+    if isinstance(bits, np.ndarray):
+        return torch.from_numpy(bits.astype(np.float64))
+    return bits.to(torch.float64)
 
 
 class _Streams(Generic[Ints]):
-    """The counter-based streams of a set of sample indices (int64 numpy arrays or tensors):
-    two 32-bit keys per sample, and the normals of any draws of them."""
+    """The counter-based streams of a set of sample indices (uint32 or int64 numpy arrays, or
+    int64 tensors): two 32-bit keys per sample, and the normals of any draws of them."""
 
     def __init__(self, seed: int, indices: Ints) -> None:
         key1 = mix32(indices ^ _fold(seed))
@@ -114,8 +128,8 @@ class _Streams(Generic[Ints]):
         u1 = mix32(u1)
         u2 = mix32(u1 ^ 0x165667B1)
         # in place, in this order: the same float64 values from the same integers anywhere
-        r = torch.as_tensor(u1).to(torch.float64).add_(0.5).mul_(_SCALE).log_().mul_(-2.0)
-        c = torch.as_tensor(u2).to(torch.float64).add_(0.5).mul_(2.0 * math.pi).mul_(_SCALE)
+        r = _float64(u1).add_(0.5).mul_(_SCALE).log_().mul_(-2.0)
+        c = _float64(u2).add_(0.5).mul_(2.0 * math.pi).mul_(_SCALE)
         return r.sqrt_().mul_(c.cos_()).reshape(len(self), len(draws), per_sample)
 
 
@@ -126,9 +140,9 @@ class StackedGenerator:
                  ) -> None:
         self.device = torch.device(device)
         idx = _index_array(indices)
-        # hashed in numpy on the CPU, in tensor ops on any other device
+        # hashed in numpy's uint32 on the CPU, in int64 tensor ops on any other device
         self._streams: _Streams[np.ndarray] | _Streams[torch.Tensor] = (
-            _Streams(seed, idx) if self.device.type == "cpu"
+            _Streams(seed, idx.astype(np.uint32)) if self.device.type == "cpu"
             else _Streams(seed, torch.from_numpy(idx).to(self.device)))
         self._draws = 0  # number of randn calls so far: each call is a fresh block of the stream
         self._reserved: list[tuple[int, tuple[int, ...], torch.Tensor]] = []  # see reserve()
