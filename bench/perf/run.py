@@ -43,8 +43,8 @@ its target.
 A training or sampling figure judged by its target that misses it also gets its floor (always,
 with floor True): the bare side plus only what no implementation on the same kernels can skip,
 made with the ops the real loop uses (training: the optimizer's step, torch's fused Adam, and each
-parameter average's lerp_ of every parameter; sampling: bench's per-sample noise), timed against
-the bare side afresh. A floor above the target means the target is out of reach on these
+parameter average's lerp over all its parameters; sampling: bench's per-sample noise), timed
+against the bare side afresh. A floor above the target means the target is out of reach on these
 kernels; figure minus floor is what bench adds.
 """
 
@@ -893,8 +893,8 @@ def print_rows(rows: list[Row], console: Any) -> None:
     if any("floor_ratio" in r for r in rows):
         console.print("floor: the bare side plus only what no implementation on the same "
                       "kernels can skip (training: the optimizer's step and each parameter "
-                      "average's lerp_ of every parameter; sampling: bench's per-sample noise), "
-                      "timed against the bare side afresh. Rows with target 'floor' are "
+                      "average's lerp over all its parameters; sampling: bench's per-sample "
+                      "noise), timed against the bare side afresh. Rows with target 'floor' are "
                       f"judged by bench / floor (vs floor) <= {FLOOR_TARGET}, the others by "
                       "their ratio against the target (a red floor misses it by itself).")
 
