@@ -10,6 +10,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -122,6 +123,65 @@ def test_the_training_floor_steps_the_optimizer_and_every_average(name: str,
         assert torch.equal(average, expected)
     original = torch.nn.utils.parameters_to_vector(method.student.parameters())
     assert not torch.equal(original, after[0])  # a copy trained, not the method's student
+
+
+# what makes the host wait for the device on CUDA: reading a value, or an op whose output size
+# depends on the data
+HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
+              "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive"}
+
+
+def _host_reads(name: str, image: bool, nonfinite: Literal["stop", "skip"]) -> int:
+    """Host reads of three training iterations of `name` (one train_loop call), outside
+    torch.optim's step (whose fused CPU kernel reads each step count; on CUDA it does not)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.perf.run import PerfCase, SyntheticImages, _case, _config, _method
+
+    cpu = torch.device("cpu")
+    labels = None
+    if image:
+        dataset = SyntheticImages((3, 8, 8), size=32)
+        dataset.num_classes = 10
+        labels = torch.arange(32) % 10
+        case = PerfCase("tiny-unet", dataset, [
+            "net.model_channels=8", "net.channel_mult=[1,2]", "net.num_res_blocks=1",
+            "net.attn_resolutions=[4]", "net.dropout=0.1", "net.class_conditional=true"], 4, [])
+    else:
+        case = _case("gmm8-mlp")
+    cfg = _config(case, name, cpu)
+    cfg.train.nonfinite = nonfinite
+    method = _method(case, name, cfg, cpu)
+    state = new_loop_state(method, cfg.train, 0, cpu)
+    stream = BatchStream(case.dataset.train_batch, len(case.dataset), labels, 4 if image else 64,
+                         0, cpu)
+    train_loop(method, cfg.train, stream, state, LoopHooks(), until=1)  # optimizer state made
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_loop(method, cfg.train, stream, state, LoopHooks(), until=4)
+
+    def in_optimizer(event: object) -> bool:
+        parent = event.cpu_parent  # type: ignore[attr-defined]
+        while parent is not None:
+            if parent.name.startswith("Optimizer.step"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(1 for e in prof.events() if e.name in HOST_READS and not in_optimizer(e))
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["mlp", "conditional-unet"])
+def test_training_iterations_never_wait_for_the_device(image: bool) -> None:
+    """Every training method's iterations read nothing back from the device (on CUDA each read
+    would stall the queue of kernels): with train.nonfinite = "stop" three iterations make one
+    host read, the loop's finiteness check when it returns; "skip" reads every iteration's
+    loss (three), which shows the count sees such reads. Counted with torch's profiler on the
+    CPU, on the 2-D MLP and on a small class-conditional UNet with dropout."""
+    from bench.perf.run import train_methods
+
+    reads = {name: _host_reads(name, image, "stop") for name in train_methods()}
+    assert reads == dict.fromkeys(train_methods(), 1)
+    assert _host_reads("ict", image, "skip") == 3
 
 
 class _Exploding:
