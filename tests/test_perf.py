@@ -257,8 +257,8 @@ def test_one_hash_for_ints_numpy_and_tensors_and_one_noise_path_for_both() -> No
 
 
 def test_the_noise_of_a_seed_never_moves() -> None:
-    """The first two draws of seed 0's streams 0, 5 and 2^32 - 1, as they have been since the
-    counter-based streams were introduced (to float64 rounding of log and cos): a change that
+    """The first two draws of seed 0's streams 0, 5 and 2^32 - 1, as the hash in int64 arrays
+    made them before it moved to uint32 (to float64 rounding of log and cos): a change that
     moves them moves every sampled file and metric."""
     from bench.diffusion.rng import StackedGenerator
 
