@@ -274,6 +274,37 @@ def test_feature_frechet_streaming_matches_all_at_once():
     assert acc.compute()["fcd_test"] == pytest.approx(expected, rel=1e-8)
 
 
+def test_running_moments_sum_a_devices_features_there_as_numpy_sums_the_hosts():
+    """Features on the CPU are summed in numpy; the device path (tensors on a GPU, or on_device
+    for CPU tensors) keeps float64 tensor sums where the features are and gives the same mean
+    and covariance, equal to those of all the features at once; later batches of another kind
+    follow the first one's path."""
+    from bench.metrics.base import RunningMoments
+
+    gen = torch.Generator().manual_seed(3)
+    offset = torch.linspace(0.0, 100.0, 64)  # a large offset stresses the merge
+    batches = [torch.randn(n, 64, generator=gen) * 2 + offset for n in (1, 200, 37, 500)]
+    host, device = RunningMoments(), RunningMoments(on_device=True)
+    for batch in batches:
+        host.update(batch)
+        device.update(batch)
+    assert isinstance(host.m2, np.ndarray)
+    assert isinstance(device.m2, torch.Tensor) and device.m2.dtype == torch.float64
+    everything = torch.cat(batches).double().numpy()
+    for mu, sigma in (host.stats(), device.stats()):
+        assert isinstance(mu, np.ndarray) and isinstance(sigma, np.ndarray)
+        np.testing.assert_allclose(mu, everything.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(sigma, np.cov(everything, rowvar=False), rtol=1e-9,
+                                   atol=1e-12)
+    np.testing.assert_allclose(device.stats()[1], host.stats()[1], rtol=1e-12, atol=1e-12)
+    device.update(batches[0].numpy())  # an array after tensors: summed on the tensors' path
+    host.update(batches[0].numpy())
+    assert isinstance(device.m2, torch.Tensor)
+    np.testing.assert_allclose(device.stats()[1], host.stats()[1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="non-empty"):
+        RunningMoments(on_device=True).update(torch.zeros(0, 4))
+
+
 # Digits classifier -----------------------------------------------------------------------------
 
 

@@ -136,10 +136,10 @@ def compute_reference_stats(dataset: Dataset, test_images: Tensor | None, count:
     moments = RunningMoments()
     kept: list[Tensor] = []
     for pixels in _reference_batches(dataset, test_images, count, EXTRACT_BATCH):
-        features = extractor.extract(pixels.to(extractor.device)).features.to("cpu")
-        moments.update(features)
+        features = extractor.extract(pixels.to(extractor.device)).features
+        moments.update(features)  # on the extractor's device (RunningMoments)
         if keep_features:
-            kept.append(features)
+            kept.append(features.cpu())
     mu, sigma = moments.stats()
     stats = ReferenceStats(mu=mu, sigma=sigma, count=count)
     if keep_features:

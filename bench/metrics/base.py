@@ -315,18 +315,37 @@ class PointMetrics:
 
 
 class RunningMoments:
-    """Streaming float64 mean and covariance (Chan et al. pairwise merge of centred sums)."""
+    """Streaming float64 mean and covariance (Chan et al. pairwise merge of centred sums).
 
-    def __init__(self) -> None:
+    Batches on the CPU (arrays or tensors) are summed in numpy. A batch of tensors on another
+    device is summed there, in float64 torch ops, so that an evaluation on a GPU neither copies
+    its features back nor waits for the host's BLAS batch by batch; stats() brings the sums
+    back once. Where the first batch goes, the later ones follow. `on_device` sums CPU tensors
+    in torch as well (the device path's arithmetic, on the CPU)."""
+
+    def __init__(self, on_device: bool = False) -> None:
+        self.on_device = on_device
         self.count = 0
-        self.mean: np.ndarray | None = None
-        self.m2: np.ndarray | None = None  # sum of outer products of centred features
+        self.mean: np.ndarray | Tensor | None = None
+        self.m2: np.ndarray | Tensor | None = None  # sum of outer products of centred features
+
+    def _float64(self, features: ArrayLike) -> np.ndarray | Tensor:
+        """The batch as (N, D) float64, in numpy or, on the device path, as a tensor there."""
+        where = self.mean if self.mean is not None else features
+        if not isinstance(where, Tensor) or (where.device.type == "cpu" and not self.on_device):
+            return _as_float64(features, "features")
+        f = torch.as_tensor(features).detach().to(where.device, torch.float64)
+        f = f[:, None] if f.ndim == 1 else f
+        if f.ndim != 2 or f.shape[0] == 0:
+            raise ValueError(f"features must be a non-empty (N, D) array, got shape "
+                             f"{tuple(f.shape)}")
+        return f
 
     def update(self, features: ArrayLike) -> None:
         """Merge a batch of features (rows are samples) into the running sums."""
-        f = _as_float64(features, "features")
+        f = self._float64(features)
         n_b = f.shape[0]
-        mean_b = f.mean(axis=0)
+        mean_b = f.mean(0)
         centred = f - mean_b
         m2_b = centred.T @ centred
         if self.mean is None or self.m2 is None:
@@ -338,14 +357,14 @@ class RunningMoments:
         total = n_a + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / total)
-        self.m2 = self.m2 + m2_b + np.outer(delta, delta) * (n_a * n_b / total)
+        self.m2 = self.m2 + m2_b + delta[:, None] * delta[None, :] * (n_a * n_b / total)
         self.count = total
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and unbiased covariance of everything seen so far."""
+        """Mean and unbiased covariance of everything seen so far, as numpy arrays."""
         if self.mean is None or self.m2 is None or self.count < 2:
             raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
-        return self.mean.copy(), self.m2 / (self.count - 1)
+        return _to_numpy64(self.mean).copy(), _to_numpy64(self.m2 / (self.count - 1))
 
 
 def feature_stats(

@@ -241,15 +241,18 @@ class ImageMetrics:
             self.extractor.to(images.device)
         for chunk in images.split(EXTRACT_BATCH):
             batch = self.extractor.extract(chunk)
-            features = batch.features.detach().to("cpu", torch.float32)
+            # summed where they were made (RunningMoments): a GPU's features stay on the GPU
+            features = batch.features.detach().to(torch.float32)
             if "fid" in self.metrics:
                 self.moments.update(features)
             if self.keep_features:
-                self.features.append(features)
+                self.features.append(features.cpu())
             if self.inception_score is not None:
                 if batch.logits is None:
                     raise RuntimeError("IS needs an extractor built with logits")
                 self.inception_score.update(batch.logits)
+        if self.extractor.device.type == "cuda":  # the seconds of the work, not of its queueing
+            torch.cuda.synchronize(self.extractor.device)
         self.count += x.shape[0]
         self.seconds += time.perf_counter() - t0
 
