@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import scipy.linalg
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from bench.core.atomic import atomic_write
 
 ArrayLike = Tensor | np.ndarray
+_Rows = TypeVar("_Rows", np.ndarray, Tensor)
 LogProbFn = Callable[[Tensor], Tensor]
 Extractor = Callable[[Tensor], Tensor]
 
@@ -40,14 +41,20 @@ def _to_numpy64(x: ArrayLike) -> np.ndarray:
     return arr.astype(np.float64, copy=False)
 
 
-def _as_float64(x: ArrayLike, name: str) -> np.ndarray:
-    """Return x as a float64 numpy array of shape (N, D), failing with one line otherwise."""
-    arr = _to_numpy64(x)
+def _rows(arr: _Rows, name: str) -> _Rows:
+    """arr (an array or a tensor) as (N, D) with N > 0 (a vector becomes one column), failing
+    with one line otherwise."""
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty (N, D) array, got shape {arr.shape}")
+        raise ValueError(f"{name} must be a non-empty (N, D) array, got shape "
+                         f"{tuple(arr.shape)}")
     return arr
+
+
+def _as_float64(x: ArrayLike, name: str) -> np.ndarray:
+    """Return x as a float64 numpy array of shape (N, D), failing with one line otherwise."""
+    return _rows(_to_numpy64(x), name)
 
 
 # 1. Frechet distance between Gaussians --------------------------------------------------------
@@ -334,12 +341,8 @@ class RunningMoments:
         where = self.mean if self.mean is not None else features
         if not isinstance(where, Tensor) or (where.device.type == "cpu" and not self.on_device):
             return _as_float64(features, "features")
-        f = torch.as_tensor(features).detach().to(where.device, torch.float64)
-        f = f[:, None] if f.ndim == 1 else f
-        if f.ndim != 2 or f.shape[0] == 0:
-            raise ValueError(f"features must be a non-empty (N, D) array, got shape "
-                             f"{tuple(f.shape)}")
-        return f
+        return _rows(torch.as_tensor(features).detach().to(where.device, torch.float64),
+                     "features")
 
     def update(self, features: ArrayLike) -> None:
         """Merge a batch of features (rows are samples) into the running sums."""
