@@ -44,7 +44,15 @@ def test_every_figure_on_the_mlp_case(tmp_path: Path) -> None:
         else:
             assert row["bench_seconds"] > 0 and row["bare_seconds"] > 0
         assert row["denominator"]
+        if row["figure"] == "peak_memory_ratio":
+            assert "ratio_ci" not in row and row["threshold_in_ci"] is None
+        else:  # the interval of every timed ratio, over the same rounds
+            low, high = row["ratio_ci"]
+            assert 0 < low <= high and math.isfinite(high)
         if row["figure"] in ("train_overhead", "sample_overhead"):
+            low, high = row["vs_floor_ci"]
+            assert 0 < low <= high and math.isfinite(high)
+            assert row["threshold_in_ci"] == (low <= 1.03 <= high)
             # the MLP's training and sampling are judged against their floor, always timed
             assert row["judge"] == "floor" and row["floor_target"] == 1.03
             assert math.isfinite(row["floor_ratio"]) and row["floor_ratio"] > 0, row
@@ -60,6 +68,9 @@ def test_every_figure_on_the_mlp_case(tmp_path: Path) -> None:
     table = console.file.getvalue()  # type: ignore[attr-defined]
     assert all(figure in table for figure in ("train", "sample", "eval", "memory"))
     assert table.count("pass") + table.count("FAIL") == len(rows)
+    assert "95% interval" in table
+    unsure = sum(bool(r["threshold_in_ci"]) for r in rows)
+    assert table.count("pass*") + table.count("FAIL*") == unsure
     path = tmp_path / "perf.json"
     write_json(rows, path, seconds=1.0)
     document = json.loads(path.read_text())
@@ -447,6 +458,51 @@ def test_the_epoch_order_is_randperms_held_in_int32() -> None:
         assert got.dtype == torch.int32
         assert torch.equal(got.long(), wanted)
         assert torch.equal(stream.batch(step)[0], data[wanted])
+
+
+def test_the_ratio_interval_holds_the_ratio_and_narrows_with_the_rounds() -> None:
+    """The interval of a ratio of medians (rounds resampled whole, seeded) holds the ratio and
+    the true one, and narrows as the rounds grow."""
+    import numpy as np
+
+    from bench.perf.run import ratio_interval
+
+    def rounds(n: int, seed: int) -> tuple[list[float], list[float]]:
+        rng = np.random.default_rng(seed)
+        bare = 0.2 * (1 + 0.03 * rng.standard_normal(n))
+        bench = 1.03 * 0.2 * (1 + 0.03 * rng.standard_normal(n))
+        return bench.tolist(), bare.tolist()
+
+    bench, bare = rounds(20, 0)
+    low, high = ratio_interval(bench, bare)
+    ratio = float(np.median(bench) / np.median(bare))
+    assert low <= ratio <= high and low <= 1.03 <= high
+    assert ratio_interval(bench, bare) == [low, high]  # seeded
+    wide = [ratio_interval(*rounds(20, seed)) for seed in range(5)]
+    narrow = [ratio_interval(*rounds(320, seed)) for seed in range(5)]
+    assert (np.median([h - lo for lo, h in narrow])
+            < 0.5 * np.median([h - lo for lo, h in wide]))
+    assert all(lo <= 1.03 <= h for lo, h in narrow)
+    with pytest.raises(ValueError, match="paired rounds"):
+        ratio_interval([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize(("ratio", "extended"), [(1.10, False), (0.95, False), (1.03, True)])
+def test_rounds_go_on_while_the_interval_holds_the_threshold(ratio: float,
+                                                             extended: bool) -> None:
+    """A verdict left open by the noise gets more rounds (up to EXTEND_FACTOR times); one
+    clear of its threshold, above or below, stops at the rounds asked for."""
+    import numpy as np
+
+    from bench.perf.run import EXTEND_FACTOR, _alternated, _settled
+
+    def side(scale: float, seed: int) -> Callable[[], float]:
+        rng = np.random.default_rng(seed)
+        return lambda: scale * float(1 + 0.02 * rng.standard_normal())
+
+    times = _alternated([side(ratio, 0), side(1.0, 1)], 20, 0.0, _settled(0, 1, 1.03))
+    assert len(times[0]) == len(times[1]) == (20 * EXTEND_FACTOR if extended else 20)
+    assert len(_alternated([side(1.03, 0), side(1.0, 1)], 20, 0.0)[0]) == 20  # not judged
 
 
 def test_sides_take_turns_in_varied_order_once_per_round() -> None:

@@ -26,7 +26,11 @@ Every figure is a ratio bench / bare (lower is better; 1 = no overhead):
   glibc's mmap threshold fixed at 64 KiB so that freed tensors leave the resident set.
 
 The sides run in turn, once per round in a seeded random order, and the ratio of medians is
-reported, so a busy machine slows both alike and no side always follows the same one. A round
+reported, so a busy machine slows both alike and no side always follows the same one, with its
+95 % interval over the run's rounds (ratio_interval: a paired bootstrap). A judged pairing
+whose interval holds its threshold runs on, up to EXTEND_FACTOR times its rounds, until the
+interval clears the threshold on either side; a row whose interval still holds it has a
+verdict within this run's noise (threshold_in_ci). A round
 times a block of iterations lasting about BLOCK_SECONDS; the logging of the training loop
 happens at train.log_every, so its time on the training path is replaced by its share per
 iteration (the mean time of a log call / train.log_every), to which the store's write of the
@@ -106,6 +110,10 @@ FLOOR_TARGET = 1.03  # bench / floor, for the rows a case judges by their floor
 # percent, and with rounds of 2-5 % spread on a shared machine 20 rounds put bench / floor
 # within about +-1.5 % of itself; 60 within about +-0.8 %
 FLOOR_ROUNDS_FACTOR = 3
+EXTEND_FACTOR = 3  # a judged pairing whose interval holds its threshold runs on up to this
+# many times its rounds (_alternated)
+CI_LEVEL = 0.95  # of each ratio's interval (ratio_interval)
+BOOTSTRAP_RESAMPLES = 2000
 ROUNDS = 20  # timed rounds per side and figure (the medians are over at least this many)
 MIN_SECONDS = 1.0  # per figure, both sides together: small cases get more rounds
 BLOCK_SECONDS = 0.05  # a round repeats the work until it lasts about this long
@@ -249,30 +257,86 @@ def _sync(device: torch.device) -> None:
 
 
 def _paired_medians(bench_fn: Callable[[], float], bare_fn: Callable[[], float], rounds: int,
-                    min_seconds: float) -> tuple[float, float, int]:
-    """Alternate both sides at least `rounds` times and for at least min_seconds; medians of
-    seconds per unit and the number of rounds."""
-    (bench_s, bare_s), done = _alternated_medians([bench_fn, bare_fn], rounds, min_seconds)
-    return bench_s, bare_s, done
+                    min_seconds: float, threshold: float | None = None,
+                    ) -> tuple[float, float, int, list[float]]:
+    """Alternate both sides at least `rounds` times and for at least min_seconds (more while
+    the interval of bench / bare holds `threshold`: see _alternated); medians of seconds per
+    unit, the number of rounds and the interval of bench / bare (ratio_interval)."""
+    settled = None if threshold is None else _settled(0, 1, threshold)
+    bench_t, bare_t = _alternated([bench_fn, bare_fn], rounds, min_seconds, settled)
+    return (statistics.median(bench_t), statistics.median(bare_t), len(bench_t),
+            ratio_interval(bench_t, bare_t))
 
 
-def _alternated_medians(fns: Sequence[Callable[[], float]], rounds: int, min_seconds: float,
-                        ) -> tuple[list[float], int]:
+def _settled(numerator: int, denominator: int, threshold: float,
+             ) -> Callable[[list[list[float]]], bool]:
+    """Whether the times so far put the interval of side `numerator` / side `denominator`
+    wholly on one side of `threshold`."""
+    def settled(times: list[list[float]]) -> bool:
+        low, high = ratio_interval(times[numerator], times[denominator])
+        return not low <= threshold <= high
+
+    return settled
+
+
+def _alternated(fns: Sequence[Callable[[], float]], rounds: int, min_seconds: float,
+                settled: Callable[[list[list[float]]], bool] | None = None,
+                ) -> list[list[float]]:
     """Call every side once per round, at least `rounds` rounds and for at least min_seconds;
-    the median seconds per unit of each and the number of rounds. Each round takes the sides
-    in a fresh random order (seeded: the same orders every run), so that no side always runs
-    after the same one: a side pays for what its predecessor left behind (caches, the thread
-    pool, the allocator), and in a fixed order of three that cost fell on one side, moving
-    bench / floor by up to 0.03."""
+    each side's seconds per unit, round by round. Each round takes the sides in a fresh random
+    order (seeded: the same orders every run), so that no side always runs after the same
+    one: a side pays for what its predecessor left behind (caches, the thread pool, the
+    allocator), and in a fixed order of three that cost fell on one side, moving bench / floor
+    by up to 0.03.
+
+    With `settled` (a verdict's test: its ratio's interval clear of its threshold), rounds go
+    on in steps of half of `rounds` while it fails, up to EXTEND_FACTOR times `rounds`: the
+    time goes to the verdicts this run's noise leaves open. The rule stops as readily on an
+    interval wholly above the threshold as on one below it, so it favours neither verdict."""
     times: list[list[float]] = [[] for _ in fns]
     order = list(range(len(fns)))
     shuffle = random.Random(0).shuffle
     start = time.perf_counter()
-    while len(times[0]) < rounds or time.perf_counter() - start < min_seconds:
-        shuffle(order)
-        for k in order:
-            times[k].append(fns[k]())
+    wanted, most = rounds, rounds * EXTEND_FACTOR
+    while True:
+        while len(times[0]) < wanted or time.perf_counter() - start < min_seconds:
+            shuffle(order)
+            for k in order:
+                times[k].append(fns[k]())
+        if settled is None or len(times[0]) >= most or settled(times):
+            return times
+        wanted = min(most, len(times[0]) + max(1, rounds // 2))
+
+
+def _alternated_medians(fns: Sequence[Callable[[], float]], rounds: int, min_seconds: float,
+                        ) -> tuple[list[float], int]:
+    """_alternated's median seconds per unit of each side and the number of rounds."""
+    times = _alternated(fns, rounds, min_seconds)
     return [statistics.median(t) for t in times], len(times[0])
+
+
+def ratio_interval(numerator: Sequence[float], denominator: Sequence[float],
+                   level: float = CI_LEVEL) -> list[float]:
+    """The `level` confidence interval of median(numerator) / median(denominator), two sides
+    timed round by round: scipy's percentile bootstrap over the rounds, each resample keeping
+    a round's two times together (paired), BOOTSTRAP_RESAMPLES resamples, seeded. It says how
+    far the ratio moves with the noise within this run, not with a machine that is busier on
+    another day."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    num, den = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if len(num) != len(den) or len(num) < 2:
+        raise ValueError(f"need two or more paired rounds, got {len(num)} and {len(den)}")
+
+    def ratio_of_medians(a: Any, b: Any, axis: int = -1) -> Any:
+        return np.median(a, axis=axis) / np.median(b, axis=axis)
+
+    ci = bootstrap((num, den), ratio_of_medians, paired=True, vectorized=True,
+                   n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=level,
+                   method="percentile", random_state=np.random.default_rng(0)
+                   ).confidence_interval
+    return [float(ci.low), float(ci.high)]
 
 
 def _block(seconds_per_unit: float, block_seconds: float) -> int:
@@ -405,6 +469,24 @@ def _wants_floor(row: Row, floor: bool | None, by_floor: bool = False) -> bool:
     return by_floor or floor is True or (floor is None and row["ratio"] > row["target"])
 
 
+def judged_interval(row: Row) -> tuple[list[float], float] | None:
+    """The interval of the ratio a row is judged by and its threshold (None for a row without
+    one: peak memory)."""
+    if row.get("judge") == "floor":
+        return (row["vs_floor_ci"], FLOOR_TARGET) if "vs_floor_ci" in row else None
+    return (row["ratio_ci"], row["target"]) if "ratio_ci" in row else None
+
+
+def threshold_in_interval(row: Row) -> bool | None:
+    """Whether the threshold lies inside the interval of the ratio the row is judged by: the
+    verdict is then within this run's noise (another run may read the other way)."""
+    found = judged_interval(row)
+    if found is None:
+        return None
+    (low, high), threshold = found
+    return bool(low <= threshold <= high)
+
+
 def judged(row: Row) -> bool:
     """Whether a row passes: bench / floor <= FLOOR_TARGET for a row judged by its floor, its
     ratio <= its target otherwise."""
@@ -430,15 +512,17 @@ def _with_floor(row: Row, floor: bool | None,
     floor_fn(block)  # warm-up
     sides = [lambda: floor_fn(block) / block, lambda: bare_fn(block) / block]
     if by_floor and bench_fn is not None:
-        (floor_s, bare_s, bench_s), done = _alternated_medians(
-            [*sides, bench_fn], rounds * FLOOR_ROUNDS_FACTOR, min_seconds)
-    else:
-        (floor_s, bare_s), done = _alternated_medians(sides, rounds, min_seconds)
-        bench_s = row["ratio"] * bare_s  # bench's seconds at this pairing's bare speed
-    row = {**row, "floor_ratio": floor_s / bare_s, "floor_seconds": floor_s, "floor": what,
-           "floor_rounds": done}
-    if by_floor:
-        row.update(vs_floor=bench_s / floor_s, floor_target=FLOOR_TARGET)
+        sides.append(bench_fn)
+    three = len(sides) == 3
+    times = _alternated(sides, rounds * FLOOR_ROUNDS_FACTOR if three else rounds, min_seconds,
+                        _settled(2, 0, FLOOR_TARGET) if three else None)
+    floor_s, bare_s = statistics.median(times[0]), statistics.median(times[1])
+    row = {**row, "floor_ratio": floor_s / bare_s,
+           "floor_ratio_ci": ratio_interval(times[0], times[1]), "floor_seconds": floor_s,
+           "floor": what, "floor_rounds": len(times[0])}
+    if three:
+        row.update(vs_floor=statistics.median(times[2]) / floor_s,
+                   vs_floor_ci=ratio_interval(times[2], times[0]), floor_target=FLOOR_TARGET)
     return {**row, "pass": judged(row)}
 
 
@@ -501,15 +585,15 @@ def train_overhead(case: PerfCase, name: str, rounds: int, tracker: Tracker,
                                      1.0 / iteration_seconds,
                                      cfg.train.log_every)
     log_share = (statistics.mean(log_seconds) + len(sample_metrics) * store) / cfg.train.log_every
-    bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block + log_share,
-                                            lambda: bare_block(block) / block, rounds,
-                                            min_seconds)
-    tracker.end_run(run_id)
     target = get_method(name).perf_train_target
+    bench_s, bare_s, done, ci = _paired_medians(
+        lambda: bench_block(block) / block + log_share, lambda: bare_block(block) / block,
+        rounds, min_seconds, None if case.by_floor else target)
+    tracker.end_run(run_id)
     row = {"figure": "train_overhead", "case": case.name, "method": name, "nfe": None,
-           "ratio": bench_s / bare_s, "target": target, "bench_seconds": bench_s,
-           "bare_seconds": bare_s, "denominator": denominator,
-           "iterations": done * block, "log_seconds_per_iteration": log_share,
+           "ratio": bench_s / bare_s, "ratio_ci": ci, "target": target,
+           "bench_seconds": bench_s, "bare_seconds": bare_s, "denominator": denominator,
+           "rounds": done, "iterations": done * block, "log_seconds_per_iteration": log_share,
            "store_seconds_per_value": store}
 
     def make_floor() -> tuple[Callable[[int], float], str]:
@@ -589,12 +673,14 @@ def sample_overhead(case: PerfCase, nfe: int, rounds: int, device: torch.device,
     bare_block = timed_sampler(False)
     bench_block(1)
     block = _block(bare_block(1), block_seconds)
-    bench_s, bare_s, done = _paired_medians(lambda: bench_block(block) / block,
-                                            lambda: bare_block(block) / block, rounds,
-                                            min_seconds)
+    bench_s, bare_s, done, ci = _paired_medians(lambda: bench_block(block) / block,
+                                                lambda: bare_block(block) / block, rounds,
+                                                min_seconds,
+                                                None if case.by_floor else SAMPLE_TARGET)
     row = {"figure": "sample_overhead", "case": case.name, "method": reference_method(), "nfe": nfe,
-           "ratio": bench_s / bare_s, "target": SAMPLE_TARGET, "bench_seconds": bench_s,
-           "bare_seconds": bare_s, "samples": n, "calls": done * block,
+           "ratio": bench_s / bare_s, "ratio_ci": ci, "target": SAMPLE_TARGET,
+           "bench_seconds": bench_s, "bare_seconds": bare_s, "samples": n, "rounds": done,
+           "calls": done * block,
            "denominator": f"{nfe} network calls + torch.randn noise, re-noising and clipping"}
     what = "the bare loop with bench's per-sample noise streams"
     return _with_floor(row, floor, lambda: (timed_sampler(True), what), bare_block, block,
@@ -656,10 +742,12 @@ def eval_overhead(case: PerfCase, rounds: int, device: torch.device, cache_dir: 
 
     bench_once()
     bare_once()
-    bench_s, bare_s, done = _paired_medians(bench_once, bare_once, rounds, min_seconds)
+    bench_s, bare_s, done, ci = _paired_medians(bench_once, bare_once, rounds, min_seconds,
+                                                EVAL_TARGET)
     return {"figure": "eval_overhead", "case": case.name, "method": reference_method(), "nfe": None,
-            "ratio": bench_s / bare_s, "target": EVAL_TARGET, "bench_seconds": bench_s,
-            "bare_seconds": bare_s, "nfes": nfes, "samples": total, "evaluations": done,
+            "ratio": bench_s / bare_s, "ratio_ci": ci, "target": EVAL_TARGET,
+            "bench_seconds": bench_s, "bare_seconds": bare_s, "nfes": nfes, "samples": total,
+            "rounds": done, "evaluations": done,
             "denominator": f"bare sampling at NFE {nfes} + {extraction}"}
 
 
@@ -847,7 +935,8 @@ def run_perf(rounds: int, report: Report, device: torch.device | None = None,
         rows.extend(peak_memory([c.name for c in chosen], device))
     else:
         report("peak memory skipped: needs Linux /proc/self/clear_refs on the CPU")
-    return [{"judge": "target", **row, "pass": judged({"judge": "target", **row})}
+    rows = [{"judge": "target", **row} for row in rows]
+    return [{**row, "pass": judged(row), "threshold_in_ci": threshold_in_interval(row)}
             for row in rows]
 
 
@@ -864,7 +953,7 @@ def print_rows(rows: list[Row], console: Any) -> None:
     table = Table(title="bench perf: ratio = bench / bare PyTorch (medians)", box=box.SIMPLE,
                   padding=(0, 1, 0, 0), pad_edge=False)
     for col in ("figure", "case", "method", "bench", "bare", "ratio", "target", "floor",
-                "vs floor", ""):
+                "vs floor", f"{CI_LEVEL:.0%} interval", ""):
         table.add_column(col, justify="left" if col in ("figure", "case", "method") else "right",
                          no_wrap=True)
     for r in rows:
@@ -885,11 +974,19 @@ def print_rows(rows: list[Row], console: Any) -> None:
             floor = f"[{floor_style}]{r['floor_ratio']:.3f}[/{floor_style}]"
         if by_floor:
             vs_floor = f"[{style}]{r['vs_floor']:.3f}[/{style}] <= {FLOOR_TARGET:.2f}"
+        found = judged_interval(r)
+        interval = f"{found[0][0]:.3f}-{found[0][1]:.3f}" if found else ""
+        unsure = threshold_in_interval(r)
+        verdict = f"{'pass' if ok else 'FAIL'}{'*' if unsure else ''}"
         table.add_row(SHORT_FIGURES[r["figure"]], r["case"], method, bench, bare,
                       f"{r['ratio']:.3f}" if by_floor else f"[{style}]{r['ratio']:.3f}[/{style}]",
-                      "floor" if by_floor else f"{r['target']:.2f}", floor, vs_floor,
-                      f"[{style}]{'pass' if ok else 'FAIL'}[/{style}]")
+                      "floor" if by_floor else f"{r['target']:.2f}", floor, vs_floor, interval,
+                      f"[{style}]{verdict}[/{style}]")
     console.print(table)
+    console.print(f"interval: the {CI_LEVEL:.0%} bootstrap interval of the judged ratio (vs "
+                  "floor where a row is judged by its floor), over this run's rounds; * marks a "
+                  "verdict whose interval holds its threshold: within this run's noise, so "
+                  "another run may read the other way.")
     if any("floor_ratio" in r for r in rows):
         console.print("floor: the bare side plus only what no implementation on the same "
                       "kernels can skip (training: the optimizer's step and each parameter "
