@@ -320,3 +320,53 @@ def test_noise_embedding_features_follow_edm():
     angles = c_noise[:, None] * freqs
     assert torch.allclose(features, torch.cat([angles.cos(), angles.sin()], 1), atol=1e-6)
     assert embedding(c_noise).shape == (2, 16)
+
+
+@pytest.mark.parametrize("kind", ["unet", "adm", "ddpmpp", "ncsnpp"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_runs_in_a_fused_kernel_in_every_net(kind: str, channels_last: bool) -> None:
+    """Each net's attention reaches PyTorch's fused kernel (flash on the CPU), forward and
+    backward, never the math kernel that holds the L x L weights, in either memory order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    options = NetOptions(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                         attn_resolutions=(4,), num_head_channels=16 if kind == "adm" else 0)
+    net = build_net(kind, (3, 8, 8), 0, options, seed=0)
+    x, c_noise, _ = _inputs((3, 8, 8), 4, False)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        net(x, c_noise).square().mean().backward()
+    names = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" not in names
+    assert {"aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"} <= names
+
+
+def test_fused_attention_equals_the_math_kernel_and_keeps_no_weights_for_backward() -> None:
+    """attention() on the strided views a convolution's output gives (what every net passes)
+    equals softmax(q k^T / sqrt(d)) v to float rounding, forward and backward, and saves for
+    its backward no tensor of L x L weights (the math kernel saves B x heads x L x L)."""
+    from bench.nets.basic import attention
+
+    batch, heads, length, dim = 2, 3, 64, 16
+    qkv = torch.randn(batch, 3, heads, dim, length, generator=torch.Generator().manual_seed(0),
+                      requires_grad=True)
+
+    def views() -> tuple[torch.Tensor, ...]:
+        return tuple(t.transpose(-1, -2) for t in qkv.unbind(1))  # (B, heads, L, d), strided
+
+    q, k, v = views()
+    assert q.stride(-1) != 1
+    weights = torch.softmax(q @ k.transpose(-1, -2) / dim**0.5, dim=-1)
+    expected = weights @ v
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), qkv)
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        got = attention(*views())
+    (grad_got,) = torch.autograd.grad(got.square().sum(), qkv)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-5)
+    assert saved and all(shape[-2:] != (length, length) for shape in saved), saved

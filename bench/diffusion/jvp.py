@@ -31,14 +31,11 @@ Fn = Callable[..., torch.Tensor]
 
 
 @contextlib.contextmanager
-def attention_with_forward_ad(device: torch.device) -> Iterator[None]:
-    """Scaled-dot-product attention through its math backend on CUDA, whose operations all
-    have forward-mode rules (the fused flash and memory-efficient kernels have none); the CPU
-    kernels are used as they are."""
-    if device.type == "cuda":
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    else:
+def attention_with_forward_ad() -> Iterator[None]:
+    """Scaled-dot-product attention through its math backend, whose operations all have
+    forward-mode rules (the fused kernels have none: flash and memory-efficient on CUDA, flash
+    on the CPU)."""
+    with sdpa_kernel([SDPBackend.MATH]):
         yield
 
 
@@ -64,7 +61,7 @@ def jvp(fn: Fn, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor,
             return jvp(fn, tuple(_fp32(p) for p in primals), tuple(_fp32(t) for t in tangents),
                        mode, eps)
     if mode == "forward":
-        with attention_with_forward_ad(device), warnings.catch_warnings():
+        with attention_with_forward_ad(), warnings.catch_warnings():
             # torch's first forward-mode call loads its JVP decompositions through
             # torch.jit.script, which warns about its own deprecation: not the user's concern
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated",

@@ -40,6 +40,7 @@ from bench.nets.basic import (
     Linear,
     Upsample,
     adaptive_norm,
+    attention,
     check_image,
     check_inputs,
     reset_all,
@@ -152,7 +153,7 @@ class ADMAttention(nn.Module):
         head_dim = channels // self.num_heads
         qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.num_heads, head_dim, height * width)
         q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # (B, heads, HW, head_dim)
-        a = F.scaled_dot_product_attention(q, k, v)
+        a = attention(q, k, v)
         return x + self.proj(a.transpose(-1, -2).reshape(batch, channels, height, width))
 
 

@@ -33,6 +33,7 @@ from bench.nets.basic import (
     Conv2d,
     GeneratorInit,
     Linear,
+    attention,
     check_image,
     check_inputs,
     num_groups,
@@ -147,9 +148,10 @@ class SongBlock(nn.Module):
             batch, channels, height, width = h.shape
             # one head; channels interleaved as (c, [q, k, v]) as in EDM's UNetBlock
             q, k, v = self.qkv(self.norm2(h)).reshape(batch, channels, 3, -1).unbind(2)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                               v.transpose(1, 2))
-            a = a.transpose(1, 2).reshape(batch, channels, height, width)
+            # (B, 1, HW, C): a heads dimension, which the fused kernels need as well
+            a = attention(q.transpose(1, 2)[:, None], k.transpose(1, 2)[:, None],
+                          v.transpose(1, 2)[:, None])
+            a = a[:, 0].transpose(1, 2).reshape(batch, channels, height, width)
             h = (self.proj(a) + h) * SKIP_SCALE
         return h
 
