@@ -30,11 +30,11 @@ reported, so a busy machine slows both alike and no side always follows the same
 95 % interval over the run's rounds (ratio_interval: a paired bootstrap). A judged pairing
 whose interval holds its threshold runs on, up to EXTEND_FACTOR times its rounds, until the
 interval clears the threshold on either side; a row whose interval still holds it has a
-verdict within this run's noise (threshold_in_ci). A round
-times a block of iterations lasting about BLOCK_SECONDS; the logging of the training loop
-happens at train.log_every, so its time on the training path is replaced by its share per
-iteration (the mean time of a log call / train.log_every), to which the store's write of the
-logged values is added at its rate (off the training thread, on the same cores).
+verdict within this run's noise (threshold_in_ci). A round times a block of iterations lasting
+about BLOCK_SECONDS; the logging of the training loop happens at train.log_every, so its time on
+the training path is replaced by its share per iteration (the mean time of a log call /
+train.log_every), to which the store's write of the logged values is added at its rate (off the
+training thread, on the same cores).
 
 The 2-D MLP's training and sampling figures are judged against their floor instead of a fixed
 target (passing when bench / floor <= FLOOR_TARGET): on so small a network the per-sample noise
