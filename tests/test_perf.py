@@ -508,7 +508,9 @@ def test_rounds_go_on_while_the_interval_holds_the_threshold(ratio: float,
 def test_sides_take_turns_in_varied_order_once_per_round() -> None:
     """Every side runs once per round, and no side always runs right after the same one (a
     fixed order let one side pay for its predecessor's leftovers)."""
-    from bench.perf.run import _alternated_medians
+    import statistics
+
+    from bench.perf.run import _alternated
 
     calls: list[int] = []
 
@@ -518,7 +520,8 @@ def test_sides_take_turns_in_varied_order_once_per_round() -> None:
             return float(k + 1)
         return run
 
-    medians, rounds = _alternated_medians([side(0), side(1), side(2)], 30, 0.0)
+    times = _alternated([side(0), side(1), side(2)], 30, 0.0)
+    rounds, medians = len(times[0]), [statistics.median(t) for t in times]
     assert rounds == 30 and medians == [1.0, 2.0, 3.0]
     assert len(calls) == 90
     for r in range(rounds):
@@ -528,5 +531,5 @@ def test_sides_take_turns_in_varied_order_once_per_round() -> None:
         assert len(before) > 1, (k, before)
     first = list(calls)
     calls.clear()
-    _alternated_medians([side(0), side(1), side(2)], 30, 0.0)
+    _alternated([side(0), side(1), side(2)], 30, 0.0)
     assert calls == first  # seeded: the same orders every run

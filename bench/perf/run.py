@@ -268,13 +268,18 @@ def _paired_medians(bench_fn: Callable[[], float], bare_fn: Callable[[], float],
             ratio_interval(bench_t, bare_t))
 
 
+def _holds(interval: Sequence[float], threshold: float) -> bool:
+    """Whether `threshold` lies inside the closed interval (low, high)."""
+    low, high = interval
+    return low <= threshold <= high
+
+
 def _settled(numerator: int, denominator: int, threshold: float,
              ) -> Callable[[list[list[float]]], bool]:
     """Whether the times so far put the interval of side `numerator` / side `denominator`
     wholly on one side of `threshold`."""
     def settled(times: list[list[float]]) -> bool:
-        low, high = ratio_interval(times[numerator], times[denominator])
-        return not low <= threshold <= high
+        return not _holds(ratio_interval(times[numerator], times[denominator]), threshold)
 
     return settled
 
@@ -306,13 +311,6 @@ def _alternated(fns: Sequence[Callable[[], float]], rounds: int, min_seconds: fl
         if settled is None or len(times[0]) >= most or settled(times):
             return times
         wanted = min(most, len(times[0]) + max(1, rounds // 2))
-
-
-def _alternated_medians(fns: Sequence[Callable[[], float]], rounds: int, min_seconds: float,
-                        ) -> tuple[list[float], int]:
-    """_alternated's median seconds per unit of each side and the number of rounds."""
-    times = _alternated(fns, rounds, min_seconds)
-    return [statistics.median(t) for t in times], len(times[0])
 
 
 def ratio_interval(numerator: Sequence[float], denominator: Sequence[float],
@@ -483,8 +481,7 @@ def threshold_in_interval(row: Row) -> bool | None:
     found = judged_interval(row)
     if found is None:
         return None
-    (low, high), threshold = found
-    return bool(low <= threshold <= high)
+    return _holds(*found)
 
 
 def judged(row: Row) -> bool:
